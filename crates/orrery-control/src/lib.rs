@@ -1,0 +1,1 @@
+//! orrery-control (being written)

@@ -1,0 +1,1 @@
+//! orrery-core (being written)

@@ -1,0 +1,1 @@
+//! orrery-wire (being written)
