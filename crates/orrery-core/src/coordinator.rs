@@ -1,0 +1,416 @@
+//! The start-up coordinator: the post-mortem's "Polaris", run by whichever
+//! node leads the control plane.
+//!
+//! It owns the decisions that move a boot forward: advance the barrier when
+//! every participant has completed the current stage, declare laggards stuck
+//! past the stage deadline (with their own diagnosis), exclude them when the
+//! policy says so, tell a lone rejoining node from a cluster-wide restart.
+//! Its only memory besides the replicated state is who contacted it recently
+//! (liveness), which a new leader rebuilds within one liveness window; all
+//! that matters across leaders lives in [`ClusterState`], so a leader that
+//! dies mid-start-up leaves nothing behind that its successor needs.
+//!
+//! What it must never do: mutate the state itself (it only proposes
+//! [`Command`]s, which `apply` validates), read a clock, or decide anything
+//! on a node's say-so without the replicated state agreeing.
+
+use crate::config::StuckPolicy;
+use crate::state::{ClusterState, Command, MemberStatus};
+use crate::{Epoch, Millis, NodeId, Stage};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Leader-local coordinator. Create one when a node becomes leader.
+#[derive(Debug)]
+pub struct Coordinator {
+    me: NodeId,
+    term: u64,
+    leader_since: Millis,
+    announced: bool,
+    /// Last contact per node: (epoch it ran under, when).
+    contacts: BTreeMap<NodeId, (Epoch, Millis)>,
+}
+
+impl Coordinator {
+    /// A coordinator for node `me`, which became leader in `term` at `now`.
+    pub fn new(me: NodeId, term: u64, now: Millis) -> Self {
+        let mut contacts = BTreeMap::new();
+        contacts.insert(me, (0, now));
+        Coordinator {
+            me,
+            term,
+            leader_since: now,
+            announced: false,
+            contacts,
+        }
+    }
+
+    /// The term this coordinator leads in.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// A node (process `epoch`) was heard from at `now`.
+    pub fn on_contact(&mut self, now: Millis, node: NodeId, epoch: Epoch) {
+        let e = self.contacts.entry(node).or_insert((epoch, now));
+        if epoch >= e.0 {
+            *e = (epoch, now.max(e.1));
+        }
+    }
+
+    fn is_live(&self, state: &ClusterState, now: Millis, node: NodeId) -> bool {
+        let window = state.config.liveness_window_ms;
+        match (self.contacts.get(&node), state.members.get(&node)) {
+            (Some((epoch, at)), Some(m)) => {
+                (node == self.me || *epoch == m.epoch) && now.saturating_sub(*at) <= window
+            }
+            _ => false,
+        }
+    }
+
+    /// What the coordinator proposes now. Commands are idempotent under
+    /// `apply`'s validation, so proposing one twice is harmless.
+    pub fn tick(&mut self, now: Millis, state: &ClusterState) -> Vec<Command> {
+        let mut out = vec![];
+        if !state.configured {
+            return out;
+        }
+        if let Some(me) = state.members.get(&self.me) {
+            self.contacts.insert(self.me, (me.epoch, now));
+        }
+        if !self.announced && state.leader != Some(self.me) {
+            out.push(Command::LeaderChanged {
+                leader: self.me,
+                term: self.term,
+                at: now,
+            });
+        }
+        self.announced = true;
+        if state.stage == Stage::READY {
+            self.after_ready(now, state, &mut out);
+            return out;
+        }
+        let Some(next) = state.stage.next() else {
+            return out;
+        };
+        if state.laggards(next).is_empty() {
+            out.push(Command::Advance {
+                boot: state.boot,
+                from: state.stage,
+                at: now,
+            });
+            return out;
+        }
+        // The new leader gives the laggards one liveness window before judging,
+        // so it never excludes a node merely because it has not heard from it yet.
+        let deadline_passed = now.saturating_sub(state.stage_since)
+            > state.config.stage_deadline_ms
+            && now.saturating_sub(self.leader_since) > state.config.liveness_window_ms;
+        if !deadline_passed {
+            return out;
+        }
+        for node in state.laggards(next) {
+            let diagnosis = self.diagnose(now, state, node, next);
+            if !state
+                .stuck_reported
+                .contains(&(state.boot, next.number(), node))
+            {
+                out.push(Command::Stuck {
+                    boot: state.boot,
+                    node,
+                    stage: next,
+                    diagnosis: diagnosis.clone(),
+                    at: now,
+                });
+            }
+            if state.config.stuck_policy == StuckPolicy::Exclude && node != self.me {
+                out.push(Command::Exclude {
+                    boot: state.boot,
+                    node,
+                    epoch: state.members[&node].epoch,
+                    reason: format!(
+                        "missed the {} ms deadline for stage {next}: {diagnosis}",
+                        state.config.stage_deadline_ms
+                    ),
+                    at: now,
+                });
+            }
+        }
+        out
+    }
+
+    /// The cluster is ready: nodes that joined since are either lone
+    /// restarts (admit them) or the first of a cluster-wide restart.
+    fn after_ready(&self, now: Millis, state: &ClusterState, out: &mut Vec<Command>) {
+        let waiting: Vec<(NodeId, Epoch)> = state
+            .members
+            .iter()
+            .filter(|(_, m)| {
+                m.status == MemberStatus::Active
+                    && m.epoch > 0
+                    && m.report.stage < Stage::READY
+                    && m.admitted_late_in_boot != Some(state.boot)
+            })
+            .map(|(id, m)| (*id, m.epoch))
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        // Wait one liveness window of leadership so "nobody is running" is
+        // known, not merely unheard.
+        if now.saturating_sub(self.leader_since) <= state.config.liveness_window_ms {
+            return;
+        }
+        let cluster_running = state.members.iter().any(|(id, m)| {
+            m.report.stage == Stage::READY
+                && m.status == MemberStatus::Active
+                && self.is_live(state, now, *id)
+        });
+        if cluster_running {
+            for (node, epoch) in waiting {
+                out.push(Command::AdmitLate {
+                    node,
+                    epoch,
+                    at: now,
+                });
+            }
+        } else {
+            let live: BTreeSet<(NodeId, Epoch)> = state
+                .members
+                .iter()
+                .filter(|(id, _)| self.is_live(state, now, **id))
+                .map(|(id, m)| (*id, m.epoch))
+                .collect();
+            out.push(Command::BeginBoot {
+                after: state.boot,
+                live,
+                at: now,
+            });
+        }
+    }
+
+    /// The laggard's own account of what it waits on, plus what the
+    /// coordinator itself knows (when it last heard from it).
+    pub fn diagnose(&self, now: Millis, state: &ClusterState, node: NodeId, next: Stage) -> String {
+        let m = &state.members[&node];
+        let heard = match self.contacts.get(&node) {
+            Some((_, at)) if self.is_live(state, now, node) => {
+                format!("last heard {} ms ago", now.saturating_sub(*at))
+            }
+            Some((_, at)) => format!(
+                "no contact for {} ms: process down or cut off",
+                now.saturating_sub(*at)
+            ),
+            None => format!(
+                "not heard from since node {} began coordinating {} ms ago",
+                self.me,
+                now.saturating_sub(self.leader_since)
+            ),
+        };
+        if m.epoch == 0 || m.report.stage == Stage::NOT_STARTED {
+            return format!("never reached the control plane in this start-up; {heard}");
+        }
+        let mut s = format!("at stage {} working towards {next}", m.report.stage);
+        if let Some(w) = &m.report.waiting {
+            s.push_str(&format!(
+                "; waiting {} ms in {w}",
+                now.saturating_sub(w.since)
+            ));
+        }
+        if let Some(p) = m.report.progress {
+            s.push_str(&format!("; progress {}/{}", p.done, p.total));
+        }
+        if !m.report.unreachable.is_empty() {
+            s.push_str(&format!("; cannot reach nodes {:?}", m.report.unreachable));
+        }
+        s.push_str("; ");
+        s.push_str(&heard);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClusterConfig, NodeSpec, Role};
+    use crate::state::{Response, Wait};
+
+    fn configured(n: u64, policy: StuckPolicy) -> ClusterState {
+        let mut c = ClusterConfig {
+            stage_deadline_ms: 1000,
+            stuck_policy: policy,
+            ..Default::default()
+        };
+        for id in 1..=n {
+            c.nodes.insert(
+                id,
+                NodeSpec {
+                    addr: String::new(),
+                    admin_addr: String::new(),
+                    role: if id <= 3 { Role::Voter } else { Role::Worker },
+                },
+            );
+        }
+        let mut s = ClusterState::default();
+        s.apply(1, Command::Configure { config: c, at: 0 });
+        s
+    }
+
+    fn run(s: &mut ClusterState, cmds: Vec<Command>) {
+        for c in cmds {
+            let i = s.applied_index + 1;
+            s.apply(i, c);
+        }
+    }
+
+    #[test]
+    fn stuck_node_is_diagnosed_then_excluded_and_the_rest_advance() {
+        let mut s = configured(3, StuckPolicy::Exclude);
+        let mut c = Coordinator::new(1, 1, 0);
+        for n in 1..=3 {
+            let i = s.applied_index + 1;
+            s.apply(i, Command::Join { node: n, at: 0 });
+        }
+        let out = c.tick(10, &s);
+        run(&mut s, out);
+        assert_eq!(s.stage, Stage::RUNNING);
+        let e3 = s.members[&3].epoch;
+        for n in 1..=2 {
+            let e = s.members[&n].epoch;
+            let i = s.applied_index + 1;
+            s.apply(
+                i,
+                Command::Report {
+                    node: n,
+                    epoch: e,
+                    stage: Stage::CONNECTED,
+                    waiting: None,
+                    progress: None,
+                    unreachable: vec![],
+                    at: 20,
+                },
+            );
+        }
+        let i = s.applied_index + 1;
+        s.apply(
+            i,
+            Command::Report {
+                node: 3,
+                epoch: e3,
+                stage: Stage::RUNNING,
+                waiting: Some(Wait {
+                    service: "peers".into(),
+                    step: "connect".into(),
+                    since: 20,
+                    on_node: Some(2),
+                    what: "handshake".into(),
+                }),
+                progress: None,
+                unreachable: vec![2],
+                at: 20,
+            },
+        );
+        for n in 1..=3 {
+            c.on_contact(900, n, s.members[&n].epoch);
+        }
+        assert!(
+            c.tick(900, &s).is_empty(),
+            "no decision before the deadline"
+        );
+        let out = c.tick(2000, &s);
+        assert!(matches!(&out[0], Command::Stuck { node: 3, .. }));
+        assert!(matches!(&out[1], Command::Exclude { node: 3, .. }));
+        run(&mut s, out);
+        let out = c.tick(2001, &s);
+        assert!(matches!(out[0], Command::Advance { .. }));
+        run(&mut s, out);
+        assert_eq!(s.stage, Stage::CONNECTED);
+        let stuck = s
+            .events
+            .iter()
+            .find(|e| e.kind == crate::EventKind::NodeStuck)
+            .unwrap();
+        assert!(stuck.detail.contains("peers: connect"), "{}", stuck.detail);
+        assert!(
+            stuck.detail.contains("waiting on node 2"),
+            "{}",
+            stuck.detail
+        );
+    }
+
+    #[test]
+    fn wait_policy_reports_once_and_holds() {
+        let mut s = configured(2, StuckPolicy::Wait);
+        let mut c = Coordinator::new(1, 1, 0);
+        let i = s.applied_index + 1;
+        s.apply(i, Command::Join { node: 1, at: 0 });
+        let out = c.tick(5000, &s);
+        assert_eq!(out.len(), 2, "{out:?}"); // leader announcement + stuck
+        run(&mut s, out);
+        assert!(c.tick(6000, &s).is_empty());
+        assert_eq!(s.stage, Stage::NOT_STARTED);
+        assert_eq!(s.members[&2].status, MemberStatus::Active);
+    }
+
+    #[test]
+    fn lone_restart_is_admitted_and_whole_restart_begins_a_boot() {
+        let mut s = configured(2, StuckPolicy::Exclude);
+        let mut c = Coordinator::new(1, 1, 0);
+        for n in 1..=2 {
+            let i = s.applied_index + 1;
+            s.apply(i, Command::Join { node: n, at: 0 });
+        }
+        for st in Stage::ALL.iter().skip(1) {
+            let out = c.tick(1, &s);
+            run(&mut s, out);
+            for n in 1..=2 {
+                let e = s.members[&n].epoch;
+                let i = s.applied_index + 1;
+                assert_eq!(
+                    s.apply(
+                        i,
+                        Command::Report {
+                            node: n,
+                            epoch: e,
+                            stage: *st,
+                            waiting: None,
+                            progress: None,
+                            unreachable: vec![],
+                            at: 1
+                        }
+                    ),
+                    Response::Ok
+                );
+            }
+        }
+        let out = c.tick(2, &s);
+        run(&mut s, out);
+        assert_eq!(s.stage, Stage::READY);
+        // Node 2 restarts; node 1 (leader) is running.
+        let i = s.applied_index + 1;
+        s.apply(i, Command::Join { node: 2, at: 3 });
+        c.on_contact(3000, 2, s.members[&2].epoch);
+        let out = c.tick(3000, &s);
+        assert!(
+            matches!(out[0], Command::AdmitLate { node: 2, .. }),
+            "{out:?}"
+        );
+        // Whole-cluster restart: a fresh coordinator sees only fresh processes.
+        for n in 1..=2 {
+            let i = s.applied_index + 1;
+            s.apply(i, Command::Join { node: n, at: 4000 });
+        }
+        let mut c = Coordinator::new(1, 2, 4000);
+        c.on_contact(4100, 2, s.members[&2].epoch);
+        assert!(c
+            .tick(4100, &s)
+            .iter()
+            .all(|c| !matches!(c, Command::BeginBoot { .. })));
+        let out = c.tick(6000, &s);
+        assert!(
+            out.iter().any(|c| matches!(c, Command::BeginBoot { .. })),
+            "{out:?}"
+        );
+        run(&mut s, out);
+        assert_eq!(s.boot, 2);
+    }
+}

@@ -1,0 +1,903 @@
+//! The replicated cluster state and the commands that change it.
+//!
+//! [`ClusterState::apply`] is the Raft state machine: every voter applies the
+//! same committed commands in the same order and must reach the same state,
+//! so `apply` is a pure function of (state, log index, command). It
+//! validates every command against the state it lands on: a coordinator that
+//! lost leadership, or a node process whose epoch was superseded, gets a
+//! `Rejected` response and changes nothing.
+//!
+//! What it must never do: read a clock (timestamps travel inside commands),
+//! trust a command's claim without checking it against the state, or grow
+//! without bound (the event list is a ring of [`MAX_EVENTS`]).
+
+use crate::config::{ClusterConfig, Role};
+use crate::{Epoch, Millis, NodeId, Stage};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+/// How many events the replicated state keeps (oldest dropped first).
+pub const MAX_EVENTS: usize = 1024;
+/// Longest free-text field (diagnosis, reason) the state stores, in bytes.
+pub const MAX_TEXT: usize = 512;
+
+/// What a node is waiting on, as it reports it: the stuck-node diagnosis the
+/// post-mortem's engineers never had.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wait {
+    /// The service (or runtime component) doing the waiting.
+    pub service: String,
+    /// The step within the service.
+    pub step: String,
+    /// Since when (injected clock).
+    pub since: Millis,
+    /// The node it waits on, if the wait is on another node.
+    pub on_node: Option<NodeId>,
+    /// For what, in words.
+    pub what: String,
+}
+
+impl fmt::Display for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.service, self.step)?;
+        if let Some(n) = self.on_node {
+            write!(f, " (waiting on node {n}")?;
+            if !self.what.is_empty() {
+                write!(f, ": {}", self.what)?;
+            }
+            write!(f, ")")
+        } else if !self.what.is_empty() {
+            write!(f, " ({})", self.what)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Progress counts of the current stage's work (e.g. items preloaded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// A node's latest report, as the control plane holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageReport {
+    /// Last stage completed.
+    pub stage: Stage,
+    /// When the report was made (node's clock).
+    pub at: Millis,
+    /// What it waits on now, if anything.
+    pub waiting: Option<Wait>,
+    /// Progress of the work towards the next stage.
+    pub progress: Option<Progress>,
+    /// Peers it must talk to but is not connected to (stage -3 connectivity).
+    pub unreachable: Vec<NodeId>,
+    /// When each stage was completed in this boot, by this node.
+    pub completed_at: BTreeMap<i8, Millis>,
+}
+
+impl StageReport {
+    fn fresh(stage: Stage, at: Millis) -> Self {
+        let mut completed_at = BTreeMap::new();
+        if stage != Stage::NOT_STARTED {
+            completed_at.insert(stage.number(), at);
+        }
+        StageReport {
+            stage,
+            at,
+            waiting: None,
+            progress: None,
+            unreachable: vec![],
+            completed_at,
+        }
+    }
+}
+
+/// Whether a member takes part in the current boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberStatus {
+    Active,
+    /// Fenced out of the current start-up by the coordinator.
+    Excluded {
+        reason: String,
+        at: Millis,
+    },
+}
+
+/// One member, as the control plane knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Epoch of the member's current process (0: never joined).
+    pub epoch: Epoch,
+    pub status: MemberStatus,
+    pub report: StageReport,
+    /// The boot this process was admitted to run in after the cluster was
+    /// already ready (a late joiner), if any.
+    pub admitted_late_in_boot: Option<u64>,
+}
+
+/// What happened, for the timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    BootStarted,
+    NodeJoined,
+    NodeAdmittedLate,
+    StageAdvanced,
+    NodeStuck,
+    NodeExcluded,
+    LeaderChanged,
+}
+
+/// One entry in the replicated event list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Raft log index of the command that caused it.
+    pub index: u64,
+    pub at: Millis,
+    pub kind: EventKind,
+    pub node: Option<NodeId>,
+    pub detail: String,
+}
+
+/// A change to the cluster state. Every command carries the proposer's
+/// timestamp: `apply` never reads a clock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Written once when the control plane is bootstrapped.
+    Configure { config: ClusterConfig, at: Millis },
+    /// A node process reached the control plane: issues it a new epoch.
+    Join { node: NodeId, at: Millis },
+    /// A node reports its stage and what it waits on.
+    Report {
+        node: NodeId,
+        epoch: Epoch,
+        stage: Stage,
+        waiting: Option<Wait>,
+        progress: Option<Progress>,
+        unreachable: Vec<NodeId>,
+        at: Millis,
+    },
+    /// Coordinator: every participant has completed the stage after `from`.
+    Advance { boot: u64, from: Stage, at: Millis },
+    /// Coordinator: `node` missed the deadline for `stage`.
+    Stuck {
+        boot: u64,
+        node: NodeId,
+        stage: Stage,
+        diagnosis: String,
+        at: Millis,
+    },
+    /// Coordinator: fence `node` (at `epoch`) out of this start-up.
+    Exclude {
+        boot: u64,
+        node: NodeId,
+        epoch: Epoch,
+        reason: String,
+        at: Millis,
+    },
+    /// Coordinator: the cluster was ready and a node process rejoined while
+    /// others kept running: it may catch up on its own.
+    AdmitLate {
+        node: NodeId,
+        epoch: Epoch,
+        at: Millis,
+    },
+    /// Coordinator: the cluster was ready but nothing of it is running any
+    /// more (a cluster-wide restart): start a new boot at the barrier.
+    BeginBoot {
+        /// The boot this replaces (guards against a stale coordinator).
+        after: u64,
+        /// Members heard from recently, with the epoch heard.
+        live: BTreeSet<(NodeId, Epoch)>,
+        at: Millis,
+    },
+    /// Coordinator: a new Raft leader took over coordination.
+    LeaderChanged {
+        leader: NodeId,
+        term: u64,
+        at: Millis,
+    },
+}
+
+/// The result of applying a command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    #[default]
+    Ok,
+    /// A join was accepted under this epoch.
+    Joined { epoch: Epoch },
+    /// The command changed nothing, and why.
+    Rejected { reason: String },
+}
+
+/// Whether a node may start work on a stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Gate {
+    Open,
+    /// Not yet: the cluster has not completed the stage before it.
+    Closed {
+        reason: String,
+    },
+    /// Never, under this epoch: superseded or excluded.
+    Fenced {
+        reason: String,
+    },
+}
+
+/// The replicated cluster state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub config: ClusterConfig,
+    pub configured: bool,
+    /// Start-up generation: a cluster-wide restart starts a new boot.
+    pub boot: u64,
+    /// Last stage every participant has completed in this boot.
+    pub stage: Stage,
+    /// When the cluster entered `stage` (deadline clock).
+    pub stage_since: Millis,
+    /// When each cluster stage was reached in this boot, by stage number.
+    pub stage_reached_at: BTreeMap<i8, Millis>,
+    pub boot_started_at: Millis,
+    pub members: BTreeMap<NodeId, Member>,
+    /// Highest epoch ever issued; epochs never repeat.
+    pub last_epoch: Epoch,
+    /// (boot, stage number, node) already reported stuck.
+    pub stuck_reported: BTreeSet<(u64, i8, NodeId)>,
+    pub events: VecDeque<Event>,
+    /// Raft log index of the last applied command.
+    pub applied_index: u64,
+    /// Current coordinator, as last announced.
+    pub leader: Option<NodeId>,
+}
+
+impl Default for Stage {
+    fn default() -> Self {
+        Stage::NOT_STARTED
+    }
+}
+
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_TEXT {
+        let mut cut = MAX_TEXT;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn clip_wait(w: Option<Wait>) -> Option<Wait> {
+    w.map(|w| Wait {
+        service: clip(w.service),
+        step: clip(w.step),
+        since: w.since,
+        on_node: w.on_node,
+        what: clip(w.what),
+    })
+}
+
+impl ClusterState {
+    /// Applies one committed command. Pure: same state and command, same result.
+    pub fn apply(&mut self, index: u64, command: Command) -> Response {
+        debug_assert!(index > self.applied_index || index == 0);
+        self.applied_index = index;
+        if !self.configured && !matches!(command, Command::Configure { .. }) {
+            return reject("the cluster is not configured yet");
+        }
+        match command {
+            Command::Configure { config, at } => self.configure(index, config, at),
+            Command::Join { node, at } => self.join(index, node, at),
+            Command::Report {
+                node,
+                epoch,
+                stage,
+                waiting,
+                progress,
+                unreachable,
+                at,
+            } => self.report(node, epoch, stage, waiting, progress, unreachable, at),
+            Command::Advance { boot, from, at } => self.advance(index, boot, from, at),
+            Command::Stuck {
+                boot,
+                node,
+                stage,
+                diagnosis,
+                at,
+            } => {
+                if boot != self.boot {
+                    return reject("stale boot");
+                }
+                if !self.stuck_reported.insert((boot, stage.number(), node)) {
+                    return reject("already reported");
+                }
+                self.event(index, at, EventKind::NodeStuck, Some(node), clip(diagnosis));
+                Response::Ok
+            }
+            Command::Exclude {
+                boot,
+                node,
+                epoch,
+                reason,
+                at,
+            } => self.exclude(index, boot, node, epoch, reason, at),
+            Command::AdmitLate { node, epoch, at } => {
+                let boot = self.boot;
+                let Some(m) = self.members.get_mut(&node) else {
+                    return reject(format!("unknown node {node}"));
+                };
+                if m.epoch != epoch {
+                    return reject(format!("node {node} epoch {epoch} superseded"));
+                }
+                if self.stage != Stage::READY {
+                    return reject("the cluster is not ready: the node takes part in the boot");
+                }
+                m.admitted_late_in_boot = Some(boot);
+                self.event(
+                    index,
+                    at,
+                    EventKind::NodeAdmittedLate,
+                    Some(node),
+                    format!("node {node} (epoch {epoch}) rejoined a running cluster and catches up on its own"),
+                );
+                Response::Ok
+            }
+            Command::BeginBoot { after, live, at } => self.begin_boot(index, after, live, at),
+            Command::LeaderChanged { leader, term, at } => {
+                self.leader = Some(leader);
+                self.event(
+                    index,
+                    at,
+                    EventKind::LeaderChanged,
+                    Some(leader),
+                    format!("node {leader} leads the control plane (term {term}) and coordinates start-up"),
+                );
+                Response::Ok
+            }
+        }
+    }
+
+    fn configure(&mut self, index: u64, config: ClusterConfig, at: Millis) -> Response {
+        if self.configured {
+            return reject("already configured");
+        }
+        if config.nodes.is_empty() || config.voters().is_empty() {
+            return reject("a cluster needs at least one node and one voter");
+        }
+        self.config = config;
+        self.configured = true;
+        self.members = self
+            .config
+            .nodes
+            .keys()
+            .map(|id| (*id, Member::never_joined()))
+            .collect();
+        self.start_boot(index, at, "first start-up of this cluster".into());
+        Response::Ok
+    }
+
+    fn start_boot(&mut self, index: u64, at: Millis, why: String) {
+        self.boot += 1;
+        self.stage = Stage::NOT_STARTED;
+        self.stage_since = at;
+        self.boot_started_at = at;
+        self.stage_reached_at.clear();
+        let boot = self.boot;
+        self.event(
+            index,
+            at,
+            EventKind::BootStarted,
+            None,
+            format!("start-up {boot} begins: {why}"),
+        );
+    }
+
+    fn join(&mut self, index: u64, node: NodeId, at: Millis) -> Response {
+        if !self.config.nodes.contains_key(&node) {
+            return reject(format!("node {node} is not in the cluster configuration"));
+        }
+        self.last_epoch += 1;
+        let epoch = self.last_epoch;
+        let m = self
+            .members
+            .entry(node)
+            .or_insert_with(Member::never_joined);
+        let was = m.epoch;
+        m.epoch = epoch;
+        m.status = MemberStatus::Active;
+        m.report = StageReport::fresh(Stage::RUNNING, at);
+        m.admitted_late_in_boot = None;
+        let detail = if was == 0 {
+            format!("node {node} reached the control plane (epoch {epoch})")
+        } else {
+            format!("node {node} reached the control plane (epoch {epoch}, was {was})")
+        };
+        self.event(index, at, EventKind::NodeJoined, Some(node), detail);
+        Response::Joined { epoch }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &mut self,
+        node: NodeId,
+        epoch: Epoch,
+        stage: Stage,
+        waiting: Option<Wait>,
+        progress: Option<Progress>,
+        mut unreachable: Vec<NodeId>,
+        at: Millis,
+    ) -> Response {
+        let Some(m) = self.members.get_mut(&node) else {
+            return reject(format!("node {node} is not in the cluster configuration"));
+        };
+        if let Some(reason) = m.fenced_reason(node, epoch) {
+            return reject(reason);
+        }
+        if stage < m.report.stage {
+            return reject(format!(
+                "node {node} reported stage {stage} after {}: stages never go back within an epoch",
+                m.report.stage
+            ));
+        }
+        if stage > m.report.stage {
+            if stage.number() - m.report.stage.number() != 1 {
+                return reject(format!(
+                    "node {node} skipped from stage {} to {stage}",
+                    m.report.stage
+                ));
+            }
+            m.report.completed_at.insert(stage.number(), at);
+        }
+        unreachable.truncate(self.config.nodes.len());
+        m.report.stage = stage;
+        m.report.at = at;
+        m.report.waiting = clip_wait(waiting);
+        m.report.progress = progress;
+        m.report.unreachable = unreachable;
+        Response::Ok
+    }
+
+    fn advance(&mut self, index: u64, boot: u64, from: Stage, at: Millis) -> Response {
+        if boot != self.boot || from != self.stage {
+            return reject(format!(
+                "stale advance: cluster is in boot {} at stage {}",
+                self.boot, self.stage
+            ));
+        }
+        let Some(to) = from.next() else {
+            return reject("the cluster is already ready");
+        };
+        if let Some(n) = self.laggards(to).first() {
+            return reject(format!("node {n} has not completed stage {to}"));
+        }
+        self.stage = to;
+        self.stage_since = at;
+        self.stage_reached_at.insert(to.number(), at);
+        let took = at.saturating_sub(self.stage_reached_at_or_boot(from));
+        let n = self.participants().len();
+        self.event(
+            index,
+            at,
+            EventKind::StageAdvanced,
+            None,
+            format!(
+                "cluster reached stage {to} ({}): {n} nodes, {took} ms",
+                to.name()
+            ),
+        );
+        Response::Ok
+    }
+
+    fn stage_reached_at_or_boot(&self, s: Stage) -> Millis {
+        self.stage_reached_at
+            .get(&s.number())
+            .copied()
+            .unwrap_or(self.boot_started_at)
+    }
+
+    fn exclude(
+        &mut self,
+        index: u64,
+        boot: u64,
+        node: NodeId,
+        epoch: Epoch,
+        reason: String,
+        at: Millis,
+    ) -> Response {
+        if boot != self.boot {
+            return reject("stale boot");
+        }
+        let Some(m) = self.members.get_mut(&node) else {
+            return reject(format!("unknown node {node}"));
+        };
+        if m.epoch != epoch {
+            return reject(format!(
+                "node {node} epoch {epoch} superseded by {}",
+                m.epoch
+            ));
+        }
+        if matches!(m.status, MemberStatus::Excluded { .. }) {
+            return reject(format!("node {node} is already excluded"));
+        }
+        let reason = clip(reason);
+        m.status = MemberStatus::Excluded {
+            reason: reason.clone(),
+            at,
+        };
+        self.event(
+            index,
+            at,
+            EventKind::NodeExcluded,
+            Some(node),
+            format!("node {node} (epoch {epoch}) excluded from start-up {boot}: {reason}"),
+        );
+        Response::Ok
+    }
+
+    fn begin_boot(
+        &mut self,
+        index: u64,
+        after: u64,
+        live: BTreeSet<(NodeId, Epoch)>,
+        at: Millis,
+    ) -> Response {
+        if after != self.boot || self.stage != Stage::READY {
+            return reject("stale: the boot already changed");
+        }
+        for (id, m) in self.members.iter_mut() {
+            let is_live = live.contains(&(*id, m.epoch));
+            if !is_live || m.report.stage == Stage::READY {
+                // Not heard from in this boot: must (re)join before it counts.
+                m.report = StageReport::fresh(Stage::NOT_STARTED, at);
+            }
+            m.status = MemberStatus::Active;
+            m.admitted_late_in_boot = None;
+        }
+        self.start_boot(
+            index,
+            at,
+            "the cluster was ready but none of its running processes remains (cluster-wide restart)"
+                .into(),
+        );
+        Response::Ok
+    }
+
+    fn event(
+        &mut self,
+        index: u64,
+        at: Millis,
+        kind: EventKind,
+        node: Option<NodeId>,
+        detail: String,
+    ) {
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event {
+            index,
+            at,
+            kind,
+            node,
+            detail,
+        });
+    }
+
+    /// Nodes taking part in the current boot (configured and not excluded).
+    pub fn participants(&self) -> Vec<NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.status == MemberStatus::Active)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Participants that have not completed `stage`, ascending.
+    pub fn laggards(&self, stage: Stage) -> Vec<NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.status == MemberStatus::Active && m.report.stage < stage)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// May `node`, running under `epoch`, start work towards `next`?
+    pub fn gate(&self, node: NodeId, epoch: Epoch, next: Stage) -> Gate {
+        let Some(m) = self.members.get(&node) else {
+            return Gate::Fenced {
+                reason: format!("node {node} is not in the cluster configuration"),
+            };
+        };
+        if let Some(reason) = m.fenced_reason(node, epoch) {
+            return Gate::Fenced { reason };
+        }
+        let needs = Stage::from_number(next.number() - 1).unwrap_or(Stage::NOT_STARTED);
+        if self.stage == Stage::READY {
+            return if m.admitted_late_in_boot == Some(self.boot) || m.report.stage == Stage::READY {
+                Gate::Open
+            } else {
+                Gate::Closed {
+                    reason: "the cluster is ready: waiting for the coordinator to admit this node"
+                        .into(),
+                }
+            };
+        }
+        if self.stage >= needs {
+            Gate::Open
+        } else {
+            let lag = self.laggards(needs);
+            Gate::Closed {
+                reason: format!(
+                    "cluster at stage {}: {} node(s) have not completed stage {needs} (first: {})",
+                    self.stage,
+                    lag.len(),
+                    lag.first().map(|n| n.to_string()).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    /// The epoch of `node`'s current process, if it ever joined.
+    pub fn epoch_of(&self, node: NodeId) -> Option<Epoch> {
+        self.members.get(&node).map(|m| m.epoch).filter(|e| *e > 0)
+    }
+
+    /// The role of `node` in the configuration.
+    pub fn role_of(&self, node: NodeId) -> Option<Role> {
+        self.config.nodes.get(&node).map(|s| s.role)
+    }
+}
+
+impl Member {
+    fn never_joined() -> Self {
+        Member {
+            epoch: 0,
+            status: MemberStatus::Active,
+            report: StageReport::fresh(Stage::NOT_STARTED, 0),
+            admitted_late_in_boot: None,
+        }
+    }
+
+    fn fenced_reason(&self, node: NodeId, epoch: Epoch) -> Option<String> {
+        if epoch != self.epoch {
+            return Some(format!(
+                "node {node} epoch {epoch} is superseded: the current epoch is {}",
+                self.epoch
+            ));
+        }
+        if let MemberStatus::Excluded { reason, .. } = &self.status {
+            return Some(format!(
+                "node {node} epoch {epoch} was excluded from this start-up: {reason}"
+            ));
+        }
+        None
+    }
+}
+
+fn reject(reason: impl Into<String>) -> Response {
+    Response::Rejected {
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{NodeSpec, Role};
+
+    pub(crate) fn config(n: u64, voters: u64) -> ClusterConfig {
+        let mut c = ClusterConfig::default();
+        for id in 1..=n {
+            c.nodes.insert(
+                id,
+                NodeSpec {
+                    addr: format!("127.0.0.1:{}", 7000 + id),
+                    admin_addr: format!("127.0.0.1:{}", 8000 + id),
+                    role: if id <= voters {
+                        Role::Voter
+                    } else {
+                        Role::Worker
+                    },
+                },
+            );
+        }
+        c
+    }
+
+    struct Log {
+        s: ClusterState,
+        i: u64,
+    }
+    impl Log {
+        fn new(n: u64) -> Self {
+            let mut l = Log {
+                s: ClusterState::default(),
+                i: 0,
+            };
+            assert_eq!(
+                l.apply(Command::Configure {
+                    config: config(n, 3.min(n)),
+                    at: 0
+                }),
+                Response::Ok
+            );
+            l
+        }
+        fn apply(&mut self, c: Command) -> Response {
+            self.i += 1;
+            self.s.apply(self.i, c)
+        }
+        fn join(&mut self, node: NodeId) -> Epoch {
+            match self.apply(Command::Join { node, at: 1 }) {
+                Response::Joined { epoch } => epoch,
+                r => panic!("join refused: {r:?}"),
+            }
+        }
+        fn report(&mut self, node: NodeId, epoch: Epoch, stage: Stage) -> Response {
+            self.apply(Command::Report {
+                node,
+                epoch,
+                stage,
+                waiting: None,
+                progress: None,
+                unreachable: vec![],
+                at: 2,
+            })
+        }
+        fn advance(&mut self) -> Response {
+            let (boot, from) = (self.s.boot, self.s.stage);
+            self.apply(Command::Advance { boot, from, at: 3 })
+        }
+    }
+
+    #[test]
+    fn barrier_holds_until_every_participant_reports() {
+        let mut l = Log::new(3);
+        let e1 = l.join(1);
+        let e2 = l.join(2);
+        assert!(matches!(l.advance(), Response::Rejected { .. }));
+        assert!(matches!(
+            l.s.gate(1, e1, Stage::CONNECTED),
+            Gate::Closed { .. }
+        ));
+        let e3 = l.join(3);
+        assert_eq!(l.advance(), Response::Ok);
+        assert_eq!(l.s.stage, Stage::RUNNING);
+        assert_eq!(l.s.gate(1, e1, Stage::CONNECTED), Gate::Open);
+        assert!(matches!(
+            l.s.gate(1, e1, Stage::ADDRESSED),
+            Gate::Closed { .. }
+        ));
+        for (n, e) in [(1, e1), (2, e2), (3, e3)] {
+            assert_eq!(l.report(n, e, Stage::CONNECTED), Response::Ok);
+        }
+        assert_eq!(l.advance(), Response::Ok);
+        assert_eq!(l.s.stage, Stage::CONNECTED);
+        // A repeated advance from the old stage is stale.
+        assert!(matches!(
+            l.apply(Command::Advance {
+                boot: 1,
+                from: Stage::RUNNING,
+                at: 4
+            }),
+            Response::Rejected { .. }
+        ));
+    }
+
+    #[test]
+    fn reports_are_fenced_by_epoch_and_never_skip_or_regress() {
+        let mut l = Log::new(3);
+        let old = l.join(1);
+        let new = l.join(1);
+        assert!(new > old);
+        assert!(matches!(
+            l.report(1, old, Stage::CONNECTED),
+            Response::Rejected { .. }
+        ));
+        assert!(matches!(
+            l.report(1, new, Stage::ADDRESSED),
+            Response::Rejected { .. }
+        ));
+        assert_eq!(l.report(1, new, Stage::CONNECTED), Response::Ok);
+        assert!(matches!(
+            l.report(1, new, Stage::RUNNING),
+            Response::Rejected { .. }
+        ));
+        assert!(matches!(
+            l.s.gate(1, old, Stage::ADDRESSED),
+            Gate::Fenced { .. }
+        ));
+        assert!(matches!(
+            l.apply(Command::Join { node: 99, at: 5 }),
+            Response::Rejected { .. }
+        ));
+    }
+
+    #[test]
+    fn excluded_node_no_longer_holds_the_barrier_and_is_fenced() {
+        let mut l = Log::new(3);
+        let e1 = l.join(1);
+        let e2 = l.join(2);
+        let boot = l.s.boot;
+        assert_eq!(
+            l.apply(Command::Exclude {
+                boot,
+                node: 3,
+                epoch: 0,
+                reason: "never reached the control plane".into(),
+                at: 9
+            }),
+            Response::Ok
+        );
+        assert_eq!(l.advance(), Response::Ok);
+        assert_eq!(l.report(1, e1, Stage::CONNECTED), Response::Ok);
+        assert_eq!(l.report(2, e2, Stage::CONNECTED), Response::Ok);
+        assert_eq!(l.advance(), Response::Ok);
+        assert!(matches!(
+            l.s.gate(3, 0, Stage::RUNNING),
+            Gate::Fenced { .. }
+        ));
+        let ev =
+            l.s.events
+                .iter()
+                .find(|e| e.kind == EventKind::NodeExcluded)
+                .unwrap();
+        assert!(ev.detail.contains("never reached the control plane"));
+    }
+
+    #[test]
+    fn restart_of_a_ready_cluster_needs_a_new_boot_or_late_admission() {
+        let mut l = Log::new(2);
+        let mut epochs = [l.join(1), l.join(2)];
+        for s in Stage::ALL.iter().skip(1) {
+            assert_eq!(l.advance(), Response::Ok);
+            for (i, e) in epochs.iter().enumerate() {
+                assert_eq!(l.report(i as u64 + 1, *e, *s), Response::Ok);
+            }
+        }
+        assert_eq!(l.advance(), Response::Ok);
+        assert_eq!(l.s.stage, Stage::READY);
+        // Node 2 restarts alone: closed until admitted.
+        epochs[1] = l.join(2);
+        assert!(matches!(
+            l.s.gate(2, epochs[1], Stage::CONNECTED),
+            Gate::Closed { .. }
+        ));
+        assert_eq!(
+            l.apply(Command::AdmitLate {
+                node: 2,
+                epoch: epochs[1],
+                at: 10
+            }),
+            Response::Ok
+        );
+        assert_eq!(l.s.gate(2, epochs[1], Stage::CONNECTED), Gate::Open);
+        // Now a cluster-wide restart: node 1 rejoins, nobody else live.
+        epochs[0] = l.join(1);
+        let live = [(1, epochs[0])].into_iter().collect();
+        assert_eq!(
+            l.apply(Command::BeginBoot {
+                after: 1,
+                live,
+                at: 20
+            }),
+            Response::Ok
+        );
+        assert_eq!(l.s.boot, 2);
+        assert_eq!(l.s.stage, Stage::NOT_STARTED);
+        assert_eq!(l.s.members[&1].report.stage, Stage::RUNNING);
+        assert_eq!(l.s.members[&2].report.stage, Stage::NOT_STARTED);
+        assert!(matches!(l.advance(), Response::Rejected { .. }));
+    }
+
+    #[test]
+    fn events_are_bounded() {
+        let mut l = Log::new(1);
+        for _ in 0..(MAX_EVENTS + 10) {
+            l.join(1);
+        }
+        assert_eq!(l.s.events.len(), MAX_EVENTS);
+    }
+}
