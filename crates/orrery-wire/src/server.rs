@@ -1,0 +1,312 @@
+//! The accepting side: [`serve`] and the [`Handler`] trait.
+//!
+//! Per connection: handshake (bounded by `handshake_timeout`), the handler's
+//! [`Handler::admit`] hook, then a read loop. Each request runs in its own task; at
+//! most `max_inflight_per_connection` run at once and any excess request is answered
+//! immediately with [`RemoteError::Overloaded`]. Responses go through a bounded queue
+//! (`request_queue`) to the connection's single writer task.
+//!
+//! **Request deadlines:** a request carries the client's `timeout_ms`. When it is
+//! non-zero and expires, the handler future is *dropped* (cancelled) and the server
+//! answers [`RemoteError::Timeout`] (the client has usually given up by then and
+//! discards it). A handler panic is caught and answered with
+//! [`RemoteError::Handler`]; it never takes the connection or the process down.
+//!
+//! **Bad input** (oversized or undecodable frame, a frame of the wrong kind) closes
+//! that connection only, logs the reason on target `orrery::wire` and bumps
+//! [`WireStats`] counters. In-flight handler tasks of a closed connection are aborted.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{decode, encode, Envelope, FrameError, RemoteError};
+use crate::handshake::{new_framed, server_handshake, HandshakeError, PeerInfo};
+use crate::stats::WireStats;
+use crate::{Message, WireConfig, LOG_TARGET};
+
+/// A boxed, `Send` future (what [`Handler::handle`] returns).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Application logic behind [`serve`].
+///
+/// ```ignore
+/// impl Handler<Req, Resp> for MyNode {
+///     fn handle<'a>(&'a self, peer: &'a PeerInfo, req: Req) -> BoxFuture<'a, Resp> {
+///         Box::pin(async move { self.on_request(peer, req).await })
+///     }
+/// }
+/// ```
+pub trait Handler<Req, Resp>: Send + Sync + 'static {
+    /// Answer one request from an authenticated peer. Runs in its own task; may be
+    /// cancelled (dropped) when the request's deadline passes or the connection closes.
+    fn handle<'a>(&'a self, peer: &'a PeerInfo, req: Req) -> BoxFuture<'a, Resp>;
+
+    /// Called once per connection after the peer has proven the cluster secret and
+    /// before the server proves it. `Err(reason)` refuses the peer (it receives
+    /// `RejectReason::NotAdmitted(reason)`), e.g. to fence a revoked epoch.
+    /// The default admits everyone.
+    fn admit(&self, peer: &PeerInfo) -> Result<(), String> {
+        let _ = peer;
+        Ok(())
+    }
+}
+
+/// Accept connections on `listener` until `shutdown` is cancelled, then abort all
+/// connections (in-flight handlers are dropped) and return.
+///
+/// Never fails: accept errors (e.g. out of file descriptors) are logged and retried
+/// after a short pause; per-connection failures affect only that connection.
+pub async fn serve<Req, Resp, H>(
+    listener: TcpListener,
+    cfg: Arc<WireConfig>,
+    handler: Arc<H>,
+    stats: Arc<WireStats>,
+    shutdown: CancellationToken,
+) where
+    Req: Message,
+    Resp: Message,
+    H: Handler<Req, Resp>,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    WireStats::bump(&stats.connections_accepted);
+                    conns.spawn(connection::<Req, Resp, H>(
+                        stream,
+                        addr,
+                        cfg.clone(),
+                        handler.clone(),
+                        stats.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(target: LOG_TARGET, "accept failed: {e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            }
+        }
+    }
+    conns.shutdown().await;
+}
+
+/// Count and log a frame-level failure; returns nothing, the caller closes.
+pub(crate) fn close_bad_input(stats: &WireStats, who: &str, err: &FrameError) {
+    match err {
+        FrameError::TooLarge { .. } => WireStats::bump(&stats.frames_oversized),
+        FrameError::Malformed(_) => WireStats::bump(&stats.frames_malformed),
+        FrameError::Io(e) => {
+            // Transport failure, not the peer's bytes.
+            tracing::debug!(target: LOG_TARGET, "connection to {who} failed: {e}");
+            return;
+        }
+    }
+    WireStats::bump(&stats.connections_closed_bad_input);
+    tracing::warn!(target: LOG_TARGET, "closing connection to {who}: {err}");
+}
+
+async fn connection<Req, Resp, H>(
+    stream: TcpStream,
+    addr: SocketAddr,
+    cfg: Arc<WireConfig>,
+    handler: Arc<H>,
+    stats: Arc<WireStats>,
+    shutdown: CancellationToken,
+) where
+    Req: Message,
+    Resp: Message,
+    H: Handler<Req, Resp>,
+{
+    let _ = stream.set_nodelay(true);
+    let mut framed = new_framed(stream);
+    let handshake = server_handshake(&mut framed, &cfg, addr, &stats, |peer| handler.admit(peer));
+    let peer = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+        Ok(Ok(peer)) => peer,
+        Ok(Err(err)) => {
+            match &err {
+                // Already counted and logged ("refused node N at ADDR: wrong cluster secret").
+                HandshakeError::WrongSecret { .. } => {}
+                err => {
+                    WireStats::bump(&stats.handshakes_refused_other);
+                    if err.is_bad_input() {
+                        WireStats::bump(&stats.connections_closed_bad_input);
+                    }
+                    tracing::warn!(target: LOG_TARGET, "refused connection from {addr}: {err}");
+                }
+            }
+            return;
+        }
+        Err(_) => {
+            WireStats::bump(&stats.handshakes_refused_other);
+            tracing::warn!(target: LOG_TARGET, "refused connection from {addr}: handshake timed out");
+            return;
+        }
+    };
+    WireStats::bump(&stats.handshakes_ok);
+    let who = format!("node {} at {addr}", peer.node_id);
+    tracing::debug!(target: LOG_TARGET, "accepted {who} (epoch {}, protocol v{})", peer.epoch, peer.protocol_version);
+
+    framed.codec_mut().set_max_frame_bytes(cfg.max_frame_bytes);
+    let max_frame = cfg.max_frame_bytes;
+    let peer = Arc::new(peer);
+    let (sink, mut frames) = framed.split();
+    let (tx, rx) = mpsc::channel::<Bytes>(cfg.request_queue.max(1));
+    let mut writer = tokio::spawn(crate::frame::writer_loop(sink, rx));
+    let inflight = Arc::new(Semaphore::new(cfg.max_inflight_per_connection));
+    let mut tasks = JoinSet::new();
+
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            res = &mut writer => {
+                if let Ok(Err(e)) = res {
+                    tracing::debug!(target: LOG_TARGET, "writer to {who} failed: {e}");
+                }
+                break;
+            }
+            frame = frames.next() => frame,
+        };
+        let bytes = match frame {
+            None => {
+                tracing::debug!(target: LOG_TARGET, "{who} closed the connection");
+                break;
+            }
+            Some(Err(err)) => {
+                close_bad_input(&stats, &who, &err);
+                break;
+            }
+            Some(Ok(bytes)) => bytes,
+        };
+        let (id, timeout_ms, body) = match decode::<Envelope<Req, Resp>>(&bytes) {
+            Ok(Envelope::Request {
+                id,
+                timeout_ms,
+                body,
+            }) => (id, timeout_ms, body),
+            Ok(_) => {
+                let err = FrameError::Malformed("client sent a Response/Failure frame".into());
+                close_bad_input(&stats, &who, &err);
+                break;
+            }
+            Err(err) => {
+                close_bad_input(&stats, &who, &err);
+                break;
+            }
+        };
+        match inflight.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tasks.spawn(run_request::<Req, Resp, H>(
+                    handler.clone(),
+                    peer.clone(),
+                    id,
+                    timeout_ms,
+                    body,
+                    tx.clone(),
+                    permit,
+                    max_frame,
+                ));
+                while tasks.try_join_next().is_some() {}
+            }
+            Err(_) => {
+                WireStats::bump(&stats.requests_overloaded);
+                let failure = Envelope::<Req, Resp>::Failure {
+                    id,
+                    error: RemoteError::Overloaded,
+                };
+                let Ok(frame) = encode(&failure) else { break };
+                if tx.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    writer.abort();
+    tasks.shutdown().await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_request<Req, Resp, H>(
+    handler: Arc<H>,
+    peer: Arc<PeerInfo>,
+    id: u64,
+    timeout_ms: u32,
+    body: Req,
+    tx: mpsc::Sender<Bytes>,
+    permit: OwnedSemaphorePermit,
+    max_frame: usize,
+) where
+    Req: Message,
+    Resp: Message,
+    H: Handler<Req, Resp>,
+{
+    let fut = AssertUnwindSafe(handler.handle(&peer, body)).catch_unwind();
+    let outcome = if timeout_ms == 0 {
+        Some(fut.await)
+    } else {
+        tokio::time::timeout(Duration::from_millis(u64::from(timeout_ms)), fut)
+            .await
+            .ok()
+    };
+    let envelope = match outcome {
+        None => Envelope::<Req, Resp>::Failure {
+            id,
+            error: RemoteError::Timeout,
+        },
+        Some(Err(panic)) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "handler panicked".to_string());
+            tracing::error!(target: LOG_TARGET, "handler panicked on request {id} from node {}: {msg}", peer.node_id);
+            Envelope::Failure {
+                id,
+                error: RemoteError::Handler(format!("handler panicked: {msg}")),
+            }
+        }
+        Some(Ok(resp)) => Envelope::Response { id, body: resp },
+    };
+    let frame = match encode(&envelope) {
+        Ok(frame) if frame.len() <= max_frame => frame,
+        Ok(frame) => {
+            tracing::warn!(target: LOG_TARGET, "response to request {id} is {} bytes, over the {max_frame}-byte frame limit", frame.len());
+            let error = RemoteError::ResponseTooLarge {
+                len: frame.len() as u64,
+                max: max_frame as u64,
+            };
+            match encode(&Envelope::<Req, Resp>::Failure { id, error }) {
+                Ok(f) => f,
+                Err(_) => return,
+            }
+        }
+        Err(e) => match encode(&Envelope::<Req, Resp>::Failure {
+            id,
+            error: RemoteError::Handler(e.to_string()),
+        }) {
+            Ok(f) => f,
+            Err(_) => return,
+        },
+    };
+    // Queued before the permit is released, so a response waiting for the writer
+    // still counts as in flight.
+    let _ = tx.send(frame).await;
+    drop(permit);
+}
