@@ -1,1 +1,395 @@
-fn main() {}
+//! The `orrery` command: run a node, a local cluster, its status, benchmarks.
+//!
+//! This is the binary's edge: errors carry context (anyhow) and are printed
+//! for a person; nothing here decides cluster policy.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use orrery::local::{self, AdminClient, Manifest, Plan};
+use orrery_core::sim::{self, SimConfig};
+use orrery_core::{Stage, StuckPolicy};
+use orrery_node::clock::now_ms;
+use orrery_node::{DemoService, Node, NodeConfig, Service};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "orrery",
+    version,
+    about = "A cluster runtime for sharded, stateful, real-time services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node.
+    Node {
+        /// The node's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a local cluster of real node processes on 127.0.0.1.
+    Up {
+        #[arg(long, default_value_t = 5)]
+        nodes: u64,
+        #[arg(long, default_value_t = 3)]
+        voters: u64,
+        #[arg(long, default_value = "orrery-data")]
+        data_dir: PathBuf,
+        /// Exit 0 once stage 0 is reached (non-zero with the diagnosis if not).
+        #[arg(long)]
+        exit_when_ready: bool,
+        /// With --exit-when-ready: give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        ready_timeout_s: u64,
+        /// Per-stage deadline written into a new cluster's config.
+        #[arg(long, default_value_t = 60_000)]
+        stage_deadline_ms: u64,
+        /// `exclude` or `wait`, for a new cluster's config.
+        #[arg(long, default_value = "exclude")]
+        stuck_policy: StuckPolicy,
+    },
+    /// Print a table of the nodes of a local cluster.
+    Status {
+        #[arg(long, default_value = "orrery-data")]
+        data_dir: PathBuf,
+        /// Print the replicated state as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks that print numbers.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Start-up of a large cluster in the deterministic simulator.
+    Startup {
+        #[arg(long, default_value_t = 250)]
+        nodes: u64,
+        #[arg(long, default_value_t = 3)]
+        voters: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 5)]
+        runs: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Node { config } => run_node(config),
+        Cmd::Up {
+            nodes,
+            voters,
+            data_dir,
+            exit_when_ready,
+            ready_timeout_s,
+            stage_deadline_ms,
+            stuck_policy,
+        } => {
+            let mut plan = Plan::new(nodes, voters, data_dir);
+            plan.stage_deadline_ms = stage_deadline_ms;
+            plan.stuck_policy = stuck_policy;
+            up(plan, exit_when_ready, Duration::from_secs(ready_timeout_s))
+        }
+        Cmd::Status { data_dir, json } => status(data_dir, json),
+        Cmd::Bench {
+            which:
+                Bench::Startup {
+                    nodes,
+                    voters,
+                    seed,
+                    runs,
+                },
+        } => bench_startup(nodes, voters, seed, runs),
+    }
+}
+
+fn run_node(config: PathBuf) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = NodeConfig::load(&config)?;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let admin_addr = cfg.admin_listen_addr();
+        let admin = tokio::net::TcpListener::bind(&admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on admin address {admin_addr}"))?;
+        let services: Vec<Arc<dyn Service>> = vec![Arc::new(DemoService::new(cfg.demo.clone()))];
+        let node = Node::start(cfg, services).await?;
+        let admin_task = tokio::spawn(orrery_node::admin::serve(admin, node.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        node.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
+        Ok(())
+    })
+}
+
+/// Child node processes, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Children(Vec<(u64, Child)>);
+
+impl Children {
+    fn stop(&mut self) {
+        for (_, c) in &self.0 {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (id, c) in &mut self.0 {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        eprintln!("node {id} did not stop in 5 s: killing it");
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn up(plan: Plan, exit_when_ready: bool, ready_timeout: Duration) -> Result<()> {
+    let manifest = local::prepare(&plan)?;
+    let exe = std::env::current_exe().context("cannot find the orrery binary")?;
+    let launched = Instant::now();
+    let launched_ms = now_ms();
+    let mut children = Children(vec![]);
+    for n in &manifest.nodes {
+        let dir = plan.data_dir.join(format!("node-{}", n.id));
+        let log = std::fs::File::create(dir.join("node.log"))?;
+        let child = Command::new(&exe)
+            .arg("node")
+            .arg("--config")
+            .arg(Manifest::node_config_path(&plan.data_dir, n.id))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start node {}", n.id))?;
+        children.0.push((n.id, child));
+    }
+    println!(
+        "orrery: {} nodes ({} voters) starting; data in {}",
+        manifest.nodes.len(),
+        plan.voters,
+        plan.data_dir.display()
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook_consts::SIGINT, signal_hook_consts::SIGTERM] {
+        let _ = register_stop(sig, stop.clone());
+    }
+    let client = AdminClient::default();
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("stage {prefix:>2} {bar:30} {pos}/{len} nodes {msg}")
+        .expect("valid template");
+    let stage_bars: Vec<(Stage, ProgressBar)> = Stage::ALL
+        .iter()
+        .map(|s| {
+            let b = bars.add(ProgressBar::new(manifest.nodes.len() as u64));
+            b.set_style(style.clone());
+            b.set_prefix(s.to_string());
+            b.set_message(s.name());
+            (*s, b)
+        })
+        .collect();
+    let mut ready_reported = false;
+    let mut last_state = None;
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            println!("\norrery: stopping {} nodes", children.0.len());
+            children.stop();
+            return Ok(());
+        }
+        for (id, c) in &mut children.0 {
+            if let Ok(Some(st)) = c.try_wait() {
+                if !ready_reported {
+                    bars.println(format!("node {id} exited ({st}); see its node.log"))
+                        .ok();
+                }
+            }
+        }
+        if let Ok(state) = client.cluster_state(&manifest) {
+            let participants = state.participants().len() as u64;
+            for (s, bar) in &stage_bars {
+                bar.set_length(participants);
+                let done = state
+                    .members
+                    .values()
+                    .filter(|m| {
+                        m.report.stage >= *s && m.status == orrery_core::MemberStatus::Active
+                    })
+                    .count();
+                bar.set_position(done as u64);
+                if let Some(at) = state.stage_reached_at.get(&s.number()) {
+                    let prev = Stage::from_number(s.number() - 1)
+                        .and_then(|p| state.stage_reached_at.get(&p.number()))
+                        .copied()
+                        .unwrap_or(state.boot_started_at);
+                    if !bar.is_finished() {
+                        bar.finish_with_message(format!(
+                            "{} in {} ms",
+                            s.name(),
+                            at.saturating_sub(prev)
+                        ));
+                    }
+                }
+            }
+            if local::is_ready(&state, launched_ms) && !ready_reported {
+                ready_reported = true;
+                let secs = launched.elapsed().as_secs_f64();
+                bars.clear().ok();
+                print!("{}", local::render_status(&state, &[], now_ms()));
+                println!("orrery: cluster ready (stage 0) {secs:.2} s after launch");
+                println!(
+                    "orrery: `orrery status --data-dir {}` shows it; Ctrl-C stops it",
+                    plan.data_dir.display()
+                );
+                if exit_when_ready {
+                    children.stop();
+                    return Ok(());
+                }
+            }
+            last_state = Some(state);
+        }
+        if exit_when_ready && launched.elapsed() > ready_timeout {
+            let diag = last_state
+                .map(|s| local::render_status(&s, &[], now_ms()))
+                .unwrap_or_else(|| "no node answered".into());
+            children.stop();
+            bail!(
+                "the cluster did not reach stage 0 in {} s:\n{diag}",
+                ready_timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+mod signal_hook_consts {
+    pub const SIGINT: i32 = 2;
+    pub const SIGTERM: i32 = 15;
+}
+
+/// Sets `flag` when `signal` arrives (a tiny tokio runtime on its own thread).
+fn register_stop(signal: i32, flag: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            let kind = tokio::signal::unix::SignalKind::from_raw(signal);
+            if let Ok(mut s) = tokio::signal::unix::signal(kind) {
+                s.recv().await;
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    });
+    Ok(())
+}
+
+fn status(data_dir: PathBuf, json: bool) -> Result<()> {
+    let manifest = Manifest::load(&data_dir)?;
+    let client = AdminClient::default();
+    let state = client.cluster_state(&manifest)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+        return Ok(());
+    }
+    let live: Vec<_> = manifest
+        .admin_addrs()
+        .into_iter()
+        .map(|(id, addr)| (id, client.node_status(&addr).ok()))
+        .collect();
+    print!("{}", local::render_status(&state, &live, now_ms()));
+    Ok(())
+}
+
+fn bench_startup(nodes: u64, voters: u64, seed: u64, runs: u64) -> Result<()> {
+    if nodes == 0 || voters == 0 || voters > nodes || runs == 0 {
+        bail!("need nodes >= voters >= 1 and runs >= 1");
+    }
+    println!("bench startup: {nodes} nodes ({voters} voters) in the deterministic simulator (virtual time; LAN links 1-2 ms, 20 preload items of 5-20 ms per node)");
+    println!(
+        "{:<6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        "seed", "ready(ms)", "-4", "-3", "-2", "-1", "0", "events", "wall(ms)"
+    );
+    let mut readies = vec![];
+    for s in seed..seed + runs {
+        let mut cfg = SimConfig::new(nodes, s);
+        cfg.voters = voters;
+        let t = Instant::now();
+        let out = sim::run(cfg);
+        let wall = t.elapsed().as_millis();
+        let mut prev = 0;
+        let per: Vec<String> = Stage::ALL
+            .iter()
+            .map(|st| match out.stage_reached_at.get(&st.number()) {
+                Some(at) => {
+                    let d = at - prev;
+                    prev = *at;
+                    d.to_string()
+                }
+                None => "-".into(),
+            })
+            .collect();
+        let ready = out
+            .ready_at
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "never".into());
+        println!(
+            "{:<6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+            s, ready, per[0], per[1], per[2], per[3], per[4], out.steps, wall
+        );
+        if let Some(r) = out.ready_at {
+            readies.push(r);
+        }
+    }
+    if readies.len() as u64 != runs {
+        bail!(
+            "{} of {runs} runs did not reach stage 0",
+            runs - readies.len() as u64
+        );
+    }
+    readies.sort();
+    println!(
+        "stage 0 reached in all {runs} runs: median {} ms, max {} ms of virtual time (target: < 10000 ms)",
+        readies[readies.len() / 2],
+        readies[readies.len() - 1]
+    );
+    Ok(())
+}

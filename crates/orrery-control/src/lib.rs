@@ -1,1 +1,453 @@
-//! orrery-control (being written)
+//! orrery-control: the Raft control plane of orrery.
+//!
+//! # What this crate owns
+//! - Running Raft (via openraft) among the 3 or 5 control-plane voters, replicating an
+//!   application-defined [`ReplicatedState`] (orrery-core's cluster state implements it).
+//! - Durable Raft storage: log, vote, committed id, last-purged id and the latest snapshot live
+//!   in one redb file, `data_dir/raft.redb`. A restarted node comes back with the same
+//!   membership and state (latest snapshot + replay of committed entries).
+//! - The wire encoding of Raft RPCs (postcard, versioned envelope). Bytes travel over the
+//!   application's [`RaftTransport`]; incoming bytes are handed to [`ControlPlane::handle_rpc`].
+//!
+//! # What this crate must never do
+//! - Never leak openraft types: openraft 0.10 is alpha and its churn must stay inside this
+//!   crate. The public API is [`ControlPlane`], [`ControlConfig`], [`ReplicatedState`],
+//!   [`RaftTransport`], [`StateView`], [`LeaderView`] and the error enums, nothing else.
+//! - Never decide cluster policy (placement, membership changes, who should lead): it only
+//!   orders and applies the commands it is given.
+//! - Never forward requests to the leader itself: a non-leader returns
+//!   [`ControlError::NotLeader`] and the caller forwards.
+//! - Never open sockets: all networking goes through [`RaftTransport`].
+//! - Never panic on bad input (malformed RPC bytes, undecodable commands).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod network;
+mod store;
+mod types;
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::errors::{
+    ClientWriteError, Fatal, ForwardToLeader, InitializeError, LinearizableReadError, RaftError,
+};
+use openraft::{BasicNode, Raft, ReadPolicy};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub use crate::config::ControlConfig;
+pub use crate::error::{ControlError, TransportError};
+use crate::network::{NetFactory, RpcRequest, RpcResponse};
+use crate::store::{LogStore, StateMachine};
+use crate::types::{ApplyReply, CmdBytes, Snapshot, Tc};
+
+/// Identifier of a control-plane voter.
+pub type NodeId = u64;
+
+/// The replicated state an application defines.
+pub trait ReplicatedState:
+    Default + Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// A state-changing command, appended to the Raft log.
+    type Command: Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The result of applying a command, returned to the proposer.
+    type Response: Clone + Debug + Default + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// Applies `command`, committed at Raft log index `index`.
+    ///
+    /// Must be deterministic: the same state and command give the same result on every node.
+    /// Must not panic.
+    fn apply(&mut self, index: u64, command: Self::Command) -> Self::Response;
+}
+
+/// Boxed future returned by [`RaftTransport::call`].
+pub type TransportFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<u8>, TransportError>> + Send + 'a>>;
+
+/// How the control plane reaches other voters (implemented by orrery-node over its
+/// authenticated RPC). Payloads are opaque bytes produced and consumed by this crate: deliver
+/// `payload` to the target's [`ControlPlane::handle_rpc`] and return what it returns.
+pub trait RaftTransport: Send + Sync + 'static {
+    /// Sends `payload` to voter `target` at `addr` and returns the reply bytes.
+    /// Should give up after `timeout` (the control plane also enforces it).
+    fn call(
+        &self,
+        target: NodeId,
+        addr: String,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> TransportFuture<'_>;
+}
+
+/// A view of the applied replicated state.
+#[derive(Debug)]
+pub struct StateView<S> {
+    /// Raft log index of the last applied entry (0 before anything was applied).
+    pub applied_index: u64,
+    /// The state after applying every entry up to `applied_index`.
+    pub state: Arc<S>,
+}
+
+impl<S> Clone for StateView<S> {
+    fn clone(&self) -> Self {
+        Self {
+            applied_index: self.applied_index,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// This node's view of leadership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaderView {
+    /// The current Raft term as seen by this node.
+    pub term: u64,
+    /// The leader of `term`, if known.
+    pub leader: Option<NodeId>,
+}
+
+/// A handle to this node's control plane. Cheap to clone.
+pub struct ControlPlane<S: ReplicatedState> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: ReplicatedState> Clone for ControlPlane<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<S: ReplicatedState> {
+    raft: Raft<Tc, StateMachine<S>>,
+    cfg: ControlConfig,
+    state_rx: watch::Receiver<StateView<S>>,
+    leader_rx: watch::Receiver<LeaderView>,
+    /// Lets `shutdown` wait until every openraft task has released the store.
+    db: Weak<redb::Database>,
+}
+
+fn fatal(e: &Fatal<Tc>) -> ControlError {
+    ControlError::Fatal(e.to_string())
+}
+
+impl<S: ReplicatedState> ControlPlane<S> {
+    /// Opens or creates the Raft store under `cfg.data_dir`, restores the state (snapshot +
+    /// replay of committed entries) and starts Raft with pre-vote enabled.
+    ///
+    /// If the store is pristine, initializes the cluster with `cfg.voters`. Every voter may do
+    /// so with the identical voter map; a node that is already initialized (or that received
+    /// the membership from a peer first) skips it.
+    pub async fn start(
+        cfg: ControlConfig,
+        transport: Arc<dyn RaftTransport>,
+    ) -> Result<Self, ControlError> {
+        cfg.validate()?;
+        let raft_cfg = Arc::new(cfg.to_openraft()?);
+
+        let db = store::open_db_retrying(&cfg.data_dir, cfg.shutdown_timeout)
+            .await
+            .map_err(|e| ControlError::Storage(format!("open {}: {e}", cfg.data_dir.display())))?;
+        let db_weak = Arc::downgrade(&db);
+        let (sm, state_rx) = StateMachine::<S>::open(db.clone())
+            .await
+            .map_err(|e| ControlError::Storage(format!("restore snapshot: {e}")))?;
+        let log = LogStore::new(db);
+        let net = NetFactory {
+            self_id: cfg.node_id,
+            transport,
+            rpc_timeout: cfg.rpc_timeout,
+        };
+
+        let raft = Raft::new(cfg.node_id, raft_cfg, net, log, sm)
+            .await
+            .map_err(|e| fatal(&e))?;
+
+        if !raft.is_initialized().await.map_err(|e| fatal(&e))? {
+            let members: BTreeMap<NodeId, BasicNode> = cfg
+                .voters
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) => {
+                    tracing::info!(node = cfg.node_id, voters = ?cfg.voters, "initialized raft cluster")
+                }
+                Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                    tracing::debug!(node = cfg.node_id, "already initialized: {e}");
+                }
+                Err(RaftError::APIError(e)) => {
+                    let _ = raft.shutdown().await;
+                    return Err(ControlError::Config(e.to_string()));
+                }
+                Err(RaftError::Fatal(e)) => return Err(fatal(&e)),
+            }
+        }
+
+        let (leader_tx, leader_rx) = watch::channel(leader_view(&raft));
+        let mut metrics = raft.metrics();
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let view = {
+                    let m = metrics.borrow_watched();
+                    LeaderView {
+                        term: m.current_term,
+                        leader: m.current_leader,
+                    }
+                };
+                leader_tx.send_if_modified(|cur| {
+                    let changed = *cur != view;
+                    *cur = view;
+                    changed
+                });
+            }
+        });
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                raft,
+                cfg,
+                state_rx,
+                leader_rx,
+                db: db_weak,
+            }),
+        })
+    }
+
+    /// Proposes `cmd`. Returns the log index it was committed at and the response of applying it.
+    ///
+    /// Returns [`ControlError::NotLeader`] if this node is not the leader (the caller forwards),
+    /// and [`ControlError::CommitUnknown`] if leadership was lost after the entry was appended.
+    pub async fn write(&self, cmd: S::Command) -> Result<(u64, S::Response), ControlError> {
+        let bytes = postcard::to_stdvec(&cmd)
+            .map_err(|e| ControlError::Codec(format!("encode command: {e}")))?;
+        let resp = self
+            .inner
+            .raft
+            .client_write(CmdBytes(bytes))
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    ControlError::NotLeader {
+                        leader: self.leader_of(&f),
+                    }
+                }
+                RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+                    ControlError::CommitUnknown {
+                        leader: self.leader_of(&f),
+                    }
+                }
+                RaftError::APIError(e) => ControlError::Raft(e.to_string()),
+                RaftError::Fatal(e) => fatal(&e),
+            })?;
+        let index = resp.log_id.index();
+        match resp.data {
+            ApplyReply::Applied(b) => {
+                let r = postcard::from_bytes(&b)
+                    .map_err(|e| ControlError::Codec(format!("decode response: {e}")))?;
+                Ok((index, r))
+            }
+            ApplyReply::Undecodable(m) => Err(ControlError::Codec(format!(
+                "command at index {index} not applied: {m}"
+            ))),
+            ApplyReply::Internal => Ok((index, S::Response::default())),
+        }
+    }
+
+    /// Linearizable read: confirms leadership with a quorum (ReadIndex), waits until the read
+    /// index is applied locally, then returns the applied state.
+    pub async fn read_linearizable(&self) -> Result<StateView<S>, ControlError> {
+        self.inner
+            .raft
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(LinearizableReadError::ForwardToLeader(f)) => {
+                    ControlError::NotLeader {
+                        leader: self.leader_of(&f),
+                    }
+                }
+                RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)) => {
+                    ControlError::QuorumNotReached(q.to_string())
+                }
+                RaftError::Fatal(e) => fatal(&e),
+            })?;
+        // `ensure_linearizable` returns once the read index is applied, and the state machine
+        // publishes before it reports an apply, so the watch is at least that fresh.
+        Ok(self.inner.state_rx.borrow().clone())
+    }
+
+    /// Waits (at most `timeout`) until this node has applied everything the cluster had
+    /// committed when it restarted. Needs a live leader. Useful before serving local reads.
+    pub async fn wait_for_recovery(&self, timeout: Duration) -> Result<(), ControlError> {
+        self.inner
+            .raft
+            .wait_for_recovery(Some(timeout))
+            .await
+            .map(|_| ())
+            .map_err(|e| ControlError::Raft(format!("wait for recovery: {e}")))
+    }
+
+    /// The locally applied state (may be stale on followers); updated on every apply.
+    pub fn state(&self) -> StateView<S> {
+        self.inner.state_rx.borrow().clone()
+    }
+
+    /// Watches the locally applied state; a new value is published after every applied batch.
+    pub fn watch_state(&self) -> watch::Receiver<StateView<S>> {
+        self.inner.state_rx.clone()
+    }
+
+    /// Watches this node's view of the term and the leader.
+    pub fn watch_leader(&self) -> watch::Receiver<LeaderView> {
+        self.inner.leader_rx.clone()
+    }
+
+    /// The leader this node currently knows of.
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// The current leader with its address, if known.
+    pub fn current_leader_addr(&self) -> Option<(NodeId, String)> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone());
+        Some((
+            id,
+            addr.or_else(|| self.inner.cfg.voters.get(&id).cloned())
+                .unwrap_or_default(),
+        ))
+    }
+
+    /// Whether this node currently believes it is the leader. Not a fence: use
+    /// [`Self::read_linearizable`] or [`Self::write`] for that.
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.is_leader()
+    }
+
+    /// The current Raft term as seen by this node.
+    pub fn current_term(&self) -> u64 {
+        self.inner.raft.metrics().borrow_watched().current_term
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.cfg.node_id
+    }
+
+    /// The current voter set (id -> address) from the replicated membership.
+    pub fn voters(&self) -> BTreeMap<NodeId, String> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        let membership = m.membership_config.membership();
+        membership
+            .voter_ids()
+            .map(|id| {
+                let addr = membership
+                    .get_node(&id)
+                    .map(|n| n.addr.clone())
+                    .unwrap_or_default();
+                (id, addr)
+            })
+            .collect()
+    }
+
+    /// `Ok` while the Raft core runs. After a fatal error (e.g. a storage error) or shutdown
+    /// it returns [`ControlError::Fatal`]; openraft does not recover from that by itself, so the
+    /// owner should restart the control plane (or the process).
+    pub fn health(&self) -> Result<(), ControlError> {
+        match &self.inner.raft.metrics().borrow_watched().running_state {
+            Ok(()) => Ok(()),
+            Err(e) => Err(fatal(e)),
+        }
+    }
+
+    /// Server side of [`RaftTransport`]: decodes an incoming payload, dispatches it to Raft and
+    /// returns the encoded reply. Malformed bytes give [`ControlError::MalformedRpc`].
+    pub async fn handle_rpc(&self, payload: Vec<u8>) -> Result<Vec<u8>, ControlError> {
+        let req: RpcRequest = network::decode(&payload).map_err(ControlError::MalformedRpc)?;
+        let raft = &self.inner.raft;
+        let raft_err = |e: RaftError<Tc>| match e {
+            RaftError::Fatal(f) => fatal(&f),
+            RaftError::APIError(never) => match never {},
+        };
+        let resp = match req {
+            RpcRequest::AppendEntries(r) => {
+                RpcResponse::AppendEntries(raft.append_entries(r).await.map_err(raft_err)?)
+            }
+            RpcRequest::Vote(r) => RpcResponse::Vote(raft.vote(r).await.map_err(raft_err)?),
+            RpcRequest::PreVote(r) => RpcResponse::Vote(raft.pre_vote(r).await.map_err(raft_err)?),
+            RpcRequest::FullSnapshot { vote, meta, data } => {
+                // A snapshot that fails to decode would surface as a storage error inside
+                // openraft, which makes the core Fatal; reject it here instead.
+                postcard::from_bytes::<S>(&data).map_err(|e| {
+                    ControlError::MalformedRpc(format!("snapshot state does not decode: {e}"))
+                })?;
+                let snap = Snapshot {
+                    meta,
+                    snapshot: data,
+                };
+                RpcResponse::Snapshot(
+                    raft.install_full_snapshot(vote, snap)
+                        .await
+                        .map_err(|e| fatal(&e))?,
+                )
+            }
+        };
+        network::encode(resp).map_err(ControlError::Codec)
+    }
+
+    /// Stops Raft and waits (at most `shutdown_timeout`) until its tasks have released the
+    /// store, so the same `data_dir` can be reopened as soon as this returns `Ok`. Idempotent.
+    pub async fn shutdown(&self) -> Result<(), ControlError> {
+        let t = self.inner.cfg.shutdown_timeout;
+        let stop = async {
+            let res = self.inner.raft.shutdown().await;
+            // Replication and state-machine workers exit shortly after the core; each holds
+            // a handle to the store until then.
+            while self.inner.db.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            res
+        };
+        match tokio::time::timeout(t, stop).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ControlError::Fatal(format!("raft core task failed: {e}"))),
+            Err(_) => Err(ControlError::Timeout(t)),
+        }
+    }
+
+    fn leader_of(&self, f: &ForwardToLeader<Tc>) -> Option<(NodeId, String)> {
+        let id = f.leader_id?;
+        let addr = match &f.leader_node {
+            Some(n) => n.addr.clone(),
+            None => self.inner.cfg.voters.get(&id).cloned().unwrap_or_default(),
+        };
+        Some((id, addr))
+    }
+}
+
+fn leader_view<S: ReplicatedState>(raft: &Raft<Tc, StateMachine<S>>) -> LeaderView {
+    let m = raft.metrics();
+    let m = m.borrow_watched();
+    LeaderView {
+        term: m.current_term,
+        leader: m.current_leader,
+    }
+}

@@ -1,1 +1,22 @@
-//! orrery-node (being written)
+//! orrery-node: the runtime of one orrery node process.
+//!
+//! A node listens for authenticated peers (orrery-wire), runs the Raft
+//! control plane if it is a voter (orrery-control), coordinates start-up
+//! while it leads, and drives its own start-up through the stages -4 to 0,
+//! calling the application's [`Service`] hooks. Its admin HTTP endpoint
+//! tells operators what it is doing and what it waits on.
+//!
+//! What it must never do: decide cluster policy itself (that is
+//! orrery-core's state machines, fed by this crate), block the async
+//! runtime, or let one bad peer affect another.
+
+pub mod admin;
+pub mod clock;
+pub mod config;
+pub mod messages;
+pub mod node;
+pub mod service;
+
+pub use config::NodeConfig;
+pub use node::{Node, NodeError, NodeStatus};
+pub use service::{DemoService, Service, ServiceError, ServiceFuture, StageContext};

@@ -1,0 +1,334 @@
+//! A node's configuration file (TOML), every key with its default.
+//!
+//! This module owns parsing and validating the file; it never starts
+//! anything. A wrong file is refused whole with an error that names the key.
+
+use orrery_core::{ClusterConfig, NodeId, NodeSpec, Role, StuckPolicy};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// One node's configuration. See README.md ("Configuration") for a sample.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id; must appear in `nodes`.
+    pub node_id: NodeId,
+    /// Cluster identity, checked in every handshake.
+    pub cluster_id: String,
+    /// Shared cluster secret (HMAC key for the handshake; never sent).
+    pub secret: String,
+    /// Where the Raft log, snapshots and node files live.
+    pub data_dir: PathBuf,
+    /// Node-to-node listen address; defaults to this node's `addr` in `nodes`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Admin HTTP listen address; defaults to this node's `admin_addr`.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    /// Start-up policy and timing.
+    #[serde(default)]
+    pub startup: StartupConfig,
+    /// Control-plane (Raft) timing.
+    #[serde(default)]
+    pub raft: RaftTiming,
+    /// Node-to-node RPC bounds.
+    #[serde(default)]
+    pub rpc: RpcConfig,
+    /// The built-in demo service.
+    #[serde(default)]
+    pub demo: DemoConfig,
+    /// Every node of the cluster.
+    pub nodes: Vec<NodeEntry>,
+}
+
+/// One `[[nodes]]` entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    pub id: NodeId,
+    pub addr: String,
+    pub admin_addr: String,
+    pub role: Role,
+}
+
+/// `[startup]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StartupConfig {
+    /// Time the cluster may take to complete one stage before laggards are
+    /// declared stuck. Default 60000.
+    pub stage_deadline_ms: u64,
+    /// `exclude` (default) or `wait`.
+    pub stuck_policy: StuckPolicy,
+    /// A node unheard for longer than this is not running. Default 1500.
+    pub liveness_window_ms: u64,
+    /// How often a node asks whether it may start the next stage. Default 100.
+    pub poll_interval_ms: u64,
+    /// How often a node re-reports its stage and waits. Default 1000.
+    pub report_interval_ms: u64,
+    /// How often the coordinator (the Raft leader) decides. Default 100.
+    pub coordinator_tick_ms: u64,
+}
+
+impl Default for StartupConfig {
+    fn default() -> Self {
+        StartupConfig {
+            stage_deadline_ms: 60_000,
+            stuck_policy: StuckPolicy::Exclude,
+            liveness_window_ms: 1_500,
+            poll_interval_ms: 100,
+            report_interval_ms: 1_000,
+            coordinator_tick_ms: 100,
+        }
+    }
+}
+
+/// `[raft]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTiming {
+    /// Leader heartbeat. Default 100.
+    pub heartbeat_ms: u64,
+    /// Election timeout range. Default 400..800.
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: 100,
+            election_min_ms: 400,
+            election_max_ms: 800,
+        }
+    }
+}
+
+/// `[rpc]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpcConfig {
+    /// Deadline of one node-to-node call. Default 2000.
+    pub call_timeout_ms: u64,
+    /// Bound on opening a connection (incl. handshake). Default 1000.
+    pub connect_timeout_ms: u64,
+    /// Largest frame accepted. Default 4 MiB.
+    pub max_frame_bytes: usize,
+    /// Concurrent requests per connection. Default 256.
+    pub max_inflight_per_connection: usize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            call_timeout_ms: 2_000,
+            connect_timeout_ms: 1_000,
+            max_frame_bytes: 4 * 1024 * 1024,
+            max_inflight_per_connection: 256,
+        }
+    }
+}
+
+/// `[demo]`: the built-in demo service's preload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoConfig {
+    /// Items preloaded at stage -1. Default 20.
+    pub preload_items: u64,
+    /// Time per item. Default 10.
+    pub preload_item_ms: u64,
+    /// Fault hook: the preload never finishes this item (0: off).
+    pub hang_at_item: u64,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            preload_items: 20,
+            preload_item_ms: 10,
+            hang_at_item: 0,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.cluster_id.is_empty() {
+            return bad("cluster_id must not be empty".into());
+        }
+        if self.secret.len() < 16 {
+            return bad("secret must be at least 16 characters".into());
+        }
+        let mut ids = BTreeMap::new();
+        for n in &self.nodes {
+            if ids.insert(n.id, n).is_some() {
+                return bad(format!("node id {} appears twice in [[nodes]]", n.id));
+            }
+        }
+        if !ids.contains_key(&self.node_id) {
+            return bad(format!(
+                "node_id {} is not listed in [[nodes]]",
+                self.node_id
+            ));
+        }
+        let voters = self.nodes.iter().filter(|n| n.role == Role::Voter).count();
+        if voters == 0 || voters % 2 == 0 {
+            return bad(format!(
+                "the cluster needs an odd number of voters (3 or 5 recommended), found {voters}"
+            ));
+        }
+        let s = &self.startup;
+        if s.poll_interval_ms == 0 || s.report_interval_ms == 0 || s.coordinator_tick_ms == 0 {
+            return bad("startup intervals must be positive".into());
+        }
+        if s.liveness_window_ms <= s.report_interval_ms {
+            return bad(format!(
+                "startup.liveness_window_ms ({}) must exceed startup.report_interval_ms ({}), or running nodes look dead",
+                s.liveness_window_ms, s.report_interval_ms
+            ));
+        }
+        let r = &self.raft;
+        if !(r.heartbeat_ms < r.election_min_ms && r.election_min_ms < r.election_max_ms) {
+            return bad(
+                "raft timing must satisfy heartbeat_ms < election_min_ms < election_max_ms".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// This node's `[[nodes]]` entry.
+    pub fn me(&self) -> &NodeEntry {
+        self.nodes
+            .iter()
+            .find(|n| n.id == self.node_id)
+            .expect("validated: node_id is listed")
+    }
+
+    pub fn listen_addr(&self) -> String {
+        self.listen
+            .clone()
+            .unwrap_or_else(|| self.me().addr.clone())
+    }
+
+    pub fn admin_listen_addr(&self) -> String {
+        self.admin_listen
+            .clone()
+            .unwrap_or_else(|| self.me().admin_addr.clone())
+    }
+
+    /// Voters by id with their node-to-node addresses.
+    pub fn voters(&self) -> BTreeMap<NodeId, String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.role == Role::Voter)
+            .map(|n| (n.id, n.addr.clone()))
+            .collect()
+    }
+
+    /// The cluster configuration the bootstrapping leader replicates.
+    pub fn cluster_config(&self) -> ClusterConfig {
+        ClusterConfig {
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.id,
+                        NodeSpec {
+                            addr: n.addr.clone(),
+                            admin_addr: n.admin_addr.clone(),
+                            role: n.role,
+                        },
+                    )
+                })
+                .collect(),
+            stage_deadline_ms: self.startup.stage_deadline_ms,
+            stuck_policy: self.startup.stuck_policy,
+            liveness_window_ms: self.startup.liveness_window_ms,
+        }
+    }
+
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.rpc.call_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> String {
+        r#"
+node_id = 1
+cluster_id = "test"
+secret = "0123456789abcdef0123"
+data_dir = "/tmp/x"
+[[nodes]]
+id = 1
+addr = "127.0.0.1:1"
+admin_addr = "127.0.0.1:2"
+role = "voter"
+"#
+        .into()
+    }
+
+    #[test]
+    fn sample_parses_with_defaults() {
+        let c: NodeConfig = toml::from_str(&sample()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.startup.stage_deadline_ms, 60_000);
+        assert_eq!(c.startup.stuck_policy, StuckPolicy::Exclude);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_key() {
+        let unknown = sample() + "bogus = 1\n";
+        assert!(toml::from_str::<NodeConfig>(&unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("bogus"));
+        let mut c: NodeConfig = toml::from_str(&sample()).unwrap();
+        c.node_id = 9;
+        assert!(c.validate().unwrap_err().to_string().contains("node_id 9"));
+        let mut c: NodeConfig = toml::from_str(&sample()).unwrap();
+        c.secret = "short".into();
+        assert!(c.validate().unwrap_err().to_string().contains("secret"));
+        let policy = sample().replace(
+            "[[nodes]]",
+            "[startup]\nstuck_policy = \"maybe\"\n[[nodes]]",
+        );
+        assert!(toml::from_str::<NodeConfig>(&policy).is_err());
+    }
+}

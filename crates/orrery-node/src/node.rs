@@ -1,0 +1,739 @@
+//! One orrery node process: listener, control plane (on voters),
+//! coordinator (on the leader), and the start-up driver.
+//!
+//! This module owns the wiring between the pieces and the node's local view
+//! of itself. It must never make a cluster decision on its own: decisions are
+//! orrery-core's (gate, coordinator, apply), replicated through
+//! orrery-control; this module only feeds them time and inputs.
+
+use crate::clock::now_ms;
+use crate::config::NodeConfig;
+use crate::messages::{Reply, Request};
+use crate::service::{Service, StageContext};
+use orrery_control::{
+    ControlConfig, ControlError, ControlPlane, RaftTransport, ReplicatedState, TransportError,
+    TransportFuture,
+};
+use orrery_core::{ClusterState, Command, Coordinator, Gate, NodeId, Response, Role, Stage, Wait};
+use orrery_wire::{
+    BoxFuture, CancellationToken, Handler, PeerInfo, PeerPool, WireConfig, WireStats,
+    WireStatsSnapshot,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+const LOG: &str = "orrery::node";
+
+/// The replicated state as orrery-control sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ControlState(pub ClusterState);
+
+impl ReplicatedState for ControlState {
+    type Command = Command;
+    type Response = Response;
+    fn apply(&mut self, index: u64, command: Command) -> Response {
+        self.0.apply(index, command)
+    }
+}
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("control plane: {0}")]
+    Control(#[from] ControlError),
+    #[error("the control plane refused this node: {0}")]
+    Refused(String),
+}
+
+/// What a node says about itself (`GET /status`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: NodeId,
+    pub role: Option<Role>,
+    pub addr: String,
+    pub epoch: u64,
+    /// Last stage completed.
+    pub stage: i8,
+    pub stage_since_ms: u64,
+    /// When this process completed each stage (ms since the Unix epoch).
+    pub stage_completed_at: BTreeMap<i8, u64>,
+    pub started_at_ms: u64,
+    pub waiting: Option<Wait>,
+    pub progress: Option<orrery_core::Progress>,
+    pub unreachable: Vec<NodeId>,
+    pub leader: Option<NodeId>,
+    pub is_leader: bool,
+    pub fenced: Option<String>,
+    pub wire: WireStatsSnapshot,
+    /// Version (log index) of the address cache this node holds.
+    pub address_cache_version: u64,
+}
+
+/// A running node. Dropping it does not stop it: call [`Node::shutdown`].
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: NodeConfig,
+    stats: Arc<WireStats>,
+    control: Option<ControlPlane<ControlState>>,
+    /// Connections to peers, under this process's epoch once joined.
+    pool: RwLock<Arc<PeerPool<Request, Reply>>>,
+    epoch: AtomicU64,
+    leader_hint: AtomicU64,
+    status: Mutex<NodeStatus>,
+    activity: StageContext,
+    coordinator: Mutex<Option<Coordinator>>,
+    cache: Mutex<Option<Arc<ClusterState>>>,
+    services: Vec<Arc<dyn Service>>,
+    shutdown: CancellationToken,
+}
+
+struct RaftOverWire(Arc<PeerPool<Request, Reply>>);
+
+impl RaftTransport for RaftOverWire {
+    fn call(
+        &self,
+        target: NodeId,
+        addr: String,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> TransportFuture<'_> {
+        Box::pin(async move {
+            self.0.set_addr(target, addr);
+            match self.0.call(target, Request::Raft(payload), timeout).await {
+                Ok(Reply::Raft(Ok(bytes))) => Ok(bytes),
+                Ok(Reply::Raft(Err(e))) | Ok(Reply::Error(e)) => Err(TransportError::Remote(e)),
+                Ok(other) => Err(TransportError::Remote(format!(
+                    "unexpected reply {other:?}"
+                ))),
+                Err(e) => Err(TransportError::Unreachable(e.to_string())),
+            }
+        })
+    }
+}
+
+impl Node {
+    /// Starts a node: binds its port, opens the control plane on voters, and
+    /// runs start-up in the background.
+    pub async fn start(
+        cfg: NodeConfig,
+        services: Vec<Arc<dyn Service>>,
+    ) -> Result<Node, NodeError> {
+        let stats = Arc::new(WireStats::new());
+        let listen = cfg.listen_addr();
+        let listener = TcpListener::bind(&listen)
+            .await
+            .map_err(|source| NodeError::Listen {
+                addr: listen.clone(),
+                source,
+            })?;
+        let wire0 = Arc::new(wire_config(&cfg, 0));
+        let connect_timeout = Duration::from_millis(cfg.rpc.connect_timeout_ms);
+        let raft_pool = Arc::new(PeerPool::new(wire0.clone(), stats.clone(), connect_timeout));
+        let pool = Arc::new(PeerPool::new(wire0.clone(), stats.clone(), connect_timeout));
+        for n in &cfg.nodes {
+            pool.set_addr(n.id, n.addr.clone());
+        }
+        let me = cfg.me().clone();
+        let status = NodeStatus {
+            node_id: cfg.node_id,
+            role: Some(me.role),
+            addr: me.addr.clone(),
+            stage: Stage::NOT_STARTED.number(),
+            started_at_ms: now_ms(),
+            stage_since_ms: now_ms(),
+            ..Default::default()
+        };
+        let mut inner = Inner {
+            stats: stats.clone(),
+            control: None,
+            pool: RwLock::new(pool),
+            epoch: AtomicU64::new(0),
+            leader_hint: AtomicU64::new(0),
+            status: Mutex::new(status),
+            activity: StageContext::default(),
+            coordinator: Mutex::new(None),
+            cache: Mutex::new(None),
+            services,
+            shutdown: CancellationToken::new(),
+            cfg,
+        };
+        // Serve before the control plane starts, so peers' Raft RPCs find us.
+        let (ctl_tx, ctl_rx) =
+            tokio::sync::watch::channel::<Option<ControlPlane<ControlState>>>(None);
+        let server = Arc::new(Server {
+            node: std::sync::OnceLock::new(),
+            control: ctl_rx,
+        });
+        tokio::spawn(orrery_wire::serve(
+            listener,
+            wire0,
+            server.clone(),
+            stats,
+            inner.shutdown.clone(),
+        ));
+        if me.role == Role::Voter {
+            let mut cc = ControlConfig::new(
+                inner.cfg.node_id,
+                inner.cfg.data_dir.join("raft"),
+                inner.cfg.voters(),
+            );
+            cc.heartbeat_interval = Duration::from_millis(inner.cfg.raft.heartbeat_ms);
+            cc.election_timeout_min = Duration::from_millis(inner.cfg.raft.election_min_ms);
+            cc.election_timeout_max = Duration::from_millis(inner.cfg.raft.election_max_ms);
+            let control = ControlPlane::start(cc, Arc::new(RaftOverWire(raft_pool))).await?;
+            let _ = ctl_tx.send(Some(control.clone()));
+            inner.control = Some(control);
+        }
+        let node = Node {
+            inner: Arc::new(inner),
+        };
+        let _ = server.node.set(node.inner.clone());
+        info!(target: LOG, node = node.inner.cfg.node_id, addr = %listen, "node listening");
+        if node.inner.control.is_some() {
+            tokio::spawn(coordinate(node.inner.clone()));
+        }
+        tokio::spawn(start_up(node.inner.clone()));
+        Ok(node)
+    }
+
+    /// This node's own view of itself.
+    pub fn status(&self) -> NodeStatus {
+        self.inner.status_now()
+    }
+
+    /// The cluster state, read linearizably from the leader.
+    pub async fn cluster_state(&self) -> Result<ClusterState, String> {
+        match self.inner.ask(Request::FetchState).await? {
+            Reply::State(s) => Ok(*s),
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+
+    /// Stops serving and leaves the control plane cleanly.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        if let Some(c) = &self.inner.control {
+            if let Err(e) = c.shutdown().await {
+                warn!(target: LOG, "control plane shutdown: {e}");
+            }
+        }
+    }
+
+    /// Resolves when the node has been asked to shut down.
+    pub async fn stopped(&self) {
+        self.inner.shutdown.cancelled().await
+    }
+}
+
+fn wire_config(cfg: &NodeConfig, epoch: u64) -> WireConfig {
+    let mut w = WireConfig::new(
+        cfg.cluster_id.clone(),
+        cfg.secret.as_bytes().to_vec(),
+        cfg.node_id,
+        epoch,
+    );
+    w.max_frame_bytes = cfg.rpc.max_frame_bytes;
+    w.max_inflight_per_connection = cfg.rpc.max_inflight_per_connection;
+    w
+}
+
+/// The wire handler. It exists before the node is fully built (the listener
+/// must be up before the control plane elects), hence the late binding.
+struct Server {
+    node: std::sync::OnceLock<Arc<Inner>>,
+    control: tokio::sync::watch::Receiver<Option<ControlPlane<ControlState>>>,
+}
+
+impl Handler<Request, Reply> for Server {
+    fn handle<'a>(&'a self, peer: &'a PeerInfo, req: Request) -> BoxFuture<'a, Reply> {
+        Box::pin(async move {
+            if let Request::Raft(bytes) = req {
+                let control = self.control.borrow().clone();
+                return match control {
+                    Some(c) => Reply::Raft(c.handle_rpc(bytes).await.map_err(|e| e.to_string())),
+                    None => Reply::Raft(Err("control plane not started yet".into())),
+                };
+            }
+            match self.node.get() {
+                Some(n) => n.handle(peer, req).await,
+                None => Reply::Error("node still starting".into()),
+            }
+        })
+    }
+}
+
+impl Inner {
+    fn status_now(&self) -> NodeStatus {
+        let mut s = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let a = self.activity.snapshot();
+        s.waiting = a.waiting;
+        s.progress = a.progress;
+        s.wire = self.stats.snapshot();
+        if let Some(c) = &self.control {
+            s.leader = c.current_leader();
+            s.is_leader = c.is_leader();
+        } else {
+            let hint = self.leader_hint.load(Ordering::Relaxed);
+            s.leader = (hint != 0).then_some(hint);
+        }
+        s
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut NodeStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn pool(&self) -> Arc<PeerPool<Request, Reply>> {
+        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Server side of every non-Raft request.
+    async fn handle(&self, peer: &PeerInfo, req: Request) -> Reply {
+        match req {
+            Request::Ping => Reply::Pong,
+            Request::Raft(_) => Reply::Error("routed by Server".into()),
+            Request::Propose(cmd) => {
+                let Some(c) = &self.control else {
+                    return Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
+                };
+                if let Command::Report { node, epoch, .. } = &cmd {
+                    self.contact(*node, *epoch);
+                }
+                match c.write(cmd).await {
+                    Ok((index, response)) => Reply::Committed { index, response },
+                    Err(ControlError::NotLeader { leader }) => Reply::NotLeader {
+                        leader: leader.map(|(id, _)| id),
+                    },
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+            Request::Poll { node, epoch, next } => {
+                let Some(c) = &self.control else {
+                    return Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
+                };
+                if !c.is_leader() {
+                    return Reply::NotLeader {
+                        leader: c.current_leader(),
+                    };
+                }
+                if peer.node_id != node {
+                    return Reply::Error(format!(
+                        "node {} may not poll for node {node}",
+                        peer.node_id
+                    ));
+                }
+                self.contact(node, epoch);
+                let state = c.state();
+                Reply::Gate {
+                    gate: state.state.0.gate(node, epoch, next),
+                    next,
+                }
+            }
+            Request::FetchState => {
+                let Some(c) = &self.control else {
+                    return Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
+                };
+                match c.read_linearizable().await {
+                    Ok(v) => Reply::State(Box::new(v.state.0.clone())),
+                    Err(ControlError::NotLeader { leader }) => Reply::NotLeader {
+                        leader: leader.map(|(id, _)| id),
+                    },
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+        }
+    }
+
+    fn contact(&self, node: NodeId, epoch: u64) {
+        if let Some(c) = self
+            .coordinator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            c.on_contact(now_ms(), node, epoch);
+        }
+    }
+
+    /// Sends a control-plane request to the leader, following "not leader"
+    /// hints; tries each voter at most twice.
+    async fn ask(&self, req: Request) -> Result<Reply, String> {
+        let voters: Vec<NodeId> = self.cfg.voters().keys().copied().collect();
+        let mut last = String::from("no voter configured");
+        let pool = self.pool();
+        for attempt in 0..(2 * voters.len() + 1) {
+            let hint = self.leader_hint.load(Ordering::Relaxed);
+            let target = if hint != 0 {
+                hint
+            } else {
+                voters[attempt % voters.len()]
+            };
+            match pool
+                .call(target, req.clone(), self.cfg.call_timeout())
+                .await
+            {
+                Ok(Reply::NotLeader { leader }) => {
+                    let next = leader
+                        .filter(|l| *l != target)
+                        .unwrap_or(voters[(attempt + 1) % voters.len()]);
+                    self.leader_hint.store(next, Ordering::Relaxed);
+                    last = format!("node {target} is not the leader");
+                    if leader.is_none() {
+                        tokio::time::sleep(Duration::from_millis(
+                            self.cfg.startup.poll_interval_ms,
+                        ))
+                        .await;
+                    }
+                }
+                Ok(Reply::Error(e)) => {
+                    self.leader_hint.store(0, Ordering::Relaxed);
+                    last = format!("node {target}: {e}");
+                    tokio::time::sleep(Duration::from_millis(self.cfg.startup.poll_interval_ms))
+                        .await;
+                }
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    self.leader_hint
+                        .store(voters[(attempt + 1) % voters.len()], Ordering::Relaxed);
+                    last = format!("node {target}: {e}");
+                }
+            }
+        }
+        Err(format!("control plane unreachable: {last}"))
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<Response, String> {
+        match self.ask(Request::Propose(cmd)).await? {
+            Reply::Committed { response, .. } => Ok(response),
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+
+    async fn report(&self) -> Result<Response, String> {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let s = self.status_now();
+        let stage = Stage::from_number(s.stage).unwrap_or(Stage::NOT_STARTED);
+        self.propose(Command::Report {
+            node: self.cfg.node_id,
+            epoch,
+            stage,
+            waiting: s.waiting,
+            progress: s.progress,
+            unreachable: s.unreachable,
+            at: now_ms(),
+        })
+        .await
+    }
+
+    fn interval(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+}
+
+/// The coordinator loop, on every voter; acts only while leader.
+async fn coordinate(node: Arc<Inner>) {
+    let control = node.control.clone().expect("voters only");
+    let mut tick = tokio::time::interval(Inner::interval(node.cfg.startup.coordinator_tick_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !control.is_leader() {
+            node.coordinator
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            continue;
+        }
+        let term = control.current_term();
+        let state = control.state().state;
+        if !state.0.configured {
+            let cmd = Command::Configure {
+                config: node.cfg.cluster_config(),
+                at: now_ms(),
+            };
+            if let Err(e) = control.write(cmd).await {
+                debug!(target: LOG, "configure: {e}");
+            }
+            continue;
+        }
+        let cmds = {
+            let mut guard = node.coordinator.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.as_ref().map(|c| c.term()) != Some(term) {
+                info!(target: LOG, term, "this node now coordinates start-up");
+                *guard = Some(Coordinator::new(node.cfg.node_id, term, now_ms()));
+            }
+            guard.as_mut().expect("just set").tick(now_ms(), &state.0)
+        };
+        for cmd in cmds {
+            match control.write(cmd.clone()).await {
+                Ok((_, Response::Rejected { reason })) => {
+                    debug!(target: LOG, ?cmd, "rejected: {reason}")
+                }
+                Ok(_) => info!(target: LOG, ?cmd, "coordinator decided"),
+                Err(e) => {
+                    debug!(target: LOG, "coordinator write failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The start-up driver: join, then for each stage wait at the barrier, do
+/// the stage's work, report it.
+async fn start_up(node: Arc<Inner>) {
+    let id = node.cfg.node_id;
+    let poll = Inner::interval(node.cfg.startup.poll_interval_ms);
+    // -4: reach the control plane.
+    let epoch = loop {
+        node.activity
+            .wait("start-up", "join", None, "reaching the control plane");
+        match node
+            .propose(Command::Join {
+                node: id,
+                at: now_ms(),
+            })
+            .await
+        {
+            Ok(Response::Joined { epoch }) => break epoch,
+            Ok(Response::Rejected { reason }) if reason.contains("not configured") => {}
+            Ok(Response::Rejected { reason }) => {
+                warn!(target: LOG, "join refused: {reason}");
+                node.update_status(|s| s.fenced = Some(reason));
+                return;
+            }
+            Ok(r) => warn!(target: LOG, "unexpected join response {r:?}"),
+            Err(e) => node.activity.wait("start-up", "join", None, &e),
+        }
+        tokio::select! { _ = node.shutdown.cancelled() => return, _ = tokio::time::sleep(poll) => {} }
+    };
+    node.epoch.store(epoch, Ordering::Relaxed);
+    // From now on every connection announces this process's epoch.
+    {
+        let fresh = Arc::new(PeerPool::new(
+            Arc::new(wire_config(&node.cfg, epoch)),
+            node.stats.clone(),
+            Duration::from_millis(node.cfg.rpc.connect_timeout_ms),
+        ));
+        for n in &node.cfg.nodes {
+            fresh.set_addr(n.id, n.addr.clone());
+        }
+        *node.pool.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    }
+    complete(&node, Stage::RUNNING);
+    info!(target: LOG, node = id, epoch, "joined the control plane (stage -4)");
+    tokio::spawn(reporter(node.clone()));
+    let mut stage = Stage::RUNNING;
+    while let Some(next) = stage.next() {
+        // The barrier.
+        loop {
+            let r = tokio::select! {
+                _ = node.shutdown.cancelled() => return,
+                r = node.ask(Request::Poll { node: id, epoch, next }) => r,
+            };
+            match r {
+                Ok(Reply::Gate {
+                    gate: Gate::Open,
+                    next: n,
+                }) if n == next => break,
+                Ok(Reply::Gate {
+                    gate: Gate::Fenced { reason },
+                    ..
+                }) => {
+                    warn!(target: LOG, "fenced: {reason}");
+                    node.update_status(|s| s.fenced = Some(reason));
+                    return;
+                }
+                Ok(Reply::Gate {
+                    gate: Gate::Closed { reason },
+                    ..
+                }) => node.activity.wait(
+                    "start-up",
+                    format!("barrier before stage {next}"),
+                    None,
+                    &reason,
+                ),
+                Ok(other) => debug!(target: LOG, "poll: unexpected {other:?}"),
+                Err(e) => {
+                    node.activity
+                        .wait("start-up", format!("barrier before stage {next}"), None, &e)
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+        node.activity.clear();
+        let work = stage_work(&node, next);
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            r = work => if let Err(e) = r {
+                warn!(target: LOG, "stage {next} failed: {e}");
+                node.activity.wait("start-up", format!("stage {next} failed"), None, &e);
+                return;
+            }
+        }
+        complete(&node, next);
+        info!(target: LOG, node = id, stage = next.number(), "stage complete");
+        // Report now rather than at the next heartbeat: the barrier waits on it.
+        loop {
+            match node.report().await {
+                Ok(Response::Ok) => break,
+                Ok(Response::Rejected { reason }) => {
+                    warn!(target: LOG, "report refused: {reason}");
+                    node.update_status(|s| s.fenced = Some(reason));
+                    return;
+                }
+                _ => tokio::time::sleep(poll).await,
+            }
+        }
+        stage = next;
+    }
+}
+
+fn complete(node: &Inner, stage: Stage) {
+    node.activity.clear();
+    let now = now_ms();
+    node.update_status(|s| {
+        s.stage = stage.number();
+        s.stage_since_ms = now;
+        s.stage_completed_at.insert(stage.number(), now);
+        s.epoch = node.epoch.load(Ordering::Relaxed);
+    });
+}
+
+async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
+    match stage {
+        Stage::CONNECTED => connect_peers(node).await,
+        Stage::ADDRESSED => {
+            node.activity
+                .step("start-up", "fetch the cluster state (address cache)");
+            let state = loop {
+                match node.ask(Request::FetchState).await {
+                    Ok(Reply::State(s)) => break s,
+                    Ok(other) => debug!(target: LOG, "fetch: unexpected {other:?}"),
+                    Err(e) => node
+                        .activity
+                        .wait("start-up", "fetch the cluster state", None, &e),
+                }
+                tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms)).await;
+            };
+            let version = state.applied_index;
+            *node.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(*state));
+            node.update_status(|s| s.address_cache_version = version);
+            Ok(())
+        }
+        _ => {
+            for svc in &node.services {
+                svc.on_stage(stage, &node.activity)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Stage -3: a live, authenticated connection to every participating peer.
+async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
+    let me = node.cfg.node_id;
+    let state = loop {
+        match node.ask(Request::FetchState).await {
+            Ok(Reply::State(s)) => break s,
+            Ok(_) => {}
+            Err(e) => node
+                .activity
+                .wait("peers", "learn the participants", None, &e),
+        }
+        tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms)).await;
+    };
+    let mut missing: BTreeSet<NodeId> = state
+        .participants()
+        .into_iter()
+        .filter(|p| *p != me)
+        .collect();
+    let pool = node.pool();
+    for p in &missing {
+        if let Some(spec) = state.config.nodes.get(p) {
+            pool.set_addr(*p, spec.addr.clone());
+        }
+    }
+    let timeout = Duration::from_millis(node.cfg.rpc.connect_timeout_ms);
+    loop {
+        let calls = missing.iter().map(|p| {
+            let pool = pool.clone();
+            let p = *p;
+            async move { (p, pool.call(p, Request::Ping, timeout).await) }
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut first_err = None;
+        for (p, r) in results {
+            match r {
+                Ok(Reply::Pong) => {
+                    missing.remove(&p);
+                }
+                Ok(other) => first_err = first_err.or(Some((p, format!("unexpected {other:?}")))),
+                Err(e) => first_err = first_err.or(Some((p, e.to_string()))),
+            }
+        }
+        let unreachable: Vec<NodeId> = missing.iter().copied().collect();
+        node.update_status(|s| s.unreachable = unreachable.clone());
+        let Some((p, err)) = first_err else {
+            return Ok(());
+        };
+        node.activity.wait(
+            "peers",
+            "connect",
+            Some(p),
+            &format!("{} peer(s) not connected; node {p}: {err}", missing.len()),
+        );
+        tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms * 2)).await;
+    }
+}
+
+/// Re-reports the node's stage and waits every `report_interval`: the
+/// stuck-node diagnosis and the coordinator's liveness view come from here.
+async fn reporter(node: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Inner::interval(node.cfg.startup.report_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if node.status_now().fenced.is_some() {
+            return;
+        }
+        match node.report().await {
+            Ok(Response::Rejected { reason })
+                if reason.contains("superseded") || reason.contains("excluded") =>
+            {
+                warn!(target: LOG, "fenced: {reason}");
+                node.update_status(|s| s.fenced = Some(reason));
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => debug!(target: LOG, "report: {e}"),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The service API: how application code hooks the start-up stages.
+//!
+//! A service is told when its node starts work towards each stage and
+//! returns when its part is done. While it works it says what it is doing
+//! through [`StageContext`], which is what `orrery status` and the stuck-node
+//! diagnosis show. This module must never block the runtime: hooks are async
+//! and the context only records.
+
+use orrery_core::{Progress, Stage, Wait};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::clock::now_ms;
+use crate::config::DemoConfig;
+
+/// Boxed future returned by service hooks.
+pub type ServiceFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ServiceError>> + Send + 'a>>;
+
+/// A service failed its stage work.
+#[derive(Debug, thiserror::Error)]
+#[error("service {service} failed at stage {stage}: {message}")]
+pub struct ServiceError {
+    pub service: String,
+    pub stage: Stage,
+    pub message: String,
+}
+
+/// Application code run by every node.
+pub trait Service: Send + Sync + 'static {
+    /// Short name, shown in diagnoses.
+    fn name(&self) -> &str;
+    /// Called when the node starts work towards `stage` (after the cluster
+    /// completed the stage before it). Return when this service's part is done.
+    fn on_stage<'a>(&'a self, stage: Stage, ctx: &'a StageContext) -> ServiceFuture<'a>;
+}
+
+/// What a service is doing right now, shared with the node's reporter.
+#[derive(Clone, Default)]
+pub struct StageContext {
+    inner: Arc<Mutex<Activity>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Activity {
+    pub waiting: Option<Wait>,
+    pub progress: Option<Progress>,
+}
+
+impl StageContext {
+    /// The service is now at `step` (waiting on nothing outside itself).
+    pub fn step(&self, service: &str, step: impl Into<String>) {
+        self.wait(service, step, None, "");
+    }
+
+    /// The service waits at `step`, on `on_node` if it is another node, for `what`.
+    pub fn wait(&self, service: &str, step: impl Into<String>, on_node: Option<u64>, what: &str) {
+        let step = step.into();
+        let mut a = self.lock();
+        let same = a
+            .waiting
+            .as_ref()
+            .is_some_and(|w| w.service == service && w.step == step && w.on_node == on_node);
+        if !same {
+            a.waiting = Some(Wait {
+                service: service.into(),
+                step,
+                since: now_ms(),
+                on_node,
+                what: what.into(),
+            });
+        }
+    }
+
+    /// Progress counts for the current stage's work.
+    pub fn progress(&self, done: u64, total: u64) {
+        self.lock().progress = Some(Progress { done, total });
+    }
+
+    pub(crate) fn clear(&self) {
+        *self.lock() = Activity::default();
+    }
+
+    pub(crate) fn snapshot(&self) -> Activity {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Activity> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The built-in demo service: preloads a configurable number of items at
+/// stage -1, with a fault hook that hangs on one item.
+pub struct DemoService {
+    cfg: DemoConfig,
+}
+
+impl DemoService {
+    pub fn new(cfg: DemoConfig) -> Self {
+        DemoService { cfg }
+    }
+}
+
+impl Service for DemoService {
+    fn name(&self) -> &str {
+        "demo"
+    }
+
+    fn on_stage<'a>(&'a self, stage: Stage, ctx: &'a StageContext) -> ServiceFuture<'a> {
+        Box::pin(async move {
+            if stage != Stage::PRELOADED {
+                return Ok(());
+            }
+            let total = self.cfg.preload_items;
+            ctx.progress(0, total);
+            for item in 1..=total {
+                ctx.step("demo", format!("preload item {item}"));
+                if item == self.cfg.hang_at_item {
+                    // The fault hook: this item never finishes.
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(Duration::from_millis(self.cfg.preload_item_ms)).await;
+                ctx.progress(item, total);
+            }
+            Ok(())
+        })
+    }
+}

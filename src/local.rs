@@ -1,0 +1,320 @@
+//! A local cluster of real node processes on 127.0.0.1: its plan on disk
+//! and how to ask it what it is doing.
+//!
+//! `orrery up` and the integration tests both use this module, so the tests
+//! start clusters exactly the way users do. It owns the layout of a local
+//! cluster's data directory (`cluster.toml` plus one `node-N/` directory per
+//! node) and must never hold cluster state of its own: what the cluster
+//! decided is read from the nodes.
+
+use anyhow::{bail, Context, Result};
+use orrery_core::{ClusterState, NodeId, Role, Stage, StuckPolicy};
+use orrery_node::config::{
+    DemoConfig, NodeConfig, NodeEntry, RaftTiming, RpcConfig, StartupConfig,
+};
+use orrery_node::NodeStatus;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What `orrery up` was asked for.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub nodes: u64,
+    pub voters: u64,
+    pub data_dir: PathBuf,
+    pub stage_deadline_ms: u64,
+    pub stuck_policy: StuckPolicy,
+    /// Per-node demo settings (fault hooks), by node id.
+    pub demo: Vec<(NodeId, DemoConfig)>,
+}
+
+impl Plan {
+    pub fn new(nodes: u64, voters: u64, data_dir: impl Into<PathBuf>) -> Self {
+        Plan {
+            nodes,
+            voters,
+            data_dir: data_dir.into(),
+            stage_deadline_ms: StartupConfig::default().stage_deadline_ms,
+            stuck_policy: StuckPolicy::Exclude,
+            demo: vec![],
+        }
+    }
+}
+
+/// The manifest of a local cluster (`DATA_DIR/cluster.toml`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub cluster_id: String,
+    pub nodes: Vec<NodeEntry>,
+}
+
+impl Manifest {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("cluster.toml")
+    }
+
+    pub fn load(data_dir: &Path) -> Result<Manifest> {
+        let p = Manifest::path(data_dir);
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "no local cluster at {} (run `orrery up` first)",
+                data_dir.display()
+            )
+        })?;
+        toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid cluster manifest", p.display()))
+    }
+
+    pub fn node_config_path(data_dir: &Path, id: NodeId) -> PathBuf {
+        data_dir.join(format!("node-{id}")).join("node.toml")
+    }
+
+    pub fn admin_addrs(&self) -> Vec<(NodeId, String)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.id, n.admin_addr.clone()))
+            .collect()
+    }
+}
+
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .context("cannot reserve ports on 127.0.0.1")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+fn random_secret() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes (or reuses) the cluster's configuration files. An existing
+/// manifest with the same node count is reused as is, so a restart runs on
+/// the same ids, ports, secret and data directories.
+pub fn prepare(plan: &Plan) -> Result<Manifest> {
+    if plan.voters == 0 || plan.voters % 2 == 0 || plan.voters > plan.nodes {
+        bail!(
+            "--voters must be odd and at most --nodes (got {} of {})",
+            plan.voters,
+            plan.nodes
+        );
+    }
+    std::fs::create_dir_all(&plan.data_dir)
+        .with_context(|| format!("cannot create {}", plan.data_dir.display()))?;
+    if Manifest::path(&plan.data_dir).exists() {
+        let m = Manifest::load(&plan.data_dir)?;
+        if m.nodes.len() as u64 == plan.nodes {
+            return Ok(m);
+        }
+        bail!(
+            "{} holds a {}-node cluster; use another --data-dir for {} nodes",
+            plan.data_dir.display(),
+            m.nodes.len(),
+            plan.nodes
+        );
+    }
+    let ports = free_ports(2 * plan.nodes as usize)?;
+    let nodes: Vec<NodeEntry> = (1..=plan.nodes)
+        .map(|id| NodeEntry {
+            id,
+            addr: format!("127.0.0.1:{}", ports[2 * (id as usize - 1)]),
+            admin_addr: format!("127.0.0.1:{}", ports[2 * (id as usize - 1) + 1]),
+            role: if id <= plan.voters {
+                Role::Voter
+            } else {
+                Role::Worker
+            },
+        })
+        .collect();
+    let secret = random_secret();
+    let manifest = Manifest {
+        cluster_id: format!("orrery-local-{}", &secret[..8]),
+        nodes: nodes.clone(),
+    };
+    for n in &nodes {
+        let dir = plan.data_dir.join(format!("node-{}", n.id));
+        std::fs::create_dir_all(&dir)?;
+        let cfg = NodeConfig {
+            node_id: n.id,
+            cluster_id: manifest.cluster_id.clone(),
+            secret: secret.clone(),
+            data_dir: dir.canonicalize()?,
+            listen: None,
+            admin_listen: None,
+            startup: StartupConfig {
+                stage_deadline_ms: plan.stage_deadline_ms,
+                stuck_policy: plan.stuck_policy,
+                ..Default::default()
+            },
+            raft: RaftTiming::default(),
+            rpc: RpcConfig::default(),
+            demo: plan
+                .demo
+                .iter()
+                .find(|(id, _)| *id == n.id)
+                .map(|(_, d)| d.clone())
+                .unwrap_or_default(),
+            nodes: nodes.clone(),
+        };
+        cfg.validate()?;
+        std::fs::write(
+            Manifest::node_config_path(&plan.data_dir, n.id),
+            toml::to_string(&cfg)?,
+        )?;
+    }
+    std::fs::write(Manifest::path(&plan.data_dir), toml::to_string(&manifest)?)?;
+    Ok(manifest)
+}
+
+/// Talks to a local cluster's admin endpoints.
+pub struct AdminClient {
+    agent: ureq::Agent,
+}
+
+impl Default for AdminClient {
+    fn default() -> Self {
+        AdminClient {
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_millis(1500))
+                .build(),
+        }
+    }
+}
+
+impl AdminClient {
+    pub fn node_status(&self, admin_addr: &str) -> Result<NodeStatus> {
+        Ok(self
+            .agent
+            .get(&format!("http://{admin_addr}/status"))
+            .call()?
+            .into_json()?)
+    }
+
+    /// The replicated state, from the first node that can read it.
+    pub fn cluster_state(&self, manifest: &Manifest) -> Result<ClusterState> {
+        let mut last = None;
+        for (_, addr) in manifest.admin_addrs() {
+            match self.agent.get(&format!("http://{addr}/cluster")).call() {
+                Ok(r) => return Ok(r.into_json()?),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(anyhow::anyhow!("no node could read the cluster state: {e}")),
+            None => bail!("the manifest lists no nodes"),
+        }
+    }
+}
+
+/// Is the start-up of processes launched at `launched_ms` done: cluster at
+/// 0, and every participant rejoined since the launch and reported 0?
+pub fn is_ready(state: &ClusterState, launched_ms: u64) -> bool {
+    state.stage == Stage::READY
+        && state.laggards(Stage::READY).is_empty()
+        && state.members.values().all(|m| {
+            m.status != orrery_core::MemberStatus::Active
+                || m.report
+                    .completed_at
+                    .get(&Stage::RUNNING.number())
+                    .is_some_and(|t| *t >= launched_ms)
+        })
+}
+
+/// The `orrery status` table.
+pub fn render_status(
+    state: &ClusterState,
+    nodes: &[(NodeId, Option<NodeStatus>)],
+    now_ms: u64,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let leader = state
+        .leader
+        .map(|l| l.to_string())
+        .unwrap_or_else(|| "-".into());
+    let _ = writeln!(
+        out,
+        "cluster: start-up {} at stage {} ({}), coordinator node {leader}, state version {}",
+        state.boot,
+        state.stage,
+        state.stage.name(),
+        state.applied_index
+    );
+    let mut timings = vec![];
+    let mut prev = state.boot_started_at;
+    for s in Stage::ALL {
+        if let Some(at) = state.stage_reached_at.get(&s.number()) {
+            timings.push(format!("{s}: {} ms", at.saturating_sub(prev)));
+            prev = *at;
+        }
+    }
+    let total = state
+        .stage_reached_at
+        .get(&0)
+        .map(|at| format!(" (total {} ms)", at.saturating_sub(state.boot_started_at)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "stage timings: {}{total}",
+        if timings.is_empty() {
+            "-".into()
+        } else {
+            timings.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:<5} {:<22} {:<7} {:<6} {:<6} {:>10}  WAITING ON",
+        "NODE", "ADDRESS", "ROLE", "EPOCH", "STAGE", "IN STAGE"
+    );
+    for (id, m) in &state.members {
+        let spec = state.config.nodes.get(id);
+        let live = nodes
+            .iter()
+            .find(|(n, _)| n == id)
+            .and_then(|(_, s)| s.as_ref());
+        let since = m.report.completed_at.get(&m.report.stage.number()).copied();
+        let in_stage = since
+            .map(|t| format!("{:.1}s", now_ms.saturating_sub(t) as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        let waiting = match (&m.status, &m.report.waiting, live) {
+            (orrery_core::MemberStatus::Excluded { reason, .. }, _, _) => {
+                format!("EXCLUDED: {reason}")
+            }
+            (_, _, None) if !nodes.is_empty() && m.report.stage != Stage::NOT_STARTED => {
+                "not answering".into()
+            }
+            (_, Some(w), _) => {
+                let mut s = format!(
+                    "{w} for {:.1}s",
+                    now_ms.saturating_sub(w.since) as f64 / 1000.0
+                );
+                if let Some(p) = m.report.progress {
+                    s.push_str(&format!(" [{}/{}]", p.done, p.total));
+                }
+                s
+            }
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<7} {:<6} {:<6} {:>10}  {}",
+            id,
+            spec.map(|s| s.addr.as_str()).unwrap_or("?"),
+            spec.map(|s| s.role.to_string()).unwrap_or_default(),
+            m.epoch,
+            m.report.stage.to_string(),
+            in_stage,
+            waiting
+        );
+    }
+    out
+}
