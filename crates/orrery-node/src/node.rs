@@ -507,9 +507,10 @@ async fn start_up(node: Arc<Inner>) {
     let id = node.cfg.node_id;
     let poll = Inner::interval(node.cfg.startup.poll_interval_ms);
     // -4: reach the control plane.
+    let mut last_err = String::new();
+    node.activity
+        .wait("start-up", "join", None, "reaching the control plane");
     let epoch = loop {
-        node.activity
-            .wait("start-up", "join", None, "reaching the control plane");
         match node
             .propose(Command::Join {
                 node: id,
@@ -525,7 +526,13 @@ async fn start_up(node: Arc<Inner>) {
                 return;
             }
             Ok(r) => warn!(target: LOG, "unexpected join response {r:?}"),
-            Err(e) => node.activity.wait("start-up", "join", None, &e),
+            Err(e) => {
+                if e != last_err {
+                    warn!(target: LOG, "cannot join yet: {e}");
+                    last_err = e.clone();
+                }
+                node.activity.wait("start-up", "join", None, &e)
+            }
         }
         tokio::select! { _ = node.shutdown.cancelled() => return, _ = tokio::time::sleep(poll) => {} }
     };

@@ -62,7 +62,11 @@ impl StageContext {
             .waiting
             .as_ref()
             .is_some_and(|w| w.service == service && w.step == step && w.on_node == on_node);
-        if !same {
+        if same {
+            if let Some(w) = a.waiting.as_mut() {
+                w.what = what.into();
+            }
+        } else {
             a.waiting = Some(Wait {
                 service: service.into(),
                 step,
