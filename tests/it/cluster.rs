@@ -1,0 +1,240 @@
+//! A local cluster of real `orrery node` processes for tests, laid out by
+//! the same code as `orrery up` (orrery::local). Tests wait for events (the
+//! replicated state reaching a condition, a log line appearing) with bounded
+//! timeouts; nothing sleeps for correctness.
+
+use orrery::local::{self, AdminClient, Manifest, Plan};
+use orrery_core::{ClusterState, NodeId};
+use orrery_node::config::NodeConfig;
+use orrery_node::NodeStatus;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Real-process clusters run one at a time: the machine has 2 cores and
+/// Raft timeouts are real.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_orrery");
+
+pub struct TestCluster {
+    _serial: MutexGuard<'static, ()>,
+    pub dir: tempfile::TempDir,
+    pub manifest: Manifest,
+    procs: BTreeMap<NodeId, Child>,
+    client: AdminClient,
+}
+
+impl TestCluster {
+    /// Writes a cluster's configuration; `tweak` adjusts the plan first.
+    pub fn new(nodes: u64, voters: u64, tweak: impl FnOnce(&mut Plan)) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut plan = Plan::new(nodes, voters, dir.path());
+        tweak(&mut plan);
+        let manifest = local::prepare(&plan).expect("prepare cluster");
+        TestCluster {
+            _serial: serial,
+            dir,
+            manifest,
+            procs: BTreeMap::new(),
+            client: AdminClient::default(),
+        }
+    }
+
+    pub fn config_path(&self, id: NodeId) -> PathBuf {
+        Manifest::node_config_path(self.dir.path(), id)
+    }
+
+    /// Edits one node's configuration file.
+    pub fn edit_config(&self, id: NodeId, f: impl FnOnce(&mut NodeConfig)) {
+        let path = self.config_path(id);
+        let mut cfg = NodeConfig::load(&path).expect("load node config");
+        f(&mut cfg);
+        std::fs::write(&path, toml::to_string(&cfg).expect("encode")).expect("write config");
+    }
+
+    fn log_path(&self, id: NodeId) -> PathBuf {
+        self.dir.path().join(format!("node-{id}")).join("node.log")
+    }
+
+    pub fn start(&mut self, id: NodeId) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id))
+            .expect("log file");
+        let child = Command::new(BIN)
+            .args(["node", "--config"])
+            .arg(self.config_path(id))
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn orrery node");
+        self.procs.insert(id, child);
+    }
+
+    pub fn start_all(&mut self) {
+        let ids: Vec<NodeId> = self.manifest.nodes.iter().map(|n| n.id).collect();
+        for id in ids {
+            self.start(id);
+        }
+    }
+
+    /// SIGKILL: the process dies without a word.
+    pub fn kill(&mut self, id: NodeId) {
+        if let Some(mut c) = self.procs.remove(&id) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM to all, then wait for every process to exit (bounded).
+    pub fn stop_all(&mut self) {
+        for c in self.procs.values() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (id, mut c) in std::mem::take(&mut self.procs) {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(st)) => {
+                        assert!(st.success(), "node {id} exited with {st} on SIGTERM");
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => panic!("node {id} did not stop within 10 s of SIGTERM"),
+                }
+            }
+        }
+    }
+
+    pub fn state(&self) -> Option<ClusterState> {
+        self.client.cluster_state(&self.manifest).ok()
+    }
+
+    pub fn node_status(&self, id: NodeId) -> Option<NodeStatus> {
+        let addr = &self.manifest.nodes.iter().find(|n| n.id == id)?.admin_addr;
+        self.client.node_status(addr).ok()
+    }
+
+    /// Polls the replicated state until `pred` holds; panics with the last
+    /// state as `orrery status` renders it after `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&ClusterState) -> bool,
+    ) -> ClusterState {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.state() {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let shown = last
+            .map(|s| {
+                local::render_status(&s, &[], orrery_node::clock::now_ms())
+                    + &format!("{:#?}", s.events)
+            })
+            .unwrap_or_else(|| "no node answered".into());
+        panic!(
+            "timed out after {timeout:?} waiting for {what}:\n{shown}\nlogs:\n{}",
+            self.all_logs()
+        );
+    }
+
+    /// Waits until `pred` holds for a node's own status.
+    pub fn wait_node(
+        &self,
+        id: NodeId,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&NodeStatus) -> bool,
+    ) -> NodeStatus {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.node_status(id) {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out after {timeout:?} waiting for node {id}: {what}; last status {last:#?}");
+    }
+
+    pub fn log(&self, id: NodeId) -> String {
+        std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+
+    /// Waits until node `id`'s log contains `needle`.
+    pub fn wait_log(&self, id: NodeId, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let log = self.log(id);
+            if log.contains(needle) {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node {id}'s log never said {needle:?}:\n{}", self.log(id));
+    }
+
+    fn all_logs(&self) -> String {
+        self.manifest
+            .nodes
+            .iter()
+            .map(|n| {
+                let log = self.log(n.id);
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "--- node {} ---\n{}",
+                    n.id,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs the real `orrery status` against this cluster.
+    pub fn status_command(&self) -> String {
+        let out = Command::new(BIN)
+            .args(["status", "--data-dir"])
+            .arg(self.dir.path())
+            .output()
+            .expect("run orrery status");
+        assert!(
+            out.status.success(),
+            "orrery status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for c in self.procs.values_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Staged start-up with real node processes on 127.0.0.1 (issue: foundation).
+
+use crate::cluster::TestCluster;
+use orrery_core::{EventKind, MemberStatus, Stage, StuckPolicy};
+use orrery_node::config::DemoConfig;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn ready(s: &orrery_core::ClusterState) -> bool {
+    s.stage == Stage::READY && s.laggards(Stage::READY).is_empty()
+}
+
+fn events(s: &orrery_core::ClusterState, kind: EventKind) -> Vec<String> {
+    s.events
+        .iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| e.detail.clone())
+        .collect()
+}
+
+#[test]
+fn five_processes_reach_stage_zero_and_status_shows_timings() {
+    let mut c = TestCluster::new(5, 3, |_| {});
+    c.start_all();
+    let s = c.wait_for("stage 0", T, ready);
+    assert_eq!(s.participants().len(), 5);
+    let out = c.status_command();
+    assert!(out.contains("at stage 0 (ready)"), "{out}");
+    for st in ["-4:", "-3:", "-2:", "-1:", "0:"] {
+        assert!(out.contains(st), "no timing for stage {st}: {out}");
+    }
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains("127.0.0.1")).collect();
+    assert_eq!(rows.len(), 5, "{out}");
+    for r in rows {
+        let cols: Vec<&str> = r.split_whitespace().collect();
+        assert_eq!(cols[4], "0", "node not at stage 0: {r}");
+    }
+    c.stop_all();
+}
+
+#[test]
+fn killed_leader_during_preload_is_replaced_reported_and_excluded() {
+    let slow = DemoConfig {
+        preload_items: 40,
+        preload_item_ms: 50,
+        hang_at_item: 0,
+    };
+    let mut c = TestCluster::new(5, 3, |p| {
+        p.stage_deadline_ms = 4_000;
+        p.demo = (1..=5).map(|id| (id, slow.clone())).collect();
+    });
+    c.start_all();
+    let s = c.wait_for("stage -2 (nodes preloading)", T, |s| {
+        s.stage == Stage::ADDRESSED && s.leader.is_some()
+    });
+    let old = s.leader.expect("a coordinator");
+    c.kill(old);
+    let s = c.wait_for("stage 0 without the old leader", T, ready);
+    assert!(
+        s.leader.is_some_and(|l| l != old),
+        "a new leader coordinates: {:?}",
+        s.leader
+    );
+    assert!(
+        matches!(s.members[&old].status, MemberStatus::Excluded { .. }),
+        "{:?}",
+        s.members[&old]
+    );
+    let stuck = events(&s, EventKind::NodeStuck);
+    assert!(
+        stuck
+            .iter()
+            .any(|d| d.contains("no contact") || d.contains("not heard")),
+        "the dead node is reported: {stuck:?}"
+    );
+    let excluded = events(&s, EventKind::NodeExcluded);
+    assert!(
+        excluded.iter().any(|d| d.contains(&format!("node {old} "))),
+        "{excluded:?}"
+    );
+    assert_eq!(s.laggards(Stage::READY), Vec::<u64>::new());
+    assert_eq!(s.participants().len(), 4);
+}
+
+fn hung_preload_cluster(policy: StuckPolicy) -> TestCluster {
+    let mut c = TestCluster::new(5, 3, |p| {
+        p.stage_deadline_ms = 2_000;
+        p.stuck_policy = policy;
+        p.demo = vec![(
+            5,
+            DemoConfig {
+                preload_items: 10,
+                preload_item_ms: 10,
+                hang_at_item: 3,
+            },
+        )];
+    });
+    c.start_all();
+    c
+}
+
+#[test]
+fn hung_preload_with_wait_policy_holds_the_barrier_and_names_the_step() {
+    let c = hung_preload_cluster(StuckPolicy::Wait);
+    let s = c.wait_for("node 5 reported stuck", T, |s| {
+        !events(s, EventKind::NodeStuck).is_empty()
+    });
+    let stuck = events(&s, EventKind::NodeStuck);
+    assert!(stuck[0].contains("demo: preload item 3"), "{stuck:?}");
+    assert_eq!(s.stage, Stage::ADDRESSED, "the barrier holds at -2");
+    assert_eq!(s.members[&5].status, MemberStatus::Active);
+    let out = c.status_command();
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("5 "))
+        .expect("row for node 5");
+    assert!(
+        row.contains("demo: preload item 3") && row.contains("[2/10]"),
+        "{row}"
+    );
+    // Still held: every other node completed -1 and waits for node 5.
+    let s = c.wait_for("all others at -1", T, |s| {
+        s.laggards(Stage::PRELOADED) == vec![5]
+    });
+    assert_eq!(s.stage, Stage::ADDRESSED);
+}
+
+#[test]
+fn hung_preload_with_exclude_policy_lets_the_others_reach_zero() {
+    let c = hung_preload_cluster(StuckPolicy::Exclude);
+    let s = c.wait_for("stage 0 without node 5", T, ready);
+    let why = events(&s, EventKind::NodeExcluded);
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert!(
+        why[0].contains("node 5")
+            && why[0].contains("stage -1")
+            && why[0].contains("demo: preload item 3"),
+        "{}",
+        why[0]
+    );
+    assert_eq!(s.participants(), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn whole_cluster_restart_on_the_same_data_comes_back_with_new_epochs() {
+    let mut c = TestCluster::new(5, 3, |_| {});
+    c.start_all();
+    let before = c.wait_for("first start-up", T, ready);
+    c.stop_all();
+    c.start_all();
+    let after = c.wait_for("second start-up", T, |s| {
+        ready(s)
+            && s.members
+                .iter()
+                .all(|(id, m)| m.epoch > before.members[id].epoch)
+    });
+    assert_eq!(
+        after.members.keys().collect::<Vec<_>>(),
+        before.members.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        after.boot > before.boot,
+        "a cluster-wide restart is a new start-up"
+    );
+    assert!(!events(&after, EventKind::BootStarted).is_empty());
+    c.stop_all();
+}
+
+#[test]
+fn wrong_secret_is_refused_on_both_sides_and_garbage_closes_only_its_connection() {
+    let mut c = TestCluster::new(4, 3, |p| p.stage_deadline_ms = 3_000);
+    c.edit_config(4, |cfg| cfg.secret = "not-the-cluster-secret-at-all".into());
+    c.start_all();
+    // The intruder says why it cannot join...
+    c.wait_log(4, "wrong cluster secret", T);
+    let st = c.wait_node(4, "shows the refusal", T, |s| {
+        s.waiting
+            .as_ref()
+            .is_some_and(|w| w.what.contains("wrong cluster secret"))
+    });
+    assert_eq!(st.epoch, 0, "never joined");
+    // ...and the voters say whom they refused.
+    let voter_log = (1..=3).map(|id| c.log(id)).collect::<String>();
+    assert!(
+        voter_log.contains("refused node 4") && voter_log.contains("wrong cluster secret"),
+        "{voter_log}"
+    );
+    let s = c.wait_for("stage 0 without node 4", T, ready);
+    assert!(matches!(
+        s.members[&4].status,
+        MemberStatus::Excluded { .. }
+    ));
+
+    // Random bytes at node 1's port: only that connection closes.
+    let addr = c.manifest.nodes[0].addr.clone();
+    let before = c.node_status(1).expect("node 1 status").wire;
+    {
+        use std::io::Write;
+        let mut garbage = std::net::TcpStream::connect(&addr).expect("connect");
+        let bytes: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let _ = garbage.write_all(&bytes);
+        let mut huge = std::net::TcpStream::connect(&addr).expect("connect");
+        let _ = huge.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+    }
+    c.wait_node(1, "counted the rejected connections", T, |s| {
+        s.wire.connections_closed_bad_input >= before.connections_closed_bad_input + 2
+    });
+    // The node keeps serving: the cluster state is still readable through it and its peers.
+    let s = c.wait_for("cluster still answering", T, ready);
+    assert_eq!(s.participants(), vec![1, 2, 3]);
+    c.stop_all();
+}
