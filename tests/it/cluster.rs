@@ -10,12 +10,12 @@ use orrery_node::NodeStatus;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, MutexGuard};
 
 /// Real-process clusters run one at a time: the machine has 2 cores and
 /// Raft timeouts are real.
-static SERIAL: Mutex<()> = Mutex::new(());
+pub static SERIAL: Mutex<()> = Mutex::const_new(());
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_orrery");
 
@@ -30,7 +30,7 @@ pub struct TestCluster {
 impl TestCluster {
     /// Writes a cluster's configuration; `tweak` adjusts the plan first.
     pub fn new(nodes: u64, voters: u64, tweak: impl FnOnce(&mut Plan)) -> Self {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = SERIAL.blocking_lock();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut plan = Plan::new(nodes, voters, dir.path());
         tweak(&mut plan);

@@ -1,6 +1,8 @@
 //! orrery's integration tests: one binary, one module per area.
 //!
 //! `sim` drives the start-up state machines in the deterministic simulator;
+//! `inproc` runs the node code itself, 20 nodes in one process, on a
+//! simulated network;
 //! `startup` starts real `orrery node` processes on 127.0.0.1 through the
 //! harness in `cluster`.
 
@@ -9,5 +11,6 @@
 #![allow(clippy::disallowed_methods)]
 
 mod cluster;
+mod inproc;
 mod sim;
 mod startup;

@@ -165,3 +165,36 @@ fn hung_preload_exclude_policy_lets_the_rest_start() {
         why[0]
     );
 }
+
+#[test]
+fn a_node_cut_off_mid_connect_is_the_only_one_excluded() {
+    // The in-process network found this: one isolated node makes every
+    // other node miss stage -3 too (they cannot connect to it). Only the
+    // isolated node may pay for it.
+    for seed in 0..5 {
+        let mut cfg = SimConfig::new(20, seed);
+        cfg.stage_deadline = 2_000;
+        cfg.faults = vec![Fault::IsolateAtStage {
+            node: 13,
+            stage: Stage::RUNNING,
+        }];
+        let out = run(cfg);
+        assert!(
+            out.ready_at.is_some(),
+            "seed {seed}: {:#?}",
+            out.state.events
+        );
+        assert_eq!(out.excluded, vec![13], "seed {seed}");
+        let stuck = events(&out, EventKind::NodeStuck);
+        assert_eq!(
+            stuck.len(),
+            1,
+            "seed {seed}: only the culprit is reported stuck: {stuck:?}"
+        );
+        assert!(
+            stuck[0].contains("other node(s) wait on it"),
+            "{}",
+            stuck[0]
+        );
+    }
+}

@@ -108,8 +108,17 @@ impl Coordinator {
         if !deadline_passed {
             return out;
         }
-        for node in state.laggards(next) {
-            let diagnosis = self.diagnose(now, state, node, next);
+        let waiters = Self::waiters(state, next);
+        for node in self.culprits(now, state, next) {
+            let mut diagnosis = self.diagnose(now, state, node, next);
+            let blocked: Vec<NodeId> = waiters.get(&node).cloned().unwrap_or_default();
+            if !blocked.is_empty() {
+                diagnosis.push_str(&format!(
+                    "; {} other node(s) wait on it (first: {})",
+                    blocked.len(),
+                    blocked[0]
+                ));
+            }
             if !state
                 .stuck_reported
                 .contains(&(state.boot, next.number(), node))
@@ -136,6 +145,73 @@ impl Coordinator {
             }
         }
         out
+    }
+
+    /// For each laggard, the other laggards that say they wait on it (as the
+    /// node they wait on, or as a peer they cannot reach).
+    fn waiters(state: &ClusterState, next: Stage) -> BTreeMap<NodeId, Vec<NodeId>> {
+        let lag: BTreeSet<NodeId> = state.laggards(next).into_iter().collect();
+        let mut out: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+        for n in &lag {
+            let r = &state.members[n].report;
+            let mut on: BTreeSet<NodeId> = r.unreachable.iter().copied().collect();
+            on.extend(r.waiting.as_ref().and_then(|w| w.on_node));
+            for o in on.into_iter().filter(|o| o != n && lag.contains(o)) {
+                out.entry(o).or_default().push(*n);
+            }
+        }
+        out
+    }
+
+    /// Which laggards hold the barrier, as opposed to waiting on another
+    /// laggard. One dead or cut-off node makes every other node miss stage
+    /// -3 too (they cannot connect to it); excluding all of them would turn
+    /// one fault into a cluster that starts with nobody. So, in order:
+    /// 1. laggards the coordinator no longer hears from (dead, cut off);
+    /// 2. else laggards not waiting on another node (their own work hangs);
+    /// 3. else the laggards most waited on by other laggards;
+    /// 4. else (they wait on nodes that are done or excluded) nobody until a
+    ///    second deadline has passed, then all of them.
+    pub fn culprits(&self, now: Millis, state: &ClusterState, next: Stage) -> Vec<NodeId> {
+        let laggards = state.laggards(next);
+        let silent: Vec<NodeId> = laggards
+            .iter()
+            .copied()
+            .filter(|n| !self.is_live(state, now, *n))
+            .collect();
+        if !silent.is_empty() {
+            return silent;
+        }
+        let waits_on_another = |n: &NodeId| {
+            let r = &state.members[n].report;
+            r.waiting
+                .as_ref()
+                .is_some_and(|w| w.on_node.is_some_and(|o| o != *n))
+                || r.unreachable.iter().any(|u| u != n)
+        };
+        let own: Vec<NodeId> = laggards
+            .iter()
+            .copied()
+            .filter(|n| !waits_on_another(n))
+            .collect();
+        if !own.is_empty() {
+            return own;
+        }
+        let waiters = Self::waiters(state, next);
+        if let Some(most) = waiters.values().map(Vec::len).max() {
+            return waiters
+                .into_iter()
+                .filter(|(_, w)| w.len() == most)
+                .map(|(n, _)| n)
+                .collect();
+        }
+        // They all wait on nodes that are done or already excluded: give them
+        // one more deadline to notice before judging them.
+        if now.saturating_sub(state.stage_since) > 2 * state.config.stage_deadline_ms {
+            laggards
+        } else {
+            vec![]
+        }
     }
 
     /// The cluster is ready: nodes that joined since are either lone
@@ -316,11 +392,20 @@ mod tests {
             c.tick(900, &s).is_empty(),
             "no decision before the deadline"
         );
-        let out = c.tick(2000, &s);
-        assert!(matches!(&out[0], Command::Stuck { node: 3, .. }));
+        // Node 3 waits on node 2, which is done: it gets a second deadline
+        // to notice before it is judged.
+        for n in 1..=3 {
+            c.on_contact(2000, n, s.members[&n].epoch);
+        }
+        assert!(c.tick(2000, &s).is_empty());
+        for n in 1..=3 {
+            c.on_contact(3000, n, s.members[&n].epoch);
+        }
+        let out = c.tick(3000, &s);
+        assert!(matches!(&out[0], Command::Stuck { node: 3, .. }), "{out:?}");
         assert!(matches!(&out[1], Command::Exclude { node: 3, .. }));
         run(&mut s, out);
-        let out = c.tick(2001, &s);
+        let out = c.tick(3001, &s);
         assert!(matches!(out[0], Command::Advance { .. }));
         run(&mut s, out);
         assert_eq!(s.stage, Stage::CONNECTED);
@@ -412,5 +497,84 @@ mod tests {
         );
         run(&mut s, out);
         assert_eq!(s.boot, 2);
+    }
+}
+
+#[cfg(test)]
+mod culprit_tests {
+    use super::*;
+    use crate::config::{ClusterConfig, NodeSpec, Role};
+    use crate::state::Wait;
+
+    /// One silent node, four live nodes waiting on it: only it is blamed.
+    #[test]
+    fn the_silent_node_not_its_victims_is_the_culprit() {
+        let mut c = ClusterConfig {
+            stage_deadline_ms: 1000,
+            ..Default::default()
+        };
+        for id in 1..=5 {
+            let role = if id <= 3 { Role::Voter } else { Role::Worker };
+            c.nodes.insert(
+                id,
+                NodeSpec {
+                    addr: String::new(),
+                    admin_addr: String::new(),
+                    role,
+                },
+            );
+        }
+        let mut s = ClusterState::default();
+        s.apply(1, Command::Configure { config: c, at: 0 });
+        for n in 1..=5 {
+            let i = s.applied_index + 1;
+            s.apply(i, Command::Join { node: n, at: 0 });
+        }
+        let mut co = Coordinator::new(1, 1, 0);
+        let out = co.tick(1, &s);
+        for cmd in out {
+            let i = s.applied_index + 1;
+            s.apply(i, cmd);
+        }
+        assert_eq!(s.stage, Stage::RUNNING);
+        for n in 1..=4 {
+            let e = s.members[&n].epoch;
+            let i = s.applied_index + 1;
+            s.apply(
+                i,
+                Command::Report {
+                    node: n,
+                    epoch: e,
+                    stage: Stage::RUNNING,
+                    waiting: Some(Wait {
+                        service: "peers".into(),
+                        step: "connect".into(),
+                        since: 10,
+                        on_node: Some(5),
+                        what: String::new(),
+                    }),
+                    progress: None,
+                    unreachable: vec![5],
+                    at: 10,
+                },
+            );
+        }
+        for n in 1..=4 {
+            co.on_contact(2500, n, s.members[&n].epoch);
+        }
+        assert_eq!(co.culprits(2500, &s, Stage::CONNECTED), vec![5]);
+        let out = co.tick(2500, &s);
+        let excluded: Vec<NodeId> = out
+            .iter()
+            .filter_map(|c| match c {
+                Command::Exclude { node, .. } => Some(*node),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(excluded, vec![5]);
+        // With node 5 live but its work hung, it is still the culprit (rule 3:
+        // most waited on).
+        co.on_contact(2600, 5, s.members[&5].epoch);
+        assert_eq!(co.culprits(2600, &s, Stage::CONNECTED), vec![5]);
     }
 }

@@ -41,6 +41,9 @@ pub enum Fault {
         from: Millis,
         until: Millis,
     },
+    /// Every link to and from `node` is cut, for good, as soon as the
+    /// cluster reaches `stage`.
+    IsolateAtStage { node: NodeId, stage: Stage },
     /// The node's demo service never finishes preload item `item`.
     HangPreload { node: NodeId, item: u64 },
 }
@@ -178,6 +181,7 @@ struct Sim {
     nodes: BTreeMap<NodeId, SimNode>,
     partitions: Vec<(NodeId, Millis, Millis)>,
     crash_leader_at: Option<Stage>,
+    isolate_at: Vec<(NodeId, Stage)>,
     trace: Vec<String>,
     steps: u64,
 }
@@ -199,6 +203,7 @@ pub fn run(cfg: SimConfig) -> SimOutcome {
         nodes: BTreeMap::new(),
         partitions: vec![],
         crash_leader_at: None,
+        isolate_at: vec![],
         trace: vec![],
         steps: 0,
         cfg,
@@ -261,6 +266,7 @@ impl Sim {
             match f {
                 Fault::Crash { node, at } => self.schedule(at, Ev::Crash(node)),
                 Fault::CrashLeaderAtStage { stage } => self.crash_leader_at = Some(stage),
+                Fault::IsolateAtStage { node, stage } => self.isolate_at.push((node, stage)),
                 Fault::Partition { node, from, until } => self.partitions.push((node, from, until)),
                 Fault::HangPreload { node, item } => {
                     if let Some(n) = self.nodes.get_mut(&node) {
@@ -330,6 +336,13 @@ impl Sim {
         let idx = self.state.applied_index + 1;
         self.trace.push(format!("{} {:?}", self.now, cmd));
         let resp = self.state.apply(idx, cmd);
+        let reached = self.state.stage;
+        let now = self.now;
+        for (node, _) in self.isolate_at.iter().filter(|(_, s)| *s == reached) {
+            self.trace.push(format!("{now} isolate node {node}"));
+            self.partitions.push((*node, now, Millis::MAX));
+        }
+        self.isolate_at.retain(|(_, s)| *s != reached);
         if let (Some(stage), Some(leader)) = (self.crash_leader_at, self.leader) {
             if self.state.stage == stage {
                 self.crash_leader_at = None;
@@ -398,8 +411,14 @@ impl Sim {
                 }
                 // Re-ping peers still missing while connecting.
                 if self.nodes[&id].working_on == Some(Stage::CONNECTED) {
-                    let missing: Vec<NodeId> =
-                        self.nodes[&id].missing_peers.iter().copied().collect();
+                    // Peers excluded meanwhile are no longer waited for.
+                    let participants = self.state.participants();
+                    let n = self.nodes.get_mut(&id).expect("node");
+                    n.missing_peers.retain(|p| participants.contains(p));
+                    let missing: Vec<NodeId> = n.missing_peers.iter().copied().collect();
+                    if missing.is_empty() {
+                        self.connect_progress(id);
+                    }
                     for p in missing {
                         self.send(id, p, Msg::Ping);
                     }

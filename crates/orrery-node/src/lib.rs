@@ -16,7 +16,9 @@ pub mod config;
 pub mod messages;
 pub mod node;
 pub mod service;
+pub mod transport;
 
 pub use config::NodeConfig;
 pub use node::{Node, NodeError, NodeStatus};
 pub use service::{DemoService, Service, ServiceError, ServiceFuture, StageContext};
+pub use transport::{MemFaults, MemNetwork, Transport};

@@ -10,19 +10,19 @@ use crate::clock::now_ms;
 use crate::config::NodeConfig;
 use crate::messages::{Reply, Request};
 use crate::service::{Service, StageContext};
+use crate::transport::{Endpoint, MemNetwork, MemTransport, TcpTransport, Transport};
 use orrery_control::{
     ControlConfig, ControlError, ControlPlane, RaftTransport, ReplicatedState, TransportError,
     TransportFuture,
 };
 use orrery_core::{ClusterState, Command, Coordinator, Gate, NodeId, Response, Role, Stage, Wait};
 use orrery_wire::{
-    BoxFuture, CancellationToken, Handler, PeerInfo, PeerPool, WireConfig, WireStats,
-    WireStatsSnapshot,
+    BoxFuture, CancellationToken, Handler, PeerInfo, WireConfig, WireStats, WireStatsSnapshot,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
@@ -90,8 +90,8 @@ struct Inner {
     cfg: NodeConfig,
     stats: Arc<WireStats>,
     control: Option<ControlPlane<ControlState>>,
-    /// Connections to peers, under this process's epoch once joined.
-    pool: RwLock<Arc<PeerPool<Request, Reply>>>,
+    /// How this node reaches its peers (real TCP, or an in-process network).
+    net: Arc<dyn Transport>,
     epoch: AtomicU64,
     leader_hint: AtomicU64,
     status: Mutex<NodeStatus>,
@@ -102,7 +102,8 @@ struct Inner {
     shutdown: CancellationToken,
 }
 
-struct RaftOverWire(Arc<PeerPool<Request, Reply>>);
+/// Carries the control plane's opaque Raft RPCs over the node's transport.
+struct RaftOverWire(Arc<dyn Transport>);
 
 impl RaftTransport for RaftOverWire {
     fn call(
@@ -112,8 +113,8 @@ impl RaftTransport for RaftOverWire {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> TransportFuture<'_> {
+        let _ = addr; // The transport knows every configured voter's address.
         Box::pin(async move {
-            self.0.set_addr(target, addr);
             match self.0.call(target, Request::Raft(payload), timeout).await {
                 Ok(Reply::Raft(Ok(bytes))) => Ok(bytes),
                 Ok(Reply::Raft(Err(e))) | Ok(Reply::Error(e)) => Err(TransportError::Remote(e)),
@@ -127,8 +128,8 @@ impl RaftTransport for RaftOverWire {
 }
 
 impl Node {
-    /// Starts a node: binds its port, opens the control plane on voters, and
-    /// runs start-up in the background.
+    /// Starts a node on real TCP: binds its port, opens the control plane
+    /// on voters, and runs start-up in the background.
     pub async fn start(
         cfg: NodeConfig,
         services: Vec<Arc<dyn Service>>,
@@ -141,13 +142,51 @@ impl Node {
                 addr: listen.clone(),
                 source,
             })?;
-        let wire0 = Arc::new(wire_config(&cfg, 0));
+        let wire0 = wire_config(&cfg, 0);
+        let addrs = cfg.nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
         let connect_timeout = Duration::from_millis(cfg.rpc.connect_timeout_ms);
-        let raft_pool = Arc::new(PeerPool::new(wire0.clone(), stats.clone(), connect_timeout));
-        let pool = Arc::new(PeerPool::new(wire0.clone(), stats.clone(), connect_timeout));
-        for n in &cfg.nodes {
-            pool.set_addr(n.id, n.addr.clone());
-        }
+        let net = Arc::new(TcpTransport::new(
+            wire0.clone(),
+            stats.clone(),
+            connect_timeout,
+            addrs,
+        ));
+        let server = Arc::new(Server::default());
+        let shutdown = CancellationToken::new();
+        // Serve before the control plane starts, so peers' Raft RPCs find us.
+        tokio::spawn(orrery_wire::serve(
+            listener,
+            Arc::new(wire0),
+            server.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        info!(target: LOG, node = cfg.node_id, addr = %listen, "node listening");
+        Node::launch(cfg, services, net, stats, server, shutdown).await
+    }
+
+    /// Starts a node inside an in-process [`MemNetwork`] (tests, benchmarks):
+    /// the same node code, with the network simulated.
+    pub async fn start_in(
+        cfg: NodeConfig,
+        services: Vec<Arc<dyn Service>>,
+        network: Arc<MemNetwork>,
+    ) -> Result<Node, NodeError> {
+        let server = Arc::new(Server::default());
+        network.register(cfg.node_id, server.clone());
+        let net = Arc::new(MemTransport::new(cfg.node_id, network));
+        let stats = Arc::new(WireStats::new());
+        Node::launch(cfg, services, net, stats, server, CancellationToken::new()).await
+    }
+
+    async fn launch(
+        cfg: NodeConfig,
+        services: Vec<Arc<dyn Service>>,
+        net: Arc<dyn Transport>,
+        stats: Arc<WireStats>,
+        server: Arc<Server>,
+        shutdown: CancellationToken,
+    ) -> Result<Node, NodeError> {
         let me = cfg.me().clone();
         let status = NodeStatus {
             node_id: cfg.node_id,
@@ -158,10 +197,20 @@ impl Node {
             stage_since_ms: now_ms(),
             ..Default::default()
         };
-        let mut inner = Inner {
-            stats: stats.clone(),
-            control: None,
-            pool: RwLock::new(pool),
+        let mut control = None;
+        if me.role == Role::Voter {
+            let mut cc = ControlConfig::new(cfg.node_id, cfg.data_dir.join("raft"), cfg.voters());
+            cc.heartbeat_interval = Duration::from_millis(cfg.raft.heartbeat_ms);
+            cc.election_timeout_min = Duration::from_millis(cfg.raft.election_min_ms);
+            cc.election_timeout_max = Duration::from_millis(cfg.raft.election_max_ms);
+            let c = ControlPlane::start(cc, Arc::new(RaftOverWire(net.clone()))).await?;
+            let _ = server.control.set(c.clone());
+            control = Some(c);
+        }
+        let inner = Arc::new(Inner {
+            stats,
+            control,
+            net,
             epoch: AtomicU64::new(0),
             leader_hint: AtomicU64::new(0),
             status: Mutex::new(status),
@@ -169,46 +218,15 @@ impl Node {
             coordinator: Mutex::new(None),
             cache: Mutex::new(None),
             services,
-            shutdown: CancellationToken::new(),
+            shutdown,
             cfg,
-        };
-        // Serve before the control plane starts, so peers' Raft RPCs find us.
-        let (ctl_tx, ctl_rx) =
-            tokio::sync::watch::channel::<Option<ControlPlane<ControlState>>>(None);
-        let server = Arc::new(Server {
-            node: std::sync::OnceLock::new(),
-            control: ctl_rx,
         });
-        tokio::spawn(orrery_wire::serve(
-            listener,
-            wire0,
-            server.clone(),
-            stats,
-            inner.shutdown.clone(),
-        ));
-        if me.role == Role::Voter {
-            let mut cc = ControlConfig::new(
-                inner.cfg.node_id,
-                inner.cfg.data_dir.join("raft"),
-                inner.cfg.voters(),
-            );
-            cc.heartbeat_interval = Duration::from_millis(inner.cfg.raft.heartbeat_ms);
-            cc.election_timeout_min = Duration::from_millis(inner.cfg.raft.election_min_ms);
-            cc.election_timeout_max = Duration::from_millis(inner.cfg.raft.election_max_ms);
-            let control = ControlPlane::start(cc, Arc::new(RaftOverWire(raft_pool))).await?;
-            let _ = ctl_tx.send(Some(control.clone()));
-            inner.control = Some(control);
+        let _ = server.node.set(inner.clone());
+        if inner.control.is_some() {
+            tokio::spawn(coordinate(inner.clone()));
         }
-        let node = Node {
-            inner: Arc::new(inner),
-        };
-        let _ = server.node.set(node.inner.clone());
-        info!(target: LOG, node = node.inner.cfg.node_id, addr = %listen, "node listening");
-        if node.inner.control.is_some() {
-            tokio::spawn(coordinate(node.inner.clone()));
-        }
-        tokio::spawn(start_up(node.inner.clone()));
-        Ok(node)
+        tokio::spawn(start_up(inner.clone()));
+        Ok(Node { inner })
     }
 
     /// This node's own view of itself.
@@ -252,28 +270,40 @@ fn wire_config(cfg: &NodeConfig, epoch: u64) -> WireConfig {
     w
 }
 
-/// The wire handler. It exists before the node is fully built (the listener
-/// must be up before the control plane elects), hence the late binding.
+/// The node's server side, for both transports. It exists before the node
+/// is fully built (peers' Raft RPCs arrive while the control plane starts),
+/// hence the late binding.
+#[derive(Default)]
 struct Server {
-    node: std::sync::OnceLock<Arc<Inner>>,
-    control: tokio::sync::watch::Receiver<Option<ControlPlane<ControlState>>>,
+    node: OnceLock<Arc<Inner>>,
+    control: OnceLock<ControlPlane<ControlState>>,
+}
+
+impl Server {
+    async fn dispatch(&self, from: NodeId, req: Request) -> Reply {
+        if let Request::Raft(bytes) = req {
+            return match self.control.get() {
+                Some(c) => Reply::Raft(c.handle_rpc(bytes).await.map_err(|e| e.to_string())),
+                None => Reply::Raft(Err("control plane not started yet".into())),
+            };
+        }
+        match self.node.get() {
+            Some(n) if n.shutdown.is_cancelled() => Reply::Error("node shutting down".into()),
+            Some(n) => n.handle(from, req).await,
+            None => Reply::Error("node still starting".into()),
+        }
+    }
 }
 
 impl Handler<Request, Reply> for Server {
     fn handle<'a>(&'a self, peer: &'a PeerInfo, req: Request) -> BoxFuture<'a, Reply> {
-        Box::pin(async move {
-            if let Request::Raft(bytes) = req {
-                let control = self.control.borrow().clone();
-                return match control {
-                    Some(c) => Reply::Raft(c.handle_rpc(bytes).await.map_err(|e| e.to_string())),
-                    None => Reply::Raft(Err("control plane not started yet".into())),
-                };
-            }
-            match self.node.get() {
-                Some(n) => n.handle(peer, req).await,
-                None => Reply::Error("node still starting".into()),
-            }
-        })
+        Box::pin(self.dispatch(peer.node_id, req))
+    }
+}
+
+impl Endpoint for Server {
+    fn deliver(&self, from: NodeId, req: Request) -> BoxFuture<'_, Reply> {
+        Box::pin(self.dispatch(from, req))
     }
 }
 
@@ -302,44 +332,65 @@ impl Inner {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn pool(&self) -> Arc<PeerPool<Request, Reply>> {
-        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn is_voter(&self, node: NodeId) -> bool {
+        self.cfg
+            .nodes
+            .iter()
+            .any(|n| n.id == node && n.role == Role::Voter)
+    }
+
+    /// A voter that does not lead passes a worker's control-plane request
+    /// on to the leader (one hop; voters follow hints themselves).
+    async fn forward(&self, from: NodeId, leader: Option<NodeId>, req: Request) -> Reply {
+        match leader {
+            Some(l) if l != self.cfg.node_id && !self.is_voter(from) => {
+                match self.net.call(l, req, self.cfg.call_timeout()).await {
+                    Ok(reply) => reply,
+                    Err(_) => Reply::NotLeader { leader: Some(l) },
+                }
+            }
+            _ => Reply::NotLeader { leader },
+        }
     }
 
     /// Server side of every non-Raft request.
-    async fn handle(&self, peer: &PeerInfo, req: Request) -> Reply {
+    /// Server side of every non-Raft request from node `from`.
+    async fn handle(&self, from: NodeId, req: Request) -> Reply {
+        let not_voter = || Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
         match req {
             Request::Ping => Reply::Pong,
             Request::Raft(_) => Reply::Error("routed by Server".into()),
             Request::Propose(cmd) => {
                 let Some(c) = &self.control else {
-                    return Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
+                    return not_voter();
                 };
                 if let Command::Report { node, epoch, .. } = &cmd {
                     self.contact(*node, *epoch);
                 }
-                match c.write(cmd).await {
+                match c.write(cmd.clone()).await {
                     Ok((index, response)) => Reply::Committed { index, response },
-                    Err(ControlError::NotLeader { leader }) => Reply::NotLeader {
-                        leader: leader.map(|(id, _)| id),
-                    },
+                    Err(ControlError::NotLeader { leader }) => {
+                        self.forward(from, leader.map(|(id, _)| id), Request::Propose(cmd))
+                            .await
+                    }
                     Err(e) => Reply::Error(e.to_string()),
                 }
             }
             Request::Poll { node, epoch, next } => {
                 let Some(c) = &self.control else {
-                    return Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
+                    return not_voter();
                 };
-                if !c.is_leader() {
-                    return Reply::NotLeader {
-                        leader: c.current_leader(),
-                    };
+                if from != node && !self.is_voter(from) {
+                    return Reply::Error(format!("node {from} may not poll for node {node}"));
                 }
-                if peer.node_id != node {
-                    return Reply::Error(format!(
-                        "node {} may not poll for node {node}",
-                        peer.node_id
-                    ));
+                if !c.is_leader() {
+                    return self
+                        .forward(
+                            from,
+                            c.current_leader(),
+                            Request::Poll { node, epoch, next },
+                        )
+                        .await;
                 }
                 self.contact(node, epoch);
                 let state = c.state();
@@ -350,13 +401,14 @@ impl Inner {
             }
             Request::FetchState => {
                 let Some(c) = &self.control else {
-                    return Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
+                    return not_voter();
                 };
                 match c.read_linearizable().await {
                     Ok(v) => Reply::State(Box::new(v.state.0.clone())),
-                    Err(ControlError::NotLeader { leader }) => Reply::NotLeader {
-                        leader: leader.map(|(id, _)| id),
-                    },
+                    Err(ControlError::NotLeader { leader }) => {
+                        self.forward(from, leader.map(|(id, _)| id), Request::FetchState)
+                            .await
+                    }
                     Err(e) => Reply::Error(e.to_string()),
                 }
             }
@@ -379,7 +431,6 @@ impl Inner {
     async fn ask(&self, req: Request) -> Result<Reply, String> {
         let voters: Vec<NodeId> = self.cfg.voters().keys().copied().collect();
         let mut last = String::from("no voter configured");
-        let pool = self.pool();
         for attempt in 0..(2 * voters.len() + 1) {
             let hint = self.leader_hint.load(Ordering::Relaxed);
             let target = if hint != 0 {
@@ -387,7 +438,8 @@ impl Inner {
             } else {
                 voters[attempt % voters.len()]
             };
-            match pool
+            match self
+                .net
                 .call(target, req.clone(), self.cfg.call_timeout())
                 .await
             {
@@ -538,17 +590,7 @@ async fn start_up(node: Arc<Inner>) {
     };
     node.epoch.store(epoch, Ordering::Relaxed);
     // From now on every connection announces this process's epoch.
-    {
-        let fresh = Arc::new(PeerPool::new(
-            Arc::new(wire_config(&node.cfg, epoch)),
-            node.stats.clone(),
-            Duration::from_millis(node.cfg.rpc.connect_timeout_ms),
-        ));
-        for n in &node.cfg.nodes {
-            fresh.set_addr(n.id, n.addr.clone());
-        }
-        *node.pool.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-    }
+    node.net.set_epoch(epoch);
     complete(&node, Stage::RUNNING);
     info!(target: LOG, node = id, epoch, "joined the control plane (stage -4)");
     tokio::spawn(reporter(node.clone()));
@@ -679,18 +721,12 @@ async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
         .into_iter()
         .filter(|p| *p != me)
         .collect();
-    let pool = node.pool();
-    for p in &missing {
-        if let Some(spec) = state.config.nodes.get(p) {
-            pool.set_addr(*p, spec.addr.clone());
-        }
-    }
     let timeout = Duration::from_millis(node.cfg.rpc.connect_timeout_ms);
     loop {
         let calls = missing.iter().map(|p| {
-            let pool = pool.clone();
+            let net = node.net.clone();
             let p = *p;
-            async move { (p, pool.call(p, Request::Ping, timeout).await) }
+            async move { (p, net.call(p, Request::Ping, timeout).await) }
         });
         let results = futures::future::join_all(calls).await;
         let mut first_err = None;
@@ -715,6 +751,15 @@ async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
             &format!("{} peer(s) not connected; node {p}: {err}", missing.len()),
         );
         tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms * 2)).await;
+        // Stop waiting for peers the coordinator has excluded meanwhile.
+        if let Ok(Reply::State(s)) = node.ask(Request::FetchState).await {
+            let participants = s.participants();
+            missing.retain(|p| participants.contains(p));
+            if missing.is_empty() {
+                node.update_status(|s| s.unreachable.clear());
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -1,0 +1,290 @@
+//! How a node reaches its peers: the small interface the node code is
+//! written against, with two implementations.
+//!
+//! - [`TcpTransport`]: the product. Authenticated orrery-wire connections
+//!   over real TCP, one lazily (re)connected channel per peer.
+//! - [`MemNetwork`]: many nodes in one process, for tests and the
+//!   in-process start-up benchmark. Calls go straight to the target node's
+//!   handler through a network that can cut nodes off, lose messages and
+//!   delay them (seeded), so the *same node code* runs on real TCP and in a
+//!   simulated network.
+//!
+//! This module owns delivery only. It must never interpret requests (that
+//! is `node.rs`), and every call it makes is bounded by the caller's timeout.
+
+use crate::messages::{Reply, Request};
+use orrery_core::NodeId;
+use orrery_wire::{BoxFuture, PeerPool, WireConfig, WireStats};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// A call that got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    #[error("node {node} unreachable: {reason}")]
+    Unreachable { node: NodeId, reason: String },
+    #[error("node {node} did not answer within {timeout:?}")]
+    Timeout { node: NodeId, timeout: Duration },
+}
+
+/// The node code's view of the network.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `req` to `target` and waits at most `timeout` for the reply.
+    fn call(
+        &self,
+        target: NodeId,
+        req: Request,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Reply, TransportError>>;
+    /// From now on, connections announce this process epoch.
+    fn set_epoch(&self, epoch: u64);
+}
+
+/// The server side of a node, as a network delivers to it.
+pub trait Endpoint: Send + Sync + 'static {
+    fn deliver(&self, from: NodeId, req: Request) -> BoxFuture<'_, Reply>;
+}
+
+/// Real TCP through orrery-wire.
+pub struct TcpTransport {
+    base: WireConfig,
+    stats: Arc<WireStats>,
+    connect_timeout: Duration,
+    addrs: BTreeMap<NodeId, String>,
+    pool: RwLock<Arc<PeerPool<Request, Reply>>>,
+}
+
+impl TcpTransport {
+    pub fn new(
+        base: WireConfig,
+        stats: Arc<WireStats>,
+        connect_timeout: Duration,
+        addrs: BTreeMap<NodeId, String>,
+    ) -> Self {
+        let pool = Self::pool_for(&base, &stats, connect_timeout, &addrs);
+        TcpTransport {
+            base,
+            stats,
+            connect_timeout,
+            addrs,
+            pool: RwLock::new(pool),
+        }
+    }
+
+    fn pool_for(
+        cfg: &WireConfig,
+        stats: &Arc<WireStats>,
+        connect_timeout: Duration,
+        addrs: &BTreeMap<NodeId, String>,
+    ) -> Arc<PeerPool<Request, Reply>> {
+        let pool = Arc::new(PeerPool::new(
+            Arc::new(cfg.clone()),
+            stats.clone(),
+            connect_timeout,
+        ));
+        for (id, addr) in addrs {
+            pool.set_addr(*id, addr.clone());
+        }
+        pool
+    }
+
+    fn pool(&self) -> Arc<PeerPool<Request, Reply>> {
+        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Transport for TcpTransport {
+    fn call(
+        &self,
+        target: NodeId,
+        req: Request,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Reply, TransportError>> {
+        Box::pin(async move {
+            let pool = self.pool();
+            // The pool bounds connecting by connect_timeout; the call by `timeout`.
+            match tokio::time::timeout(
+                timeout + self.connect_timeout,
+                pool.call(target, req, timeout),
+            )
+            .await
+            {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(TransportError::Unreachable {
+                    node: target,
+                    reason: e.to_string(),
+                }),
+                Err(_) => Err(TransportError::Timeout {
+                    node: target,
+                    timeout,
+                }),
+            }
+        })
+    }
+
+    fn set_epoch(&self, epoch: u64) {
+        let mut cfg = self.base.clone();
+        cfg.epoch = epoch;
+        let fresh = Self::pool_for(&cfg, &self.stats, self.connect_timeout, &self.addrs);
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    }
+}
+
+/// Fault settings of a [`MemNetwork`].
+#[derive(Clone, Debug, Default)]
+pub struct MemFaults {
+    /// Nodes cut off from everyone (both directions).
+    pub isolated: BTreeSet<NodeId>,
+    /// Probability that a request or its reply is lost.
+    pub drop_rate: f64,
+    /// One-way delay range in milliseconds (0, 0 = none).
+    pub delay_ms: (u64, u64),
+}
+
+/// An in-process network of nodes.
+pub struct MemNetwork {
+    endpoints: RwLock<BTreeMap<NodeId, Arc<dyn Endpoint>>>,
+    faults: RwLock<MemFaults>,
+    rng: Mutex<ChaCha8Rng>,
+    delivered: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl MemNetwork {
+    pub fn new(seed: u64) -> Arc<Self> {
+        Arc::new(MemNetwork {
+            endpoints: RwLock::new(BTreeMap::new()),
+            faults: RwLock::new(MemFaults::default()),
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+            delivered: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn register(&self, id: NodeId, ep: Arc<dyn Endpoint>) {
+        self.endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, ep);
+    }
+
+    /// Removes a node: calls to it fail as if its process died.
+    pub fn crash(&self, id: NodeId) {
+        self.endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Changes the fault settings.
+    pub fn set_faults(&self, f: impl FnOnce(&mut MemFaults)) {
+        f(&mut self.faults.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// (messages delivered, messages lost to faults).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.delivered.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether a message between `a` and `b` gets through, and after how long.
+    fn hop(&self, a: NodeId, b: NodeId) -> Option<Duration> {
+        let f = self
+            .faults
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if f.isolated.contains(&a) || f.isolated.contains(&b) {
+            return None;
+        }
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        if f.drop_rate > 0.0 && rng.gen_bool(f.drop_rate.min(1.0)) {
+            return None;
+        }
+        let (lo, hi) = f.delay_ms;
+        Some(Duration::from_millis(if hi > lo {
+            rng.gen_range(lo..=hi)
+        } else {
+            lo
+        }))
+    }
+
+    fn endpoint(&self, id: NodeId) -> Option<Arc<dyn Endpoint>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+}
+
+/// One node's attachment to a [`MemNetwork`].
+pub struct MemTransport {
+    me: NodeId,
+    net: Arc<MemNetwork>,
+}
+
+impl MemTransport {
+    pub fn new(me: NodeId, net: Arc<MemNetwork>) -> Self {
+        MemTransport { me, net }
+    }
+}
+
+impl Transport for MemTransport {
+    fn call(
+        &self,
+        target: NodeId,
+        req: Request,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Reply, TransportError>> {
+        Box::pin(async move {
+            let lost = || TransportError::Timeout {
+                node: target,
+                timeout,
+            };
+            let exchange = async {
+                if self.net.endpoint(self.me).is_none() {
+                    // This node crashed: nothing it sends leaves the process.
+                    return Err(TransportError::Unreachable {
+                        node: target,
+                        reason: "this node is down".into(),
+                    });
+                }
+                let Some(there) = self.net.hop(self.me, target) else {
+                    self.net.lost.fetch_add(1, Ordering::Relaxed);
+                    return std::future::pending().await;
+                };
+                if !there.is_zero() {
+                    tokio::time::sleep(there).await;
+                }
+                let Some(ep) = self.net.endpoint(target) else {
+                    return Err(TransportError::Unreachable {
+                        node: target,
+                        reason: "connection refused".into(),
+                    });
+                };
+                let reply = ep.deliver(self.me, req).await;
+                let Some(back) = self.net.hop(target, self.me) else {
+                    self.net.lost.fetch_add(1, Ordering::Relaxed);
+                    return std::future::pending().await;
+                };
+                if !back.is_zero() {
+                    tokio::time::sleep(back).await;
+                }
+                self.net.delivered.fetch_add(1, Ordering::Relaxed);
+                Ok(reply)
+            };
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .unwrap_or_else(|_| Err(lost()))
+        })
+    }
+
+    fn set_epoch(&self, _epoch: u64) {}
+}

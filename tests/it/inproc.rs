@@ -1,0 +1,124 @@
+//! The node code itself (orrery-node, real openraft and redb) in an
+//! in-process simulated network: 20 nodes, with loss and delay, an isolated
+//! node and a crashed coordinator.
+
+use crate::cluster::SERIAL;
+use orrery::inproc::{ready, InProcCluster};
+use orrery::local::Plan;
+use orrery_core::{ClusterState, EventKind, MemberStatus, Stage};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn cluster(dir: &std::path::Path, deadline_ms: u64) -> InProcCluster {
+    let mut plan = Plan::new(20, 3, dir);
+    plan.stage_deadline_ms = deadline_ms;
+    let mut c = InProcCluster::plan(&plan, 7).expect("plan");
+    for cfg in c.configs.values_mut() {
+        cfg.rpc.call_timeout_ms = 500;
+    }
+    c
+}
+
+fn show(s: Option<ClusterState>) -> String {
+    s.map(|s| orrery::local::render_status(&s, &[], 0) + &format!("{:#?}", s.events))
+        .unwrap_or_else(|| "no state".into())
+}
+
+fn events(s: &ClusterState, kind: EventKind) -> Vec<String> {
+    s.events
+        .iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| e.detail.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_nodes_reach_stage_zero_over_a_lossy_slow_network() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 30_000);
+    c.net.set_faults(|f| {
+        f.delay_ms = (1, 15);
+        f.drop_rate = 0.01;
+    });
+    c.start_all().await.unwrap();
+    let s = c
+        .wait_for(T, ready)
+        .await
+        .unwrap_or_else(|s| panic!("not ready:\n{}", show(s)));
+    assert_eq!(s.participants().len(), 20);
+    let (delivered, lost) = c.net.counts();
+    assert!(
+        lost > 0 && delivered > 1000,
+        "the faults were exercised: {delivered} delivered, {lost} lost"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_node_is_reported_with_its_last_words_and_excluded() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 2_000);
+    c.start_all().await.unwrap();
+    c.wait_for(T, |s| s.members.get(&17).is_some_and(|m| m.epoch > 0))
+        .await
+        .unwrap_or_else(|s| panic!("{}", show(s)));
+    c.net.set_faults(|f| {
+        f.isolated.insert(17);
+    });
+    let s = c
+        .wait_for(T, ready)
+        .await
+        .unwrap_or_else(|s| panic!("not ready:\n{}", show(s)));
+    assert!(matches!(
+        s.members[&17].status,
+        MemberStatus::Excluded { .. }
+    ));
+    let stuck = events(&s, EventKind::NodeStuck);
+    assert_eq!(
+        stuck.len(),
+        1,
+        "only the cut-off node is reported stuck: {stuck:?}"
+    );
+    assert!(
+        stuck[0].contains("no contact") || stuck[0].contains("not heard from"),
+        "{stuck:?}"
+    );
+    assert!(
+        stuck[0].contains("19 other node(s) wait on it"),
+        "its victims are named: {stuck:?}"
+    );
+    assert_eq!(s.participants().len(), 19);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_coordinator_mid_start_up_is_replaced() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 3_000);
+    for cfg in c.configs.values_mut() {
+        cfg.demo.preload_items = 30;
+        cfg.demo.preload_item_ms = 40;
+    }
+    c.start_all().await.unwrap();
+    let s = c
+        .wait_for(T, |s| s.stage == Stage::ADDRESSED && s.leader.is_some())
+        .await
+        .unwrap_or_else(|s| panic!("{}", show(s)));
+    let old = s.leader.unwrap();
+    c.crash(old).await;
+    let s = c
+        .wait_for(T, ready)
+        .await
+        .unwrap_or_else(|s| panic!("not ready:\n{}", show(s)));
+    assert!(s.leader.is_some_and(|l| l != old));
+    assert!(matches!(
+        s.members[&old].status,
+        MemberStatus::Excluded { .. }
+    ));
+    assert_eq!(s.participants().len(), 19);
+    c.shutdown().await;
+}
