@@ -270,6 +270,15 @@ pub fn render_status(
             timings.join(", ")
         }
     );
+    let cut: Vec<String> = state
+        .members
+        .iter()
+        .filter(|(_, m)| !m.report.unreachable.is_empty())
+        .map(|(id, m)| format!("{id} cannot reach {:?}", m.report.unreachable))
+        .collect();
+    if !cut.is_empty() {
+        let _ = writeln!(out, "connectivity (stage -3): {}", cut.join("; "));
+    }
     let _ = writeln!(
         out,
         "{:<5} {:<22} {:<7} {:<6} {:<6} {:>10}  WAITING ON",

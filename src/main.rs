@@ -36,6 +36,9 @@ enum Cmd {
         /// The node's TOML configuration.
         #[arg(long)]
         config: PathBuf,
+        /// Override a config key, e.g. `--set startup.stage_deadline_ms=5000` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Start a local cluster of real node processes on 127.0.0.1.
     Up {
@@ -95,7 +98,7 @@ enum Bench {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Node { config } => run_node(config),
+        Cmd::Node { config, overrides } => run_node(config, overrides),
         Cmd::Up {
             nodes,
             voters,
@@ -130,7 +133,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn run_node(config: PathBuf) -> Result<()> {
+fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -138,7 +141,7 @@ fn run_node(config: PathBuf) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cfg = NodeConfig::load(&config)?;
+    let cfg = NodeConfig::load_with(&config, &overrides)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let admin_addr = cfg.admin_listen_addr();

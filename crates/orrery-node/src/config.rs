@@ -170,14 +170,28 @@ impl Default for DemoConfig {
 impl NodeConfig {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, &[])
+    }
+
+    /// Reads a TOML file, applies command-line overrides (`KEY=VALUE`, with
+    /// dotted keys such as `startup.stage_deadline_ms=5000`; the value is
+    /// read as TOML, or as a string if it is not), then validates.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let parse = |message: String| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| parse(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let cfg: NodeConfig = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -285,6 +299,34 @@ impl NodeConfig {
     }
 }
 
+/// Sets one dotted key in a TOML document.
+fn apply_override(doc: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
+    let bad = |m: String| ConfigError::Invalid(format!("override {o:?}: {m}"));
+    let (key, raw) = o
+        .split_once('=')
+        .ok_or_else(|| bad("expected KEY=VALUE".into()))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(bad("empty key".into()));
+    }
+    let (last, path) = parts.split_last().expect("non-empty");
+    let mut table = doc;
+    for p in path {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(format!("{p} is not a table")))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +352,27 @@ role = "voter"
         c.validate().unwrap();
         assert_eq!(c.startup.stage_deadline_ms, 60_000);
         assert_eq!(c.startup.stuck_policy, StuckPolicy::Exclude);
+    }
+
+    #[test]
+    fn overrides_set_dotted_keys_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.toml");
+        std::fs::write(&p, sample()).unwrap();
+        let c = NodeConfig::load_with(
+            &p,
+            &[
+                "startup.stage_deadline_ms=5000".into(),
+                "startup.stuck_policy=wait".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.startup.stage_deadline_ms, 5000);
+        assert_eq!(c.startup.stuck_policy, StuckPolicy::Wait);
+        let e = NodeConfig::load_with(&p, &["startup.bogus=1".into()]).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = NodeConfig::load_with(&p, &["nonsense".into()]).unwrap_err();
+        assert!(e.to_string().contains("KEY=VALUE"), "{e}");
     }
 
     #[test]

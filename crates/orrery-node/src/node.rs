@@ -671,9 +671,10 @@ fn complete(node: &Inner, stage: Stage) {
     });
 }
 
+/// The runtime's own work for `stage`, then every service's hook for it.
 async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
     match stage {
-        Stage::CONNECTED => connect_peers(node).await,
+        Stage::CONNECTED => connect_peers(node).await?,
         Stage::ADDRESSED => {
             node.activity
                 .step("start-up", "fetch the cluster state (address cache)");
@@ -690,17 +691,15 @@ async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
             let version = state.applied_index;
             *node.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(*state));
             node.update_status(|s| s.address_cache_version = version);
-            Ok(())
         }
-        _ => {
-            for svc in &node.services {
-                svc.on_stage(stage, &node.activity)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        }
+        _ => {}
     }
+    for svc in &node.services {
+        svc.on_stage(stage, &node.activity)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Stage -3: a live, authenticated connection to every participating peer.
