@@ -79,6 +79,93 @@ pub struct ClusterConfig {
     /// used to tell a node rejoining a running cluster from a cluster-wide
     /// restart (config key `liveness_window`).
     pub liveness_window_ms: Millis,
+    /// Failure detection and reinstatement (config section `[membership]`).
+    #[serde(default)]
+    pub membership: MembershipConfig,
+}
+
+/// Failure detection: leases, probes, health-gated voting, backoff.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MembershipConfig {
+    /// A node not heard from for this long is suspected (the coordinator's
+    /// side of the lease). Default 1000.
+    pub lease_ttl_ms: Millis,
+    /// How often a node renews its lease (heartbeat). Default 200.
+    pub heartbeat_interval_ms: Millis,
+    /// A node whose last acknowledged heartbeat was sent this long ago stops
+    /// serving. Must leave `fence_margin_ms` before `lease_ttl_ms`. Default 600.
+    pub self_fence_after_ms: Millis,
+    /// Minimum gap between a node fencing itself and the control plane being
+    /// allowed to declare it dead; asserted at start. Default 300.
+    pub fence_margin_ms: Millis,
+    /// How many eligible nodes probe a suspect; a majority of them must fail
+    /// to reach it for a removal. Default 3.
+    pub probe_count: u32,
+    /// Deadline of one probe. Default 300.
+    pub probe_timeout_ms: Millis,
+    /// Only nodes whose health has been perfect this long (or since the
+    /// cluster became ready) may probe and vote. Default 180000.
+    pub eligibility_window_ms: Millis,
+    /// Reinstatement after the n-th removal waits base * 2^(n-1), at most
+    /// max: a flapping node cannot churn the cluster. Defaults 1000, 60000.
+    pub removal_backoff_base_ms: Millis,
+    pub removal_backoff_max_ms: Millis,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            lease_ttl_ms: 1_000,
+            heartbeat_interval_ms: 200,
+            self_fence_after_ms: 600,
+            fence_margin_ms: 300,
+            probe_count: 3,
+            probe_timeout_ms: 300,
+            eligibility_window_ms: 180_000,
+            removal_backoff_base_ms: 1_000,
+            removal_backoff_max_ms: 60_000,
+        }
+    }
+}
+
+impl MembershipConfig {
+    /// Checks the timing rules; the error names the keys.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms >= self.self_fence_after_ms
+        {
+            return Err(format!(
+                "membership.heartbeat_interval_ms ({}) must be positive and below membership.self_fence_after_ms ({})",
+                self.heartbeat_interval_ms, self.self_fence_after_ms
+            ));
+        }
+        if self.self_fence_after_ms + self.fence_margin_ms > self.lease_ttl_ms {
+            return Err(format!(
+                "membership.self_fence_after_ms ({}) + membership.fence_margin_ms ({}) must not exceed membership.lease_ttl_ms ({}): a node must stop serving before the cluster may declare it dead",
+                self.self_fence_after_ms, self.fence_margin_ms, self.lease_ttl_ms
+            ));
+        }
+        if self.probe_count == 0 || self.probe_timeout_ms == 0 {
+            return Err(
+                "membership.probe_count and membership.probe_timeout_ms must be positive".into(),
+            );
+        }
+        if self.removal_backoff_base_ms > self.removal_backoff_max_ms {
+            return Err("membership.removal_backoff_base_ms must not exceed membership.removal_backoff_max_ms".into());
+        }
+        Ok(())
+    }
+
+    /// How long after its `removals`-th removal a node must wait to be reinstated.
+    pub fn backoff(&self, removals: u32) -> Millis {
+        if removals == 0 {
+            return 0;
+        }
+        let shift = (removals - 1).min(20);
+        self.removal_backoff_base_ms
+            .saturating_mul(1 << shift)
+            .min(self.removal_backoff_max_ms)
+    }
 }
 
 impl Default for ClusterConfig {
@@ -88,6 +175,7 @@ impl Default for ClusterConfig {
             stage_deadline_ms: 60_000,
             stuck_policy: StuckPolicy::Exclude,
             liveness_window_ms: 1_500,
+            membership: MembershipConfig::default(),
         }
     }
 }

@@ -15,6 +15,9 @@
 //! on a node's say-so without the replicated state agreeing.
 
 use crate::config::StuckPolicy;
+pub use crate::detector::ProbeRequest;
+use crate::detector::{Detector, View};
+use crate::health::Health;
 use crate::state::{ClusterState, Command, MemberStatus};
 use crate::{Epoch, Millis, NodeId, Stage};
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,6 +31,7 @@ pub struct Coordinator {
     announced: bool,
     /// Last contact per node: (epoch it ran under, when).
     contacts: BTreeMap<NodeId, (Epoch, Millis)>,
+    detector: Detector,
 }
 
 impl Coordinator {
@@ -41,6 +45,7 @@ impl Coordinator {
             leader_since: now,
             announced: false,
             contacts,
+            detector: Detector::default(),
         }
     }
 
@@ -55,6 +60,31 @@ impl Coordinator {
         if epoch >= e.0 {
             *e = (epoch, now.max(e.1));
         }
+    }
+
+    /// A heartbeat: `node` (process `epoch`) renews its lease and reports
+    /// its own health.
+    pub fn on_heartbeat(&mut self, now: Millis, node: NodeId, epoch: Epoch, health: Health) {
+        self.on_contact(now, node, epoch);
+        self.detector.on_heartbeat(node, epoch, health);
+    }
+
+    /// A prober's answer for a [`ProbeRequest`].
+    pub fn on_probe_result(
+        &mut self,
+        round: u64,
+        prober: NodeId,
+        suspect: NodeId,
+        ok: bool,
+        detail: String,
+    ) {
+        self.detector
+            .on_probe_result(round, prober, suspect, ok, detail);
+    }
+
+    /// Probes the runtime must now send (drained).
+    pub fn take_probes(&mut self) -> Vec<ProbeRequest> {
+        self.detector.take_probes()
     }
 
     fn is_live(&self, state: &ClusterState, now: Millis, node: NodeId) -> bool {
@@ -85,6 +115,14 @@ impl Coordinator {
             });
         }
         self.announced = true;
+        let view = View {
+            me: self.me,
+            now,
+            leader_since: self.leader_since,
+            state,
+            contacts: &self.contacts,
+        };
+        out.extend(self.detector.tick(&view));
         if state.stage == Stage::READY {
             self.after_ready(now, state, &mut out);
             return out;
@@ -223,6 +261,7 @@ impl Coordinator {
             .filter(|(_, m)| {
                 m.status == MemberStatus::Active
                     && m.epoch > 0
+                    && m.removals == 0
                     && m.report.stage < Stage::READY
                     && m.admitted_late_in_boot != Some(state.boot)
             })

@@ -18,16 +18,19 @@
 
 pub mod config;
 pub mod coordinator;
+mod detector;
+pub mod health;
 pub mod sim;
 pub mod stage;
 pub mod state;
 
-pub use config::{ClusterConfig, NodeSpec, Role, StuckPolicy};
-pub use coordinator::Coordinator;
+pub use config::{ClusterConfig, MembershipConfig, NodeSpec, Role, StuckPolicy};
+pub use coordinator::{Coordinator, ProbeRequest};
+pub use health::Health;
 pub use stage::Stage;
 pub use state::{
-    ClusterState, Command, Event, EventKind, Gate, Member, MemberStatus, Progress, Response,
-    StageReport, Wait,
+    ClusterState, Command, Event, EventKind, Gate, Member, MemberHealth, MemberStatus, Progress,
+    Response, StageReport, Wait,
 };
 
 /// A node's identity, stable across restarts (it comes from the node's config).

@@ -105,6 +105,22 @@ pub enum MemberStatus {
         reason: String,
         at: Millis,
     },
+    /// Removed by the failure detector (or by its own fail-stop): its epoch
+    /// is revoked. It may come back only under a new epoch, once reinstated.
+    Removed {
+        reason: String,
+        at: Millis,
+    },
+}
+
+/// A member's health record, as the coordinator last committed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberHealth {
+    pub healthy: bool,
+    /// Since when it has been in this state.
+    pub since: Millis,
+    /// Why it is impaired, if it is.
+    pub reason: Option<String>,
 }
 
 /// One member, as the control plane knows it.
@@ -117,6 +133,10 @@ pub struct Member {
     /// The boot this process was admitted to run in after the cluster was
     /// already ready (a late joiner), if any.
     pub admitted_late_in_boot: Option<u64>,
+    pub health: MemberHealth,
+    /// How many times the failure detector removed this node (for backoff).
+    pub removals: u32,
+    pub last_removed_at: Millis,
 }
 
 /// What happened, for the timeline.
@@ -129,6 +149,12 @@ pub enum EventKind {
     NodeStuck,
     NodeExcluded,
     LeaderChanged,
+    NodeSuspected,
+    NodeRefuted,
+    NodeRemoved,
+    NodeImpaired,
+    NodeRecovered,
+    NodeReinstated,
 }
 
 /// One entry in the replicated event list.
@@ -198,6 +224,36 @@ pub enum Command {
     LeaderChanged {
         leader: NodeId,
         term: u64,
+        at: Millis,
+    },
+    /// Coordinator: `node`'s lease lapsed; probes are under way.
+    Suspect {
+        node: NodeId,
+        epoch: Epoch,
+        reason: String,
+        at: Millis,
+    },
+    /// Coordinator: the suspect answered (itself, or a quorum of probes).
+    Refute {
+        node: NodeId,
+        epoch: Epoch,
+        detail: String,
+        at: Millis,
+    },
+    /// Coordinator: revoke `node`'s epoch (a quorum of eligible probes
+    /// failed, or the node declared fail-stop).
+    Remove {
+        node: NodeId,
+        epoch: Epoch,
+        reason: String,
+        at: Millis,
+    },
+    /// Coordinator: `node`'s own health report changed.
+    HealthChanged {
+        node: NodeId,
+        epoch: Epoch,
+        healthy: bool,
+        reason: Option<String>,
         at: Millis,
     },
 }
@@ -336,6 +392,17 @@ impl ClusterState {
                     return reject("the cluster is not ready: the node takes part in the boot");
                 }
                 m.admitted_late_in_boot = Some(boot);
+                if m.removals > 0 {
+                    let n = m.removals;
+                    self.event(
+                        index,
+                        at,
+                        EventKind::NodeReinstated,
+                        Some(node),
+                        format!("node {node} reinstated under epoch {epoch} after a confidence vote (removed {n} time(s) before)"),
+                    );
+                    return Response::Ok;
+                }
                 self.event(
                     index,
                     at,
@@ -346,6 +413,105 @@ impl ClusterState {
                 Response::Ok
             }
             Command::BeginBoot { after, live, at } => self.begin_boot(index, after, live, at),
+            Command::Suspect {
+                node,
+                epoch,
+                reason,
+                at,
+            } => {
+                if self.current(node, epoch).is_none() {
+                    return reject(format!("node {node} epoch {epoch} is not current"));
+                }
+                self.event(
+                    index,
+                    at,
+                    EventKind::NodeSuspected,
+                    Some(node),
+                    clip(format!("node {node} (epoch {epoch}) suspected: {reason}")),
+                );
+                Response::Ok
+            }
+            Command::Refute {
+                node,
+                epoch,
+                detail,
+                at,
+            } => {
+                if self.current(node, epoch).is_none() {
+                    return reject(format!("node {node} epoch {epoch} is not current"));
+                }
+                self.event(
+                    index,
+                    at,
+                    EventKind::NodeRefuted,
+                    Some(node),
+                    clip(format!(
+                        "node {node} (epoch {epoch}) is not removed: {detail}"
+                    )),
+                );
+                Response::Ok
+            }
+            Command::Remove {
+                node,
+                epoch,
+                reason,
+                at,
+            } => {
+                let Some(m) = self.current(node, epoch) else {
+                    return reject(format!("node {node} epoch {epoch} is not current"));
+                };
+                let reason = clip(reason);
+                m.status = MemberStatus::Removed {
+                    reason: reason.clone(),
+                    at,
+                };
+                m.removals += 1;
+                m.last_removed_at = at;
+                m.admitted_late_in_boot = None;
+                self.event(
+                    index,
+                    at,
+                    EventKind::NodeRemoved,
+                    Some(node),
+                    format!("node {node} removed, epoch {epoch} revoked: {reason}"),
+                );
+                Response::Ok
+            }
+            Command::HealthChanged {
+                node,
+                epoch,
+                healthy,
+                reason,
+                at,
+            } => {
+                let Some(m) = self.current(node, epoch) else {
+                    return reject(format!("node {node} epoch {epoch} is not current"));
+                };
+                if m.health.healthy == healthy && m.health.reason == reason {
+                    return reject("no change");
+                }
+                m.health = MemberHealth {
+                    healthy,
+                    since: at,
+                    reason: reason.clone().map(clip),
+                };
+                let (kind, detail) = if healthy {
+                    (
+                        EventKind::NodeRecovered,
+                        format!("node {node} (epoch {epoch}) passes its self-checks again"),
+                    )
+                } else {
+                    (
+                        EventKind::NodeImpaired,
+                        format!(
+                            "node {node} (epoch {epoch}) impaired: {}; it no longer probes or votes",
+                            reason.unwrap_or_default()
+                        ),
+                    )
+                };
+                self.event(index, at, kind, Some(node), clip(detail));
+                Response::Ok
+            }
             Command::LeaderChanged { leader, term, at } => {
                 self.leader = Some(leader);
                 self.event(
@@ -410,6 +576,11 @@ impl ClusterState {
         m.status = MemberStatus::Active;
         m.report = StageReport::fresh(Stage::RUNNING, at);
         m.admitted_late_in_boot = None;
+        m.health = MemberHealth {
+            healthy: true,
+            since: at,
+            reason: None,
+        };
         let detail = if was == 0 {
             format!("node {node} reached the control plane (epoch {epoch})")
         } else {
@@ -639,6 +810,34 @@ impl ClusterState {
         }
     }
 
+    /// The member, if `epoch` is its current, unfenced epoch.
+    fn current(&mut self, node: NodeId, epoch: Epoch) -> Option<&mut Member> {
+        self.members
+            .get_mut(&node)
+            .filter(|m| m.epoch == epoch && epoch > 0 && m.status == MemberStatus::Active)
+    }
+
+    /// Why a message from `node` under `epoch` must be refused, if it must:
+    /// the epoch was revoked, excluded, or superseded. Epoch 0 (not yet
+    /// joined) is let through: joining is how a fenced node comes back.
+    pub fn refusal(&self, node: NodeId, epoch: Epoch) -> Option<String> {
+        if epoch == 0 {
+            return None;
+        }
+        let Some(m) = self.members.get(&node) else {
+            return Some(format!("node {node} is not in the cluster configuration"));
+        };
+        if epoch > m.epoch {
+            return None; // Newer than this view: the view is stale, not the sender.
+        }
+        m.fenced_reason(node, epoch)
+    }
+
+    /// When the cluster became ready in this boot.
+    pub fn ready_at(&self) -> Option<Millis> {
+        self.stage_reached_at.get(&Stage::READY.number()).copied()
+    }
+
     /// The epoch of `node`'s current process, if it ever joined.
     pub fn epoch_of(&self, node: NodeId) -> Option<Epoch> {
         self.members.get(&node).map(|m| m.epoch).filter(|e| *e > 0)
@@ -657,6 +856,13 @@ impl Member {
             status: MemberStatus::Active,
             report: StageReport::fresh(Stage::NOT_STARTED, 0),
             admitted_late_in_boot: None,
+            health: MemberHealth {
+                healthy: true,
+                since: 0,
+                reason: None,
+            },
+            removals: 0,
+            last_removed_at: 0,
         }
     }
 
@@ -667,12 +873,15 @@ impl Member {
                 self.epoch
             ));
         }
-        if let MemberStatus::Excluded { reason, .. } = &self.status {
-            return Some(format!(
+        match &self.status {
+            MemberStatus::Excluded { reason, .. } => Some(format!(
                 "node {node} epoch {epoch} was excluded from this start-up: {reason}"
-            ));
+            )),
+            MemberStatus::Removed { reason, .. } => {
+                Some(format!("node {node} epoch {epoch} was revoked: {reason}"))
+            }
+            MemberStatus::Active => None,
         }
-        None
     }
 }
 

@@ -1,0 +1,630 @@
+//! The failure detector: leases, corroborating probes, health-gated votes,
+//! removal and reinstatement. Run by the coordinator (the Raft leader).
+//!
+//! Post-mortem 003: a node with bad memory read every healthy peer's health
+//! response as invalid and kept voting them out. Here no single node's
+//! opinion removes anyone:
+//! - a lapsed lease only makes a node *suspect*;
+//! - the coordinator then asks several *eligible* nodes (healthy, with a
+//!   perfect health record over the eligibility window) to probe the suspect
+//!   directly; removal needs a majority of those probes to fail;
+//! - an impaired node (failing its own self-checks) is never eligible, so it
+//!   can neither probe nor vote, and a node that declares fail-stop is
+//!   removed on its own word;
+//! - a removed node comes back only under a new epoch, after a confidence
+//!   vote (the same probes, answered), and after a backoff that doubles with
+//!   each removal.
+//!
+//! What it must never do: remove a node on the coordinator's view alone,
+//! count an ineligible node's probe, or read a clock.
+
+use crate::config::MembershipConfig;
+use crate::health::Health;
+use crate::state::{ClusterState, Command, MemberStatus};
+use crate::{Epoch, Millis, NodeId, Stage};
+use std::collections::BTreeMap;
+
+/// Ask `prober` to probe `suspect` (running under `epoch`) and report back
+/// with [`crate::Coordinator::on_probe_result`] quoting `round`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeRequest {
+    pub round: u64,
+    pub prober: NodeId,
+    pub suspect: NodeId,
+    pub epoch: Epoch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// Its lease lapsed: should it be removed?
+    Remove,
+    /// It was removed and asks to come back: does it answer?
+    Reinstate,
+}
+
+#[derive(Clone, Debug)]
+struct Round {
+    id: u64,
+    epoch: Epoch,
+    purpose: Purpose,
+    started: Millis,
+    probers: Vec<NodeId>,
+    results: BTreeMap<NodeId, (bool, String)>,
+}
+
+/// Leader-local detector state; everything it decides is a [`Command`].
+#[derive(Debug, Default)]
+pub(crate) struct Detector {
+    /// Each node's own health verdict from its latest heartbeat.
+    health: BTreeMap<NodeId, (Epoch, Health)>,
+    rounds: BTreeMap<NodeId, Round>,
+    /// After a refutation or failed round, do not start another before this.
+    quiet_until: BTreeMap<NodeId, Millis>,
+    next_round: u64,
+    outbox: Vec<ProbeRequest>,
+}
+
+/// What the detector needs to know from the coordinator.
+pub(crate) struct View<'a> {
+    pub me: NodeId,
+    pub now: Millis,
+    pub leader_since: Millis,
+    pub state: &'a ClusterState,
+    /// Last contact per node: (epoch, when).
+    pub contacts: &'a BTreeMap<NodeId, (Epoch, Millis)>,
+}
+
+impl View<'_> {
+    fn cfg(&self) -> &MembershipConfig {
+        &self.state.config.membership
+    }
+
+    /// When `node` was last heard from under its current epoch.
+    fn heard(&self, node: NodeId) -> Option<Millis> {
+        let m = self.state.members.get(&node)?;
+        if node == self.me {
+            return Some(self.now);
+        }
+        match self.contacts.get(&node) {
+            Some((e, at)) if *e == m.epoch => Some(*at),
+            _ => None,
+        }
+    }
+
+    fn lease_live(&self, node: NodeId) -> bool {
+        self.heard(node)
+            .is_some_and(|at| self.now.saturating_sub(at) <= self.cfg().lease_ttl_ms)
+    }
+}
+
+impl Detector {
+    pub fn on_heartbeat(&mut self, node: NodeId, epoch: Epoch, health: Health) {
+        self.health.insert(node, (epoch, health));
+    }
+
+    pub fn on_probe_result(
+        &mut self,
+        round: u64,
+        prober: NodeId,
+        suspect: NodeId,
+        ok: bool,
+        detail: String,
+    ) {
+        if let Some(r) = self.rounds.get_mut(&suspect) {
+            if r.id == round && r.probers.contains(&prober) {
+                r.results.insert(prober, (ok, detail));
+            }
+        }
+    }
+
+    pub fn take_probes(&mut self) -> Vec<ProbeRequest> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    fn reported(&self, node: NodeId, epoch: Epoch) -> Option<&Health> {
+        self.health
+            .get(&node)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, h)| h)
+    }
+
+    /// May `p` probe and vote on `suspect`? Healthy now (its own word and
+    /// the committed record), with a perfect record for the eligibility
+    /// window (or since the cluster became ready), and alive.
+    fn eligible(&self, v: &View, p: NodeId, suspect: NodeId) -> bool {
+        let Some(m) = v.state.members.get(&p) else {
+            return false;
+        };
+        if p == suspect
+            || m.epoch == 0
+            || m.status != MemberStatus::Active
+            || m.report.stage != Stage::READY
+        {
+            return false;
+        }
+        if !m.health.healthy || self.reported(p, m.epoch).is_some_and(|h| !h.is_healthy()) {
+            return false;
+        }
+        let window_ok = v.now.saturating_sub(m.health.since) >= v.cfg().eligibility_window_ms
+            || v.state.ready_at().is_some_and(|r| m.health.since <= r);
+        window_ok && v.lease_live(p)
+    }
+
+    fn open(
+        &mut self,
+        v: &View,
+        node: NodeId,
+        epoch: Epoch,
+        purpose: Purpose,
+    ) -> Option<Vec<NodeId>> {
+        let eligible: Vec<NodeId> = v
+            .state
+            .members
+            .keys()
+            .copied()
+            .filter(|p| self.eligible(v, *p, node))
+            .collect();
+        if eligible.is_empty() {
+            return None;
+        }
+        self.next_round += 1;
+        let id = self.next_round;
+        let n = (v.cfg().probe_count as usize).min(eligible.len());
+        let start = (node as usize + id as usize) % eligible.len();
+        let probers: Vec<NodeId> = (0..n)
+            .map(|i| eligible[(start + i) % eligible.len()])
+            .collect();
+        for p in &probers {
+            self.outbox.push(ProbeRequest {
+                round: id,
+                prober: *p,
+                suspect: node,
+                epoch,
+            });
+        }
+        self.rounds.insert(
+            node,
+            Round {
+                id,
+                epoch,
+                purpose,
+                started: v.now,
+                probers: probers.clone(),
+                results: BTreeMap::new(),
+            },
+        );
+        Some(probers)
+    }
+
+    /// Proposals from health reports, lapsed leases and finished probe rounds.
+    pub fn tick(&mut self, v: &View) -> Vec<Command> {
+        let mut out = vec![];
+        let cfg = v.cfg().clone();
+        let now = v.now;
+        // Health transitions, as the nodes report them.
+        for (id, m) in &v.state.members {
+            if m.status != MemberStatus::Active || m.epoch == 0 {
+                continue;
+            }
+            match self.reported(*id, m.epoch) {
+                Some(Health::FailStop(r)) if *id != v.me => out.push(Command::Remove {
+                    node: *id,
+                    epoch: m.epoch,
+                    reason: format!("it stopped itself (fail-stop): {r}"),
+                    at: now,
+                }),
+                Some(Health::Healthy) if !m.health.healthy => out.push(Command::HealthChanged {
+                    node: *id,
+                    epoch: m.epoch,
+                    healthy: true,
+                    reason: None,
+                    at: now,
+                }),
+                Some(Health::Impaired(r))
+                    if m.health.healthy || m.health.reason.as_deref() != Some(r) =>
+                {
+                    out.push(Command::HealthChanged {
+                        node: *id,
+                        epoch: m.epoch,
+                        healthy: false,
+                        reason: Some(r.clone()),
+                        at: now,
+                    })
+                }
+                _ => {}
+            }
+        }
+        // Leases are judged only in a running cluster (start-up has its own
+        // deadlines), and only after this leader has heard a full lease.
+        if v.state.stage != Stage::READY || now.saturating_sub(v.leader_since) <= cfg.lease_ttl_ms {
+            return out;
+        }
+        for (id, m) in &v.state.members {
+            let joined = m.epoch > 0 && m.status == MemberStatus::Active;
+            if !joined || *id == v.me || self.rounds.contains_key(id) || v.lease_live(*id) {
+                continue;
+            }
+            if self.quiet_until.get(id).is_some_and(|t| now < *t) {
+                continue;
+            }
+            let silent = v.heard(*id).map(|t| now.saturating_sub(t));
+            if let Some(probers) = self.open(v, *id, m.epoch, Purpose::Remove) {
+                out.push(Command::Suspect {
+                    node: *id,
+                    epoch: m.epoch,
+                    reason: format!(
+                        "{} (lease {} ms); probing through nodes {probers:?}",
+                        silent
+                            .map(|s| format!("no heartbeat for {s} ms"))
+                            .unwrap_or_else(|| "never heard from by this coordinator".into()),
+                        cfg.lease_ttl_ms
+                    ),
+                    at: now,
+                });
+            }
+        }
+        self.reinstatements(v, &mut out);
+        self.conclude(v, &mut out);
+        out
+    }
+
+    /// Removed nodes that rejoined under a new epoch ask to come back: a
+    /// confidence vote once their backoff has passed and they report healthy.
+    fn reinstatements(&mut self, v: &View, out: &mut Vec<Command>) {
+        let _ = out;
+        let now = v.now;
+        for (id, m) in &v.state.members {
+            let waiting = m.status == MemberStatus::Active
+                && m.epoch > 0
+                && m.removals > 0
+                && m.report.stage < Stage::READY
+                && m.admitted_late_in_boot != Some(v.state.boot);
+            if !waiting
+                || self.rounds.contains_key(id)
+                || self.quiet_until.get(id).is_some_and(|t| now < *t)
+            {
+                continue;
+            }
+            if now
+                < m.last_removed_at
+                    .saturating_add(v.cfg().backoff(m.removals))
+            {
+                continue;
+            }
+            if !self.reported(*id, m.epoch).is_some_and(Health::is_healthy) {
+                continue;
+            }
+            self.open(v, *id, m.epoch, Purpose::Reinstate);
+        }
+    }
+
+    fn conclude(&mut self, v: &View, out: &mut Vec<Command>) {
+        let now = v.now;
+        let cfg = v.cfg().clone();
+        let mut done = vec![];
+        for (id, r) in &self.rounds {
+            let Some(m) = v.state.members.get(id) else {
+                done.push((*id, 0));
+                continue;
+            };
+            if m.epoch != r.epoch || m.status != MemberStatus::Active {
+                done.push((*id, 0));
+                continue;
+            }
+            let need = r.probers.len() / 2 + 1;
+            let fails = r.results.values().filter(|(ok, _)| !ok).count();
+            let oks = r.results.len() - fails;
+            let details: Vec<String> = r
+                .results
+                .iter()
+                .map(|(p, (ok, d))| {
+                    format!(
+                        "node {p}: {}",
+                        if *ok { "reached it".into() } else { d.clone() }
+                    )
+                })
+                .collect();
+            let timed_out = now.saturating_sub(r.started) > 2 * cfg.probe_timeout_ms;
+            match r.purpose {
+                Purpose::Remove => {
+                    if v.heard(*id).is_some_and(|t| t > r.started) {
+                        out.push(Command::Refute {
+                            node: *id,
+                            epoch: r.epoch,
+                            detail: "it renewed its lease while suspected".into(),
+                            at: now,
+                        });
+                        done.push((*id, 0));
+                    } else if fails >= need {
+                        out.push(Command::Remove {
+                            node: *id,
+                            epoch: r.epoch,
+                            reason: format!(
+                                "lease lapsed and {fails} of {} eligible probes failed ({})",
+                                r.probers.len(),
+                                details.join("; ")
+                            ),
+                            at: now,
+                        });
+                        done.push((*id, 0));
+                    } else if oks >= need {
+                        out.push(Command::Refute {
+                            node: *id,
+                            epoch: r.epoch,
+                            detail: format!(
+                                "{oks} of {} eligible probes reached it ({})",
+                                r.probers.len(),
+                                details.join("; ")
+                            ),
+                            at: now,
+                        });
+                        done.push((*id, cfg.lease_ttl_ms));
+                    } else if timed_out {
+                        done.push((*id, 0));
+                    }
+                }
+                Purpose::Reinstate => {
+                    if oks >= need {
+                        out.push(Command::AdmitLate {
+                            node: *id,
+                            epoch: r.epoch,
+                            at: now,
+                        });
+                        done.push((*id, 0));
+                    } else if fails >= need || timed_out {
+                        done.push((*id, cfg.probe_timeout_ms));
+                    }
+                }
+            }
+        }
+        for (id, quiet) in done {
+            self.rounds.remove(&id);
+            if quiet > 0 {
+                self.quiet_until.insert(id, now + quiet);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{ClusterConfig, NodeSpec, Role};
+    use crate::state::{ClusterState, Command, MemberStatus, Response};
+    use crate::{Coordinator, EventKind, Health, NodeId, Stage};
+
+    /// A ready 5-node cluster whose coordinator is node 1.
+    fn ready_cluster() -> (ClusterState, Coordinator) {
+        let mut c = ClusterConfig::default();
+        for id in 1..=5 {
+            let role = if id <= 3 { Role::Voter } else { Role::Worker };
+            c.nodes.insert(
+                id,
+                NodeSpec {
+                    addr: String::new(),
+                    admin_addr: String::new(),
+                    role,
+                },
+            );
+        }
+        let mut s = ClusterState::default();
+        let mut i = 0;
+        let mut apply = |s: &mut ClusterState, cmd: Command| {
+            i += 1;
+            s.apply(i, cmd)
+        };
+        apply(&mut s, Command::Configure { config: c, at: 0 });
+        for n in 1..=5 {
+            apply(&mut s, Command::Join { node: n, at: 0 });
+        }
+        for st in Stage::ALL.iter().skip(1) {
+            let from = s.stage;
+            apply(
+                &mut s,
+                Command::Advance {
+                    boot: 1,
+                    from,
+                    at: 0,
+                },
+            );
+            for n in 1..=5 {
+                let epoch = s.members[&n].epoch;
+                let r = apply(
+                    &mut s,
+                    Command::Report {
+                        node: n,
+                        epoch,
+                        stage: *st,
+                        waiting: None,
+                        progress: None,
+                        unreachable: vec![],
+                        at: 0,
+                    },
+                );
+                assert_eq!(r, Response::Ok);
+            }
+        }
+        apply(
+            &mut s,
+            Command::Advance {
+                boot: 1,
+                from: Stage::PRELOADED,
+                at: 0,
+            },
+        );
+        assert_eq!(s.stage, Stage::READY);
+        (s, Coordinator::new(1, 1, 0))
+    }
+
+    fn run(s: &mut ClusterState, cmds: Vec<Command>) {
+        for c in cmds {
+            let i = s.applied_index + 1;
+            s.apply(i, c);
+        }
+    }
+
+    fn beat(c: &mut Coordinator, s: &ClusterState, now: u64, nodes: &[NodeId]) {
+        for n in nodes {
+            c.on_heartbeat(now, *n, s.members[n].epoch, Health::Healthy);
+        }
+    }
+
+    #[test]
+    fn removal_needs_a_probe_majority_and_a_lone_false_accuser_is_outvoted() {
+        let (mut s, mut c) = ready_cluster();
+        let mut now = 0;
+        for _ in 0..13 {
+            beat(&mut c, &s, now, &[1, 2, 3, 4, 5]);
+            let out = c.tick(now, &s);
+            run(&mut s, out);
+            now += 100;
+        }
+        // Node 5 silent until suspected.
+        let probes = loop {
+            beat(&mut c, &s, now, &[1, 2, 3, 4]);
+            let out = c.tick(now, &s);
+            run(&mut s, out);
+            let p = c.take_probes();
+            if !p.is_empty() {
+                break p;
+            }
+            now += 100;
+        };
+        assert_eq!(probes.len(), 3);
+        assert!(probes.iter().all(|p| p.suspect == 5 && p.prober != 5));
+        // First prober says "unreachable", the other two reached it.
+        for (i, p) in probes.iter().enumerate() {
+            c.on_probe_result(p.round, p.prober, 5, i != 0, "no answer".into());
+        }
+        let out = c.tick(now, &s);
+        assert!(
+            out.iter()
+                .any(|c| matches!(c, Command::Refute { node: 5, .. })),
+            "{out:?}"
+        );
+        assert!(!out.iter().any(|c| matches!(c, Command::Remove { .. })));
+        run(&mut s, out);
+        // Quiet for a lease, then suspected again; this time two fail.
+        let probes = loop {
+            now += 100;
+            beat(&mut c, &s, now, &[1, 2, 3, 4]);
+            let out = c.tick(now, &s);
+            run(&mut s, out);
+            let p = c.take_probes();
+            if !p.is_empty() {
+                break p;
+            }
+            assert!(now < 10_000);
+        };
+        for (i, p) in probes.iter().enumerate() {
+            c.on_probe_result(p.round, p.prober, 5, i == 0, "connection refused".into());
+        }
+        let out = c.tick(now, &s);
+        assert!(
+            out.iter()
+                .any(|c| matches!(c, Command::Remove { node: 5, .. })),
+            "{out:?}"
+        );
+        run(&mut s, out);
+        assert!(matches!(s.members[&5].status, MemberStatus::Removed { .. }));
+        assert!(s
+            .refusal(5, s.members[&5].epoch)
+            .is_some_and(|r| r.contains("revoked")));
+    }
+
+    #[test]
+    fn impaired_nodes_never_probe_and_fail_stop_is_removed_on_its_own_word() {
+        let (mut s, mut c) = ready_cluster();
+        let mut now = 0;
+        for _ in 0..13 {
+            beat(&mut c, &s, now, &[1, 2, 3, 5]);
+            c.on_heartbeat(
+                now,
+                4,
+                s.members[&4].epoch,
+                Health::Impaired("event-loop lag 400 ms".into()),
+            );
+            let out = c.tick(now, &s);
+            run(&mut s, out);
+            now += 100;
+        }
+        assert!(!s.members[&4].health.healthy);
+        assert!(s.events.iter().any(|e| e.kind == EventKind::NodeImpaired));
+        // Node 5 falls silent: node 4 is never among its probers.
+        let probes = loop {
+            beat(&mut c, &s, now, &[1, 2, 3]);
+            c.on_heartbeat(
+                now,
+                4,
+                s.members[&4].epoch,
+                Health::Impaired("event-loop lag 400 ms".into()),
+            );
+            let out = c.tick(now, &s);
+            run(&mut s, out);
+            let p = c.take_probes();
+            if !p.is_empty() {
+                break p;
+            }
+            now += 100;
+        };
+        assert!(probes.iter().all(|p| p.prober != 4), "{probes:?}");
+        // Node 3 declares fail-stop: removed without probes.
+        c.on_heartbeat(
+            now,
+            3,
+            s.members[&3].epoch,
+            Health::FailStop("constant tables corrupted".into()),
+        );
+        let out = c.tick(now, &s);
+        assert!(out.iter().any(
+            |c| matches!(c, Command::Remove { node: 3, reason, .. } if reason.contains("fail-stop"))
+        ));
+    }
+
+    #[test]
+    fn reinstatement_waits_for_backoff_health_and_a_confidence_vote() {
+        let (mut s, mut c) = ready_cluster();
+        let e5 = s.members[&5].epoch;
+        run(
+            &mut s,
+            vec![Command::Remove {
+                node: 5,
+                epoch: e5,
+                reason: "test".into(),
+                at: 0,
+            }],
+        );
+        let i = s.applied_index + 1;
+        let Response::Joined { epoch } = s.apply(i, Command::Join { node: 5, at: 10 }) else {
+            panic!()
+        };
+        let mut now = 1_200;
+        beat(&mut c, &s, now, &[1, 2, 3, 4]);
+        c.on_heartbeat(now, 5, epoch, Health::Impaired("checks failing".into()));
+        let out = c.tick(now, &s);
+        run(&mut s, out);
+        assert!(
+            c.take_probes().is_empty(),
+            "no vote while it reports itself impaired"
+        );
+        now += 100;
+        beat(&mut c, &s, now, &[1, 2, 3, 4, 5]);
+        let out = c.tick(now, &s);
+        run(&mut s, out);
+        let probes = c.take_probes();
+        assert_eq!(probes.len(), 3);
+        for p in &probes {
+            c.on_probe_result(p.round, p.prober, 5, true, String::new());
+        }
+        let out = c.tick(now, &s);
+        assert!(
+            out.iter()
+                .any(|c| matches!(c, Command::AdmitLate { node: 5, .. })),
+            "{out:?}"
+        );
+        run(&mut s, out);
+        assert!(s.events.iter().any(|e| e.kind == EventKind::NodeReinstated));
+        assert_eq!(s.config.membership.backoff(1), 1_000);
+        assert_eq!(s.config.membership.backoff(3), 4_000);
+        assert_eq!(s.config.membership.backoff(30), 60_000);
+    }
+}
