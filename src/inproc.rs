@@ -48,7 +48,7 @@ impl InProcCluster {
         let mut ids: Vec<(bool, NodeId)> = self
             .configs
             .values()
-            .map(|c| (c.me().role != orrery_core::Role::Voter, c.node_id))
+            .map(|c| (!c.me().role.is_voter(), c.node_id))
             .collect();
         ids.sort();
         for (_, id) in ids {

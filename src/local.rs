@@ -8,10 +8,11 @@
 //! decided is read from the nodes.
 
 use anyhow::{bail, Context, Result};
-use orrery_core::{ClusterState, NodeId, Role, Stage, StuckPolicy};
+use orrery_core::{ClusterState, MembershipConfig, NodeId, Role, Stage, StuckPolicy};
 use orrery_node::config::{
     DemoConfig, NodeConfig, NodeEntry, RaftTiming, RpcConfig, StartupConfig,
 };
+use orrery_node::health::{HealthConfig, HealthFaults};
 use orrery_node::NodeStatus;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -25,8 +26,14 @@ pub struct Plan {
     pub data_dir: PathBuf,
     pub stage_deadline_ms: u64,
     pub stuck_policy: StuckPolicy,
+    /// How many of the voters are arbiters (vote, host nothing).
+    pub arbiters: u64,
     /// Per-node demo settings (fault hooks), by node id.
     pub demo: Vec<(NodeId, DemoConfig)>,
+    /// Per-node health fault hooks, by node id.
+    pub faults: Vec<(NodeId, HealthFaults)>,
+    pub membership: MembershipConfig,
+    pub health: HealthConfig,
 }
 
 impl Plan {
@@ -37,7 +44,11 @@ impl Plan {
             data_dir: data_dir.into(),
             stage_deadline_ms: StartupConfig::default().stage_deadline_ms,
             stuck_policy: StuckPolicy::Exclude,
+            arbiters: 0,
             demo: vec![],
+            faults: vec![],
+            membership: MembershipConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -107,6 +118,13 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
             plan.nodes
         );
     }
+    if plan.arbiters >= plan.voters {
+        bail!(
+            "--arbiters must be fewer than --voters: at least one voter hosts services (got {} of {})",
+            plan.arbiters,
+            plan.voters
+        );
+    }
     std::fs::create_dir_all(&plan.data_dir)
         .with_context(|| format!("cannot create {}", plan.data_dir.display()))?;
     if Manifest::path(&plan.data_dir).exists() {
@@ -127,8 +145,10 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
             id,
             addr: format!("127.0.0.1:{}", ports[2 * (id as usize - 1)]),
             admin_addr: format!("127.0.0.1:{}", ports[2 * (id as usize - 1) + 1]),
-            role: if id <= plan.voters {
+            role: if id + plan.arbiters <= plan.voters {
                 Role::Voter
+            } else if id <= plan.voters {
+                Role::Arbiter
             } else {
                 Role::Worker
             },
@@ -161,6 +181,14 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
                 .iter()
                 .find(|(id, _)| *id == n.id)
                 .map(|(_, d)| d.clone())
+                .unwrap_or_default(),
+            membership: plan.membership.clone(),
+            health: plan.health.clone(),
+            faults: plan
+                .faults
+                .iter()
+                .find(|(id, _)| *id == n.id)
+                .map(|(_, f)| f.clone())
                 .unwrap_or_default(),
             nodes: nodes.clone(),
         };

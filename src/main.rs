@@ -46,6 +46,10 @@ enum Cmd {
         nodes: u64,
         #[arg(long, default_value_t = 3)]
         voters: u64,
+        /// How many of the voters are arbiters: they vote and probe but host
+        /// no services and take no client traffic.
+        #[arg(long, default_value_t = 0)]
+        arbiters: u64,
         #[arg(long, default_value = "orrery-data")]
         data_dir: PathBuf,
         /// Exit 0 once stage 0 is reached (non-zero with the diagnosis if not).
@@ -102,6 +106,7 @@ fn main() -> Result<()> {
         Cmd::Up {
             nodes,
             voters,
+            arbiters,
             data_dir,
             exit_when_ready,
             ready_timeout_s,
@@ -109,6 +114,7 @@ fn main() -> Result<()> {
             stuck_policy,
         } => {
             let mut plan = Plan::new(nodes, voters, data_dir);
+            plan.arbiters = arbiters;
             plan.stage_deadline_ms = stage_deadline_ms;
             plan.stuck_policy = stuck_policy;
             up(plan, exit_when_ready, Duration::from_secs(ready_timeout_s))

@@ -19,6 +19,22 @@ pub enum Role {
     Voter,
     /// Hosts services; reaches the control plane through the voters.
     Worker,
+    /// A voter that hosts no services and takes no client traffic: it only
+    /// keeps the control plane's quorum and settles disputes (post-mortem
+    /// 003's two hidden nodes).
+    Arbiter,
+}
+
+impl Role {
+    /// Holds a Raft vote.
+    pub fn is_voter(self) -> bool {
+        matches!(self, Role::Voter | Role::Arbiter)
+    }
+
+    /// Runs application services.
+    pub fn hosts_services(self) -> bool {
+        matches!(self, Role::Voter | Role::Worker)
+    }
 }
 
 impl fmt::Display for Role {
@@ -26,6 +42,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Voter => "voter",
             Role::Worker => "worker",
+            Role::Arbiter => "arbiter",
         })
     }
 }
@@ -185,7 +202,7 @@ impl ClusterConfig {
     pub fn voters(&self) -> Vec<NodeId> {
         self.nodes
             .iter()
-            .filter(|(_, s)| s.role == Role::Voter)
+            .filter(|(_, s)| s.role.is_voter())
             .map(|(id, _)| *id)
             .collect()
     }

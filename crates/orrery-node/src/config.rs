@@ -3,7 +3,8 @@
 //! This module owns parsing and validating the file; it never starts
 //! anything. A wrong file is refused whole with an error that names the key.
 
-use orrery_core::{ClusterConfig, NodeId, NodeSpec, Role, StuckPolicy};
+use crate::health::{HealthConfig, HealthFaults};
+use orrery_core::{ClusterConfig, MembershipConfig, NodeId, NodeSpec, Role, StuckPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,15 @@ pub struct NodeConfig {
     /// The built-in demo service.
     #[serde(default)]
     pub demo: DemoConfig,
+    /// Failure detection: leases, self-fencing, probes, backoff.
+    #[serde(default)]
+    pub membership: MembershipConfig,
+    /// Self-diagnosis.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Fault-injection hooks for tests (all off by default).
+    #[serde(default)]
+    pub faults: HealthFaults,
     /// Every node of the cluster.
     pub nodes: Vec<NodeEntry>,
 }
@@ -217,7 +227,7 @@ impl NodeConfig {
                 self.node_id
             ));
         }
-        let voters = self.nodes.iter().filter(|n| n.role == Role::Voter).count();
+        let voters = self.nodes.iter().filter(|n| n.role.is_voter()).count();
         if voters == 0 || voters % 2 == 0 {
             return bad(format!(
                 "the cluster needs an odd number of voters (3 or 5 recommended), found {voters}"
@@ -233,6 +243,8 @@ impl NodeConfig {
                 s.liveness_window_ms, s.report_interval_ms
             ));
         }
+        self.membership.validate().map_err(ConfigError::Invalid)?;
+        self.health.validate().map_err(ConfigError::Invalid)?;
         let r = &self.raft;
         if !(r.heartbeat_ms < r.election_min_ms && r.election_min_ms < r.election_max_ms) {
             return bad(
@@ -266,7 +278,7 @@ impl NodeConfig {
     pub fn voters(&self) -> BTreeMap<NodeId, String> {
         self.nodes
             .iter()
-            .filter(|n| n.role == Role::Voter)
+            .filter(|n| n.role.is_voter())
             .map(|n| (n.id, n.addr.clone()))
             .collect()
     }
@@ -291,6 +303,7 @@ impl NodeConfig {
             stage_deadline_ms: self.startup.stage_deadline_ms,
             stuck_policy: self.startup.stuck_policy,
             liveness_window_ms: self.startup.liveness_window_ms,
+            membership: self.membership.clone(),
         }
     }
 

@@ -13,6 +13,8 @@
 pub mod admin;
 pub mod clock;
 pub mod config;
+pub mod health;
+mod lease;
 pub mod messages;
 pub mod node;
 pub mod service;

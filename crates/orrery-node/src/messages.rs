@@ -4,8 +4,10 @@
 //! says what they mean. Adding a variant at the end keeps old peers able to
 //! decode the rest (postcard encodes variants by index).
 
-use orrery_core::{ClusterState, Command, Gate, NodeId, Response, Stage};
+use crate::health::HealthProof;
+use orrery_core::{ClusterState, Command, Epoch, Gate, Health, NodeId, Response, Stage};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A request from one node to another.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -25,6 +27,63 @@ pub enum Request {
     FetchState,
     /// Connectivity check.
     Ping,
+    /// Lease renewal to the leader, with the node's own health verdict and
+    /// the version of the membership view it holds.
+    Heartbeat {
+        node: NodeId,
+        epoch: Epoch,
+        health: Health,
+        view_version: u64,
+    },
+    /// Leader to an eligible node: probe `suspect` directly and say whether
+    /// it answered with a valid health proof.
+    Probe {
+        round: u64,
+        suspect: NodeId,
+        epoch: Epoch,
+    },
+    /// Prober to suspect: prove you are alive and sane.
+    HealthProbe { nonce: u64 },
+}
+
+/// Who is a member under which epoch, and who is fenced and why: what every
+/// node needs to refuse messages from revoked epochs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipView {
+    pub version: u64,
+    /// node -> (current epoch, why that epoch is fenced if it is)
+    pub members: BTreeMap<NodeId, (Epoch, Option<String>)>,
+}
+
+impl MembershipView {
+    /// The compact view of `state`'s membership (version left at 0).
+    pub fn of(state: &ClusterState) -> Self {
+        let members = state
+            .members
+            .iter()
+            .map(|(id, m)| (*id, (m.epoch, state.refusal(*id, m.epoch))))
+            .collect();
+        MembershipView {
+            version: 0,
+            members,
+        }
+    }
+
+    /// Why a message from `node` under `epoch` must be refused, if it must.
+    pub fn refusal(&self, node: NodeId, epoch: Epoch) -> Option<String> {
+        if epoch == 0 {
+            return None;
+        }
+        match self.members.get(&node) {
+            None if self.members.is_empty() => None,
+            None => Some(format!("node {node} is not a member of this cluster")),
+            Some((current, _)) if epoch < *current => Some(format!(
+                "node {node} epoch {epoch} is superseded: the current epoch is {current}"
+            )),
+            Some((current, Some(why))) if epoch == *current => Some(why.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// The answer to a [`Request`].
@@ -46,4 +105,19 @@ pub enum Reply {
         leader: Option<NodeId>,
     },
     Error(String),
+    /// The lease was renewed; a newer membership view if the node's is stale.
+    HeartbeatAck {
+        view: Option<Box<MembershipView>>,
+    },
+    /// Refused: the sender's epoch is revoked or superseded (which node,
+    /// which epoch, why).
+    Fenced {
+        reason: String,
+    },
+    /// A probe's verdict.
+    ProbeResult {
+        ok: bool,
+        detail: String,
+    },
+    HealthProof(HealthProof),
 }

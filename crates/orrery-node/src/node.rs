@@ -8,6 +8,8 @@
 
 use crate::clock::now_ms;
 use crate::config::NodeConfig;
+use crate::health::{self, HealthHandle, HealthReport};
+use crate::lease::{self, Lease};
 use crate::messages::{Reply, Request};
 use crate::service::{Service, StageContext};
 use crate::transport::{Endpoint, MemNetwork, MemTransport, TcpTransport, Transport};
@@ -75,6 +77,14 @@ pub struct NodeStatus {
     pub leader: Option<NodeId>,
     pub is_leader: bool,
     pub fenced: Option<String>,
+    /// Serving: joined, not fenced, and its lease is fresh.
+    pub serving: bool,
+    /// Its own health, as its self-checks see it.
+    pub health: Option<HealthReport>,
+    /// Version of the membership view it enforces.
+    pub membership_version: u64,
+    /// Requests refused because the sender's epoch was revoked or superseded.
+    pub refused_fenced: u64,
     pub wire: WireStatsSnapshot,
     /// Version (log index) of the address cache this node holds.
     pub address_cache_version: u64,
@@ -86,20 +96,31 @@ pub struct Node {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    cfg: NodeConfig,
+pub(crate) struct Inner {
+    pub(crate) cfg: NodeConfig,
     stats: Arc<WireStats>,
     control: Option<ControlPlane<ControlState>>,
     /// How this node reaches its peers (real TCP, or an in-process network).
     net: Arc<dyn Transport>,
-    epoch: AtomicU64,
-    leader_hint: AtomicU64,
+    /// Probes: connections of their own.
+    control_net: Arc<dyn Transport>,
+    /// Heartbeats: connections of their own, used from the heartbeat thread.
+    hb_net: Arc<dyn Transport>,
+    pub(crate) epoch: AtomicU64,
+    pub(crate) leader_hint: AtomicU64,
     status: Mutex<NodeStatus>,
     activity: StageContext,
     coordinator: Mutex<Option<Coordinator>>,
     cache: Mutex<Option<Arc<ClusterState>>>,
     services: Vec<Arc<dyn Service>>,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) health: HealthHandle,
+    pub(crate) lease: Lease,
+    started: tokio::time::Instant,
+    /// Woken when the node is fenced, so start-up can rejoin.
+    fenced_notify: tokio::sync::Notify,
+    /// Requests refused because the sender's epoch is revoked or superseded.
+    refused: AtomicU64,
 }
 
 /// Carries the control plane's opaque Raft RPCs over the node's transport.
@@ -198,7 +219,7 @@ impl Node {
             ..Default::default()
         };
         let mut control = None;
-        if me.role == Role::Voter {
+        if me.role.is_voter() {
             let mut cc = ControlConfig::new(cfg.node_id, cfg.data_dir.join("raft"), cfg.voters());
             cc.heartbeat_interval = Duration::from_millis(cfg.raft.heartbeat_ms);
             cc.election_timeout_min = Duration::from_millis(cfg.raft.election_min_ms);
@@ -207,10 +228,23 @@ impl Node {
             let _ = server.control.set(c.clone());
             control = Some(c);
         }
+        let health = health::start(
+            cfg.health.clone(),
+            cfg.faults.clone(),
+            now_ms,
+            shutdown.clone(),
+        );
         let inner = Arc::new(Inner {
             stats,
             control,
+            control_net: net.sibling(),
+            hb_net: net.sibling(),
             net,
+            health,
+            lease: Lease::default(),
+            started: tokio::time::Instant::now(),
+            fenced_notify: tokio::sync::Notify::new(),
+            refused: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             leader_hint: AtomicU64::new(0),
             status: Mutex::new(status),
@@ -225,7 +259,9 @@ impl Node {
         if inner.control.is_some() {
             tokio::spawn(coordinate(inner.clone()));
         }
-        tokio::spawn(start_up(inner.clone()));
+        tokio::spawn(supervise(inner.clone()));
+        tokio::spawn(watch_fail_stop(inner.clone()));
+        lease::spawn_heartbeats(inner.clone(), inner.hb_net.clone());
         Ok(Node { inner })
     }
 
@@ -280,30 +316,55 @@ struct Server {
 }
 
 impl Server {
-    async fn dispatch(&self, from: NodeId, req: Request) -> Reply {
+    async fn dispatch(&self, from: NodeId, epoch: u64, req: Request) -> Reply {
         if let Request::Raft(bytes) = req {
             return match self.control.get() {
                 Some(c) => Reply::Raft(c.handle_rpc(bytes).await.map_err(|e| e.to_string())),
                 None => Reply::Raft(Err("control plane not started yet".into())),
             };
         }
-        match self.node.get() {
-            Some(n) if n.shutdown.is_cancelled() => Reply::Error("node shutting down".into()),
-            Some(n) => n.handle(from, req).await,
-            None => Reply::Error("node still starting".into()),
+        let Some(n) = self.node.get() else {
+            return Reply::Error("node still starting".into());
+        };
+        if n.shutdown.is_cancelled() {
+            return Reply::Error("node shutting down".into());
         }
+        // A revoked or superseded epoch is refused everywhere; joining (and
+        // reading the state) stays open so a fenced node can come back.
+        let rejoining = matches!(
+            req,
+            Request::Propose(Command::Join { .. }) | Request::FetchState
+        );
+        if !rejoining {
+            if let Some(reason) = n.lease.view().refusal(from, epoch) {
+                n.refused.fetch_add(1, Ordering::Relaxed);
+                debug!(target: LOG, "refused a request from node {from} epoch {epoch}: {reason}");
+                return Reply::Fenced { reason };
+            }
+        }
+        n.handle(from, epoch, req).await
     }
 }
 
 impl Handler<Request, Reply> for Server {
     fn handle<'a>(&'a self, peer: &'a PeerInfo, req: Request) -> BoxFuture<'a, Reply> {
-        Box::pin(self.dispatch(peer.node_id, req))
+        Box::pin(self.dispatch(peer.node_id, peer.epoch, req))
+    }
+
+    fn admit(&self, peer: &PeerInfo) -> Result<(), String> {
+        match self.node.get() {
+            Some(n) => match n.lease.view().refusal(peer.node_id, peer.epoch) {
+                Some(reason) => Err(reason),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
     }
 }
 
 impl Endpoint for Server {
-    fn deliver(&self, from: NodeId, req: Request) -> BoxFuture<'_, Reply> {
-        Box::pin(self.dispatch(from, req))
+    fn deliver(&self, from: NodeId, epoch: u64, req: Request) -> BoxFuture<'_, Reply> {
+        Box::pin(self.dispatch(from, epoch, req))
     }
 }
 
@@ -318,6 +379,10 @@ impl Inner {
         s.waiting = a.waiting;
         s.progress = a.progress;
         s.wire = self.stats.snapshot();
+        s.serving = self.serving();
+        s.health = Some(self.health.report());
+        s.membership_version = self.lease.view().version;
+        s.refused_fenced = self.refused.load(Ordering::Relaxed);
         if let Some(c) = &self.control {
             s.leader = c.current_leader();
             s.is_leader = c.is_leader();
@@ -328,6 +393,39 @@ impl Inner {
         s
     }
 
+    /// Monotonic milliseconds since this process started.
+    pub(crate) fn mono_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Serving: ready, not fenced, and the lease is fresh.
+    pub(crate) fn serving(&self) -> bool {
+        let st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.stage == Stage::READY.number()
+            && st.fenced.is_none()
+            && !self.lease.is_fenced()
+            && self
+                .lease
+                .fresh(self.mono_ms(), self.cfg.membership.self_fence_after_ms)
+    }
+
+    /// Every transport announces `epoch` from now on.
+    fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+        for t in [&self.net, &self.control_net, &self.hb_net] {
+            t.set_epoch(epoch);
+        }
+    }
+
+    /// The cluster revoked this process's epoch (or it stopped itself): stop
+    /// serving at once and let start-up rejoin under a new epoch.
+    pub(crate) fn fence(&self, reason: String) {
+        self.lease.set_fenced(true);
+        self.update_status(|s| s.fenced = Some(reason));
+        self.fenced_notify.notify_waiters();
+        self.fenced_notify.notify_one();
+    }
+
     fn update_status(&self, f: impl FnOnce(&mut NodeStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -336,7 +434,7 @@ impl Inner {
         self.cfg
             .nodes
             .iter()
-            .any(|n| n.id == node && n.role == Role::Voter)
+            .any(|n| n.id == node && n.role.is_voter())
     }
 
     /// A voter that does not lead passes a worker's control-plane request
@@ -355,10 +453,48 @@ impl Inner {
 
     /// Server side of every non-Raft request.
     /// Server side of every non-Raft request from node `from`.
-    async fn handle(&self, from: NodeId, req: Request) -> Reply {
+    async fn handle(&self, from: NodeId, epoch: u64, req: Request) -> Reply {
         let not_voter = || Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
         match req {
             Request::Ping => Reply::Pong,
+            Request::HealthProbe { nonce } => Reply::HealthProof(self.health.proof(nonce)),
+            Request::Probe { suspect, .. } => {
+                lease::probe(self, self.control_net.as_ref(), suspect).await
+            }
+            Request::Heartbeat {
+                node,
+                epoch: hb_epoch,
+                health,
+                view_version,
+            } => {
+                let Some(c) = &self.control else {
+                    return not_voter();
+                };
+                if from != node || hb_epoch != epoch {
+                    return Reply::Error(format!("node {from} may not heartbeat for node {node}"));
+                }
+                if !c.is_leader() {
+                    return Reply::NotLeader {
+                        leader: c.current_leader(),
+                    };
+                }
+                let state = c.state();
+                if let Some(reason) = state.state.0.refusal(node, hb_epoch) {
+                    return Reply::Fenced { reason };
+                }
+                if let Some(co) = self
+                    .coordinator
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    co.on_heartbeat(now_ms(), node, hb_epoch, health);
+                }
+                let view = self.lease.view();
+                Reply::HeartbeatAck {
+                    view: (view.version != view_version).then(|| Box::new((*view).clone())),
+                }
+            }
             Request::Raft(_) => Reply::Error("routed by Server".into()),
             Request::Propose(cmd) => {
                 let Some(c) = &self.control else {
@@ -530,14 +666,55 @@ async fn coordinate(node: Arc<Inner>) {
             }
             continue;
         }
-        let cmds = {
+        lease::refresh_view(&node, &state.0);
+        // The coordinator's own health counts like anyone's: an impaired
+        // leader decides nothing (it must not accuse anyone).
+        let me = node.cfg.node_id;
+        let my_health = lease::verdict(&node.health.report().state);
+        let my_epoch = node.epoch.load(Ordering::Relaxed);
+        let (cmds, probes) = {
             let mut guard = node.coordinator.lock().unwrap_or_else(|e| e.into_inner());
             if guard.as_ref().map(|c| c.term()) != Some(term) {
                 info!(target: LOG, term, "this node now coordinates start-up");
-                *guard = Some(Coordinator::new(node.cfg.node_id, term, now_ms()));
+                *guard = Some(Coordinator::new(me, term, now_ms()));
             }
-            guard.as_mut().expect("just set").tick(now_ms(), &state.0)
+            let co = guard.as_mut().expect("just set");
+            if my_epoch > 0 {
+                co.on_heartbeat(now_ms(), me, my_epoch, my_health.clone());
+            }
+            if my_health.is_healthy() {
+                (co.tick(now_ms(), &state.0), co.take_probes())
+            } else {
+                (vec![], vec![])
+            }
         };
+        for p in probes {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let timeout = Duration::from_millis(3 * node.cfg.membership.probe_timeout_ms);
+                let reply = if p.prober == node.cfg.node_id {
+                    Ok(lease::probe(&node, node.control_net.as_ref(), p.suspect).await)
+                } else {
+                    let req = Request::Probe {
+                        round: p.round,
+                        suspect: p.suspect,
+                        epoch: p.epoch,
+                    };
+                    node.control_net.call(p.prober, req, timeout).await
+                };
+                if let Ok(Reply::ProbeResult { ok, detail }) = reply {
+                    info!(target: LOG, prober = p.prober, suspect = p.suspect, ok, "probe result {detail}");
+                    if let Some(co) = node
+                        .coordinator
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_mut()
+                    {
+                        co.on_probe_result(p.round, p.prober, p.suspect, ok, detail);
+                    }
+                }
+            });
+        }
         for cmd in cmds {
             match control.write(cmd.clone()).await {
                 Ok((_, Response::Rejected { reason })) => {
@@ -549,6 +726,77 @@ async fn coordinate(node: Arc<Inner>) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Runs start-up, then watches for the node being fenced; a fenced node
+/// (its epoch revoked while it was paused or cut off) stops serving at once
+/// and rejoins under a new epoch, which the coordinator grants after a
+/// confidence vote. A node that failed-stop stays down.
+async fn supervise(node: Arc<Inner>) {
+    let mut rejoins = 0u32;
+    loop {
+        start_up(node.clone()).await;
+        loop {
+            if node.shutdown.is_cancelled() {
+                return;
+            }
+            if node.status_now().fenced.is_some() {
+                break;
+            }
+            tokio::select! {
+                _ = node.shutdown.cancelled() => return,
+                _ = node.fenced_notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        let reason = node.status_now().fenced.unwrap_or_default();
+        if node.health.report().state.is_fail_stop() {
+            warn!(target: LOG, "fail-stop: this node stays down and needs a person ({reason})");
+            return;
+        }
+        let pause = Duration::from_millis((100u64 << rejoins.min(6)).min(5_000));
+        rejoins += 1;
+        warn!(target: LOG, "fenced ({reason}); rejoining under a new epoch in {pause:?}");
+        node.set_epoch(0);
+        node.activity.clear();
+        node.update_status(|s| {
+            s.stage = Stage::NOT_STARTED.number();
+            s.stage_since_ms = now_ms();
+            s.stage_completed_at.clear();
+            s.unreachable.clear();
+        });
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        node.lease.set_fenced(false);
+        node.update_status(|s| s.fenced = None);
+    }
+}
+
+/// A fatal self-check failure: stop serving, stop voting (a voter shuts its
+/// control plane down), keep the admin endpoint up, and say so. The
+/// heartbeats go on carrying the verdict, so the coordinator removes it.
+async fn watch_fail_stop(node: Arc<Inner>) {
+    let mut rx = node.health.watch();
+    loop {
+        let report = rx.borrow_and_update().clone();
+        if report.state.is_fail_stop() {
+            let reasons = report.state.reasons().join("; ");
+            tracing::error!(target: LOG, "FAIL-STOP: {reasons}; this node stops serving and voting and needs a person");
+            node.fence(format!("fail-stop: {reasons}"));
+            if let Some(c) = &node.control {
+                if let Err(e) = c.shutdown().await {
+                    warn!(target: LOG, "control plane shutdown after fail-stop: {e}");
+                }
+            }
+            return;
+        }
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -590,10 +838,10 @@ async fn start_up(node: Arc<Inner>) {
     };
     node.epoch.store(epoch, Ordering::Relaxed);
     // From now on every connection announces this process's epoch.
-    node.net.set_epoch(epoch);
+    node.set_epoch(epoch);
     complete(&node, Stage::RUNNING);
     info!(target: LOG, node = id, epoch, "joined the control plane (stage -4)");
-    tokio::spawn(reporter(node.clone()));
+    tokio::spawn(reporter(node.clone(), epoch));
     let mut stage = Stage::RUNNING;
     while let Some(next) = stage.next() {
         // The barrier.
@@ -694,6 +942,9 @@ async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
         }
         _ => {}
     }
+    if !node.cfg.me().role.hosts_services() {
+        return Ok(()); // Arbiters vote and probe; they run no services.
+    }
     for svc in &node.services {
         svc.on_stage(stage, &node.activity)
             .await
@@ -764,7 +1015,7 @@ async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
 
 /// Re-reports the node's stage and waits every `report_interval`: the
 /// stuck-node diagnosis and the coordinator's liveness view come from here.
-async fn reporter(node: Arc<Inner>) {
+async fn reporter(node: Arc<Inner>, epoch: u64) {
     let mut tick = tokio::time::interval(Inner::interval(node.cfg.startup.report_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -772,7 +1023,7 @@ async fn reporter(node: Arc<Inner>) {
             _ = node.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if node.status_now().fenced.is_some() {
+        if node.status_now().fenced.is_some() || node.epoch.load(Ordering::Relaxed) != epoch {
             return;
         }
         match node.report().await {
@@ -780,7 +1031,7 @@ async fn reporter(node: Arc<Inner>) {
                 if reason.contains("superseded") || reason.contains("excluded") =>
             {
                 warn!(target: LOG, "fenced: {reason}");
-                node.update_status(|s| s.fenced = Some(reason));
+                node.fence(reason);
                 return;
             }
             Ok(_) => {}

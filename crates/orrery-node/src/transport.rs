@@ -42,16 +42,21 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Reply, TransportError>>;
     /// From now on, connections announce this process epoch.
     fn set_epoch(&self, epoch: u64);
+    /// A second attachment with connections of its own, for traffic that
+    /// must not queue behind the node's other work (heartbeats, probes).
+    fn sibling(&self) -> Arc<dyn Transport>;
 }
 
 /// The server side of a node, as a network delivers to it.
 pub trait Endpoint: Send + Sync + 'static {
-    fn deliver(&self, from: NodeId, req: Request) -> BoxFuture<'_, Reply>;
+    /// `req` from node `from`, running under `epoch`.
+    fn deliver(&self, from: NodeId, epoch: u64, req: Request) -> BoxFuture<'_, Reply>;
 }
 
 /// Real TCP through orrery-wire.
 pub struct TcpTransport {
     base: WireConfig,
+    epoch: AtomicU64,
     stats: Arc<WireStats>,
     connect_timeout: Duration,
     addrs: BTreeMap<NodeId, String>,
@@ -67,6 +72,7 @@ impl TcpTransport {
     ) -> Self {
         let pool = Self::pool_for(&base, &stats, connect_timeout, &addrs);
         TcpTransport {
+            epoch: AtomicU64::new(base.epoch),
             base,
             stats,
             connect_timeout,
@@ -127,10 +133,22 @@ impl Transport for TcpTransport {
     }
 
     fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
         let mut cfg = self.base.clone();
         cfg.epoch = epoch;
         let fresh = Self::pool_for(&cfg, &self.stats, self.connect_timeout, &self.addrs);
         *self.pool.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    }
+
+    fn sibling(&self) -> Arc<dyn Transport> {
+        let mut base = self.base.clone();
+        base.epoch = self.epoch.load(Ordering::Relaxed);
+        Arc::new(TcpTransport::new(
+            base,
+            self.stats.clone(),
+            self.connect_timeout,
+            self.addrs.clone(),
+        ))
     }
 }
 
@@ -227,12 +245,17 @@ impl MemNetwork {
 /// One node's attachment to a [`MemNetwork`].
 pub struct MemTransport {
     me: NodeId,
+    epoch: Arc<AtomicU64>,
     net: Arc<MemNetwork>,
 }
 
 impl MemTransport {
     pub fn new(me: NodeId, net: Arc<MemNetwork>) -> Self {
-        MemTransport { me, net }
+        MemTransport {
+            me,
+            epoch: Arc::new(AtomicU64::new(0)),
+            net,
+        }
     }
 }
 
@@ -269,7 +292,9 @@ impl Transport for MemTransport {
                         reason: "connection refused".into(),
                     });
                 };
-                let reply = ep.deliver(self.me, req).await;
+                let reply = ep
+                    .deliver(self.me, self.epoch.load(Ordering::Relaxed), req)
+                    .await;
                 let Some(back) = self.net.hop(target, self.me) else {
                     self.net.lost.fetch_add(1, Ordering::Relaxed);
                     return std::future::pending().await;
@@ -286,5 +311,15 @@ impl Transport for MemTransport {
         })
     }
 
-    fn set_epoch(&self, _epoch: u64) {}
+    fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    fn sibling(&self) -> Arc<dyn Transport> {
+        Arc::new(MemTransport {
+            me: self.me,
+            epoch: self.epoch.clone(),
+            net: self.net.clone(),
+        })
+    }
 }

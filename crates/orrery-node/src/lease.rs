@@ -1,0 +1,212 @@
+//! The node's side of membership: its liveness lease, self-fencing, the
+//! membership view it uses to refuse revoked epochs, and probing.
+//!
+//! Why a thread of its own: a node busy with user work, logging or disk I/O
+//! must not be declared dead because its heartbeats waited behind that
+//! work. The heartbeat loop runs on a dedicated OS thread with its own
+//! single-threaded runtime and its own connections, so only a truly stopped
+//! process (crash, SIGSTOP, cut links) stops renewing its lease. A stalled
+//! *work path* is the health monitor's business: it reports the node
+//! impaired, and the coordinator acts on that.
+//!
+//! Self-fencing: the node serves only while its last *acknowledged*
+//! heartbeat was sent less than `self_fence_after_ms` ago. The coordinator
+//! may suspect it only after `lease_ttl_ms` without a heartbeat, and
+//! `self_fence_after_ms + fence_margin_ms <= lease_ttl_ms` is asserted at
+//! start, so a node always stops serving before it can be declared dead.
+//!
+//! What it must never do: decide membership (the coordinator does), or let a
+//! heartbeat wait on anything but the network.
+
+use crate::clock::now_ms;
+use crate::health::{HealthProof, HealthState};
+use crate::messages::{MembershipView, Reply, Request};
+use crate::node::Inner;
+use crate::transport::Transport;
+use orrery_core::{Health, NodeId};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tracing::{info, warn};
+
+const LOG: &str = "orrery::lease";
+
+/// The lease as this node sees it.
+#[derive(Default)]
+pub(crate) struct Lease {
+    /// Monotonic ms (since process start) at which the last acknowledged
+    /// heartbeat was sent; 0 = never.
+    last_acked_send: AtomicU64,
+    /// The node was told its epoch is revoked (or it failed-stop).
+    fenced: AtomicBool,
+    view: RwLock<Arc<MembershipView>>,
+}
+
+impl Lease {
+    /// Whether the lease is fresh enough to serve, at monotonic time `mono`.
+    pub fn fresh(&self, mono: u64, self_fence_after: u64) -> bool {
+        let at = self.last_acked_send.load(Ordering::Relaxed);
+        at > 0 && mono.saturating_sub(at) <= self_fence_after
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    pub fn set_fenced(&self, fenced: bool) {
+        self.fenced.store(fenced, Ordering::Relaxed);
+        if fenced {
+            self.last_acked_send.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn view(&self) -> Arc<MembershipView> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_view(&self, v: MembershipView) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+    }
+}
+
+/// The core verdict from the node's health monitor.
+pub(crate) fn verdict(state: &HealthState) -> Health {
+    match state {
+        HealthState::Healthy => Health::Healthy,
+        HealthState::Impaired { reasons } => Health::Impaired(reasons.join("; ")),
+        HealthState::FailStop { reasons } => Health::FailStop(reasons.join("; ")),
+    }
+}
+
+/// Starts the heartbeat loop on its own OS thread.
+pub(crate) fn spawn_heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
+    let name = format!("orrery-heartbeat-{}", node.cfg.node_id);
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                warn!(target: LOG, "cannot start the heartbeat runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(heartbeats(node, net));
+    });
+    if let Err(e) = spawned {
+        warn!(target: LOG, "cannot start the heartbeat thread: {e}");
+    }
+}
+
+async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
+    let mc = node.cfg.membership.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(mc.heartbeat_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = Duration::from_millis(mc.heartbeat_interval_ms.max(100));
+    let voters: Vec<NodeId> = node.cfg.voters().keys().copied().collect();
+    let mut target_i = 0usize;
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let epoch = node.epoch.load(Ordering::Relaxed);
+        if epoch == 0 {
+            continue;
+        }
+        let health = verdict(&node.health.report().state);
+        let sent = node.mono_ms();
+        let hint = node.leader_hint.load(Ordering::Relaxed);
+        let target = if hint != 0 {
+            hint
+        } else {
+            voters[target_i % voters.len()]
+        };
+        let req = Request::Heartbeat {
+            node: node.cfg.node_id,
+            epoch,
+            health,
+            view_version: node.lease.view().version,
+        };
+        match net.call(target, req, timeout).await {
+            Ok(Reply::HeartbeatAck { view }) => {
+                if node.epoch.load(Ordering::Relaxed) == epoch && !node.lease.is_fenced() {
+                    node.lease
+                        .last_acked_send
+                        .store(sent.max(1), Ordering::Relaxed);
+                }
+                if let Some(v) = view {
+                    node.lease.set_view(*v);
+                }
+            }
+            Ok(Reply::NotLeader { leader }) => match leader {
+                Some(l) if l != target => node.leader_hint.store(l, Ordering::Relaxed),
+                _ => {
+                    node.leader_hint.store(0, Ordering::Relaxed);
+                    target_i += 1;
+                }
+            },
+            Ok(Reply::Fenced { reason }) => {
+                if node.epoch.load(Ordering::Relaxed) == epoch && !node.lease.is_fenced() {
+                    warn!(target: LOG, "the cluster revoked this node's epoch {epoch}: {reason}");
+                    node.fence(reason);
+                }
+            }
+            Ok(_) | Err(_) => {
+                node.leader_hint.store(0, Ordering::Relaxed);
+                target_i += 1;
+            }
+        }
+    }
+}
+
+/// Prober side: probe `suspect` directly with a health challenge and verify
+/// its proof. A node that is not healthy itself refuses to probe.
+pub(crate) async fn probe(node: &Inner, net: &dyn Transport, suspect: NodeId) -> Reply {
+    if !node.health.is_healthy() {
+        return Reply::Error(format!(
+            "node {} is not healthy and does not probe",
+            node.cfg.node_id
+        ));
+    }
+    let nonce = now_ms() ^ (suspect << 48) ^ node.mono_ms().rotate_left(17);
+    let timeout = Duration::from_millis(node.cfg.membership.probe_timeout_ms);
+    let (ok, detail) = match net
+        .call(suspect, Request::HealthProbe { nonce }, timeout)
+        .await
+    {
+        Ok(Reply::HealthProof(p)) => check_proof(node, &p, nonce),
+        Ok(Reply::Fenced { reason }) => (false, format!("it refused us: {reason}")),
+        Ok(other) => (false, format!("unexpected answer {other:?}")),
+        Err(e) => (false, e.to_string()),
+    };
+    Reply::ProbeResult { ok, detail }
+}
+
+fn check_proof(node: &Inner, p: &HealthProof, nonce: u64) -> (bool, String) {
+    if p.nonce != nonce {
+        return (false, "stale health proof".into());
+    }
+    if !node.health.verify_peer_response(p) {
+        return (false, "invalid health proof".into());
+    }
+    if p.node_state != HealthState::Healthy.code() {
+        return (false, "it reports itself unhealthy".into());
+    }
+    (true, String::new())
+}
+
+/// Leader side: the compact membership view, re-versioned when it changes.
+pub(crate) fn refresh_view(node: &Inner, state: &orrery_core::ClusterState) -> Arc<MembershipView> {
+    let mut fresh = MembershipView::of(state);
+    let current = node.lease.view();
+    if current.members == fresh.members {
+        return current;
+    }
+    // Raft log indexes only grow, so versions stay monotonic across leaders.
+    fresh.version = state.applied_index.max(current.version + 1);
+    info!(target: LOG, version = fresh.version, "membership view changed");
+    node.lease.set_view(fresh);
+    node.lease.view()
+}
