@@ -93,6 +93,17 @@ impl TestCluster {
         }
     }
 
+    /// Sends a signal (e.g. "STOP", "CONT") to node `id`'s process.
+    pub fn signal(&self, id: NodeId, sig: &str) {
+        let pid = self.procs.get(&id).expect("node running").id();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -{sig} {pid} failed");
+    }
+
     /// SIGTERM to all, then wait for every process to exit (bounded).
     pub fn stop_all(&mut self) {
         for c in self.procs.values() {

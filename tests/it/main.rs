@@ -12,5 +12,6 @@
 
 mod cluster;
 mod inproc;
+mod membership;
 mod sim;
 mod startup;

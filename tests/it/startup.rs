@@ -44,7 +44,7 @@ fn killed_leader_during_preload_is_replaced_reported_and_excluded() {
     let slow = DemoConfig {
         preload_items: 40,
         preload_item_ms: 50,
-        hang_at_item: 0,
+        ..Default::default()
     };
     let mut c = TestCluster::new(5, 3, |p| {
         p.stage_deadline_ms = 4_000;
@@ -93,6 +93,7 @@ fn hung_preload_cluster(policy: StuckPolicy) -> TestCluster {
                 preload_items: 10,
                 preload_item_ms: 10,
                 hang_at_item: 3,
+                ..Default::default()
             },
         )];
     });

@@ -346,6 +346,21 @@ impl<S: ReplicatedState> ControlPlane<S> {
         self.inner.raft.metrics().borrow_watched().current_term
     }
 
+    /// While leader: how long ago a quorum of voters last acknowledged this
+    /// leader. A leader cut off from its quorum sees this grow; callers use
+    /// it to stop vouching for anything (e.g. renewing leases). `None` when
+    /// not leader or never acknowledged.
+    pub fn quorum_ack_age(&self) -> Option<Duration> {
+        if !self.is_leader() {
+            return None;
+        }
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        m.last_quorum_acked
+            .as_ref()
+            .map(|t| openraft::Instant::elapsed(&**t))
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.inner.cfg.node_id

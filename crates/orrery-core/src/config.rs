@@ -121,6 +121,10 @@ pub struct MembershipConfig {
     pub probe_count: u32,
     /// Deadline of one probe. Default 300.
     pub probe_timeout_ms: Millis,
+    /// Every node checks one peer's health proof this often, and reports a
+    /// failure to the coordinator (an accusation, acted on only if the
+    /// accuser is eligible). Default 500.
+    pub peer_probe_interval_ms: Millis,
     /// Only nodes whose health has been perfect this long (or since the
     /// cluster became ready) may probe and vote. Default 180000.
     pub eligibility_window_ms: Millis,
@@ -139,6 +143,7 @@ impl Default for MembershipConfig {
             fence_margin_ms: 300,
             probe_count: 3,
             probe_timeout_ms: 300,
+            peer_probe_interval_ms: 500,
             eligibility_window_ms: 180_000,
             removal_backoff_base_ms: 1_000,
             removal_backoff_max_ms: 60_000,

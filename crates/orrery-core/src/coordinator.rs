@@ -82,6 +82,22 @@ impl Coordinator {
             .on_probe_result(round, prober, suspect, ok, detail);
     }
 
+    /// `accuser` reports that `suspect` (under `epoch`) failed its probe.
+    pub fn on_accusation(
+        &mut self,
+        accuser: NodeId,
+        suspect: NodeId,
+        epoch: Epoch,
+        detail: String,
+    ) {
+        self.detector.on_accusation(accuser, suspect, epoch, detail);
+    }
+
+    /// Accusations dropped because the accuser was not eligible to accuse.
+    pub fn ignored_accusations(&self) -> u64 {
+        self.detector.ignored_accusations
+    }
+
     /// Probes the runtime must now send (drained).
     pub fn take_probes(&mut self) -> Vec<ProbeRequest> {
         self.detector.take_probes()

@@ -38,6 +38,9 @@ pub struct ProbeRequest {
 enum Purpose {
     /// Its lease lapsed: should it be removed?
     Remove,
+    /// An eligible node could not get a valid health proof from it: the
+    /// probes decide, whatever its heartbeats say.
+    Accused,
     /// It was removed and asks to come back: does it answer?
     Reinstate,
 }
@@ -62,6 +65,10 @@ pub(crate) struct Detector {
     quiet_until: BTreeMap<NodeId, Millis>,
     next_round: u64,
     outbox: Vec<ProbeRequest>,
+    /// Accusations since the last tick: (accuser, suspect, epoch, detail).
+    accusations: Vec<(NodeId, NodeId, Epoch, String)>,
+    /// Accusations dropped because the accuser was not eligible.
+    pub ignored_accusations: u64,
 }
 
 /// What the detector needs to know from the coordinator.
@@ -114,6 +121,24 @@ impl Detector {
             if r.id == round && r.probers.contains(&prober) {
                 r.results.insert(prober, (ok, detail));
             }
+        }
+    }
+
+    /// `accuser` could not get a valid health proof from `suspect`. Only an
+    /// eligible accuser starts a probe round; nobody is removed on one
+    /// node's word.
+    pub fn on_accusation(
+        &mut self,
+        accuser: NodeId,
+        suspect: NodeId,
+        epoch: Epoch,
+        detail: String,
+    ) {
+        const MAX_PENDING: usize = 1024;
+        if self.accusations.len() < MAX_PENDING {
+            self.accusations.push((accuser, suspect, epoch, detail));
+        } else {
+            self.ignored_accusations += 1;
         }
     }
 
@@ -263,6 +288,31 @@ impl Detector {
                 });
             }
         }
+        for (accuser, suspect, epoch, detail) in std::mem::take(&mut self.accusations) {
+            let current = v
+                .state
+                .members
+                .get(&suspect)
+                .is_some_and(|m| m.epoch == epoch && m.status == MemberStatus::Active);
+            let quiet = self.quiet_until.get(&suspect).is_some_and(|t| now < *t);
+            if !current || suspect == v.me || self.rounds.contains_key(&suspect) || quiet {
+                continue;
+            }
+            if !self.eligible(v, accuser, suspect) {
+                self.ignored_accusations += 1;
+                continue;
+            }
+            if let Some(probers) = self.open(v, suspect, epoch, Purpose::Accused) {
+                out.push(Command::Suspect {
+                    node: suspect,
+                    epoch,
+                    reason: format!(
+                        "accused by node {accuser} ({detail}); probing through nodes {probers:?}"
+                    ),
+                    at: now,
+                });
+            }
+        }
         self.reinstatements(v, &mut out);
         self.conclude(v, &mut out);
         out
@@ -324,10 +374,12 @@ impl Detector {
                     )
                 })
                 .collect();
-            let timed_out = now.saturating_sub(r.started) > 2 * cfg.probe_timeout_ms;
+            // Leader -> prober -> suspect and back: one probe timeout plus
+            // two hops of slack on each side.
+            let timed_out = now.saturating_sub(r.started) > 4 * cfg.probe_timeout_ms;
             match r.purpose {
-                Purpose::Remove => {
-                    if v.heard(*id).is_some_and(|t| t > r.started) {
+                Purpose::Remove | Purpose::Accused => {
+                    if r.purpose == Purpose::Remove && v.heard(*id).is_some_and(|t| t > r.started) {
                         out.push(Command::Refute {
                             node: *id,
                             epoch: r.epoch,
@@ -336,11 +388,16 @@ impl Detector {
                         });
                         done.push((*id, 0));
                     } else if fails >= need {
+                        let why = if r.purpose == Purpose::Remove {
+                            "lease lapsed"
+                        } else {
+                            "accused"
+                        };
                         out.push(Command::Remove {
                             node: *id,
                             epoch: r.epoch,
                             reason: format!(
-                                "lease lapsed and {fails} of {} eligible probes failed ({})",
+                                "{why} and {fails} of {} eligible probes failed ({})",
                                 r.probers.len(),
                                 details.join("; ")
                             ),

@@ -165,6 +165,8 @@ pub struct DemoConfig {
     pub preload_item_ms: u64,
     /// Fault hook: the preload never finishes this item (0: off).
     pub hang_at_item: u64,
+    /// Fault hook: log this many warnings in one burst once ready (0: off).
+    pub log_burst_lines: u64,
 }
 
 impl Default for DemoConfig {
@@ -173,6 +175,7 @@ impl Default for DemoConfig {
             preload_items: 20,
             preload_item_ms: 10,
             hang_at_item: 0,
+            log_burst_lines: 0,
         }
     }
 }

@@ -106,6 +106,8 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
     let timeout = Duration::from_millis(mc.heartbeat_interval_ms.max(100));
     let voters: Vec<NodeId> = node.cfg.voters().keys().copied().collect();
     let mut target_i = 0usize;
+    let mut peer_i = 0usize;
+    let mut last_peer_probe = 0u64;
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -114,6 +116,11 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
         let epoch = node.epoch.load(Ordering::Relaxed);
         if epoch == 0 {
             continue;
+        }
+        if node.mono_ms().saturating_sub(last_peer_probe) >= mc.peer_probe_interval_ms {
+            last_peer_probe = node.mono_ms();
+            peer_i += 1;
+            probe_a_peer(&node, net.as_ref(), epoch, peer_i).await;
         }
         let health = verdict(&node.health.report().state);
         let sent = node.mono_ms();
@@ -161,6 +168,37 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
     }
 }
 
+/// Checks one peer's health proof (round-robin over the members the view
+/// says are current) and accuses it to the leader if it fails. The node
+/// does not censor itself when it is unhealthy: the coordinator decides
+/// whose accusations count.
+async fn probe_a_peer(node: &Inner, net: &dyn Transport, epoch: u64, i: usize) {
+    let view = node.lease.view();
+    let peers: Vec<(NodeId, u64)> = view
+        .members
+        .iter()
+        .filter(|(id, (e, fenced))| **id != node.cfg.node_id && *e > 0 && fenced.is_none())
+        .map(|(id, (e, _))| (*id, *e))
+        .collect();
+    if peers.is_empty() {
+        return;
+    }
+    let (suspect, suspect_epoch) = peers[i % peers.len()];
+    let Reply::ProbeResult { ok: false, detail } = probe_raw(node, net, suspect).await else {
+        return;
+    };
+    let hint = node.leader_hint.load(Ordering::Relaxed);
+    let leader = if hint != 0 { hint } else { return };
+    let _ = epoch;
+    let req = Request::Accuse {
+        suspect,
+        epoch: suspect_epoch,
+        detail,
+    };
+    let timeout = Duration::from_millis(node.cfg.membership.probe_timeout_ms);
+    let _ = net.call(leader, req, timeout).await;
+}
+
 /// Prober side: probe `suspect` directly with a health challenge and verify
 /// its proof. A node that is not healthy itself refuses to probe.
 pub(crate) async fn probe(node: &Inner, net: &dyn Transport, suspect: NodeId) -> Reply {
@@ -170,16 +208,20 @@ pub(crate) async fn probe(node: &Inner, net: &dyn Transport, suspect: NodeId) ->
             node.cfg.node_id
         ));
     }
+    probe_raw(node, net, suspect).await
+}
+
+async fn probe_raw(node: &Inner, net: &dyn Transport, suspect: NodeId) -> Reply {
     let nonce = now_ms() ^ (suspect << 48) ^ node.mono_ms().rotate_left(17);
     let timeout = Duration::from_millis(node.cfg.membership.probe_timeout_ms);
-    let (ok, detail) = match net
-        .call(suspect, Request::HealthProbe { nonce }, timeout)
-        .await
-    {
-        Ok(Reply::HealthProof(p)) => check_proof(node, &p, nonce),
-        Ok(Reply::Fenced { reason }) => (false, format!("it refused us: {reason}")),
-        Ok(other) => (false, format!("unexpected answer {other:?}")),
-        Err(e) => (false, e.to_string()),
+    // The whole probe, connecting included, is bounded by probe_timeout.
+    let call = net.call(suspect, Request::HealthProbe { nonce }, timeout);
+    let (ok, detail) = match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(Reply::HealthProof(p))) => check_proof(node, &p, nonce),
+        Ok(Ok(Reply::Fenced { reason })) => (false, format!("it refused us: {reason}")),
+        Ok(Ok(other)) => (false, format!("unexpected answer {other:?}")),
+        Ok(Err(e)) => (false, e.to_string()),
+        Err(_) => (false, format!("no answer within {timeout:?}")),
     };
     Reply::ProbeResult { ok, detail }
 }
@@ -191,8 +233,13 @@ fn check_proof(node: &Inner, p: &HealthProof, nonce: u64) -> (bool, String) {
     if !node.health.verify_peer_response(p) {
         return (false, "invalid health proof".into());
     }
-    if p.node_state != HealthState::Healthy.code() {
-        return (false, "it reports itself unhealthy".into());
+    // Alive and able to prove it: an impaired node (slow, say) is not dead;
+    // only a node that stopped itself counts as gone.
+    if p.node_state == (HealthState::FailStop { reasons: vec![] }).code() {
+        return (
+            false,
+            "it reports that it stopped itself (fail-stop)".into(),
+        );
     }
     (true, String::new())
 }

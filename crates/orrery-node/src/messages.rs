@@ -44,6 +44,12 @@ pub enum Request {
     },
     /// Prober to suspect: prove you are alive and sane.
     HealthProbe { nonce: u64 },
+    /// To the leader: `suspect` (under `epoch`) failed this node's probe.
+    Accuse {
+        suspect: NodeId,
+        epoch: Epoch,
+        detail: String,
+    },
 }
 
 /// Who is a member under which epoch, and who is fenced and why: what every

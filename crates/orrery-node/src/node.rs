@@ -85,6 +85,9 @@ pub struct NodeStatus {
     pub membership_version: u64,
     /// Requests refused because the sender's epoch was revoked or superseded.
     pub refused_fenced: u64,
+    /// While coordinating: accusations dropped because the accuser was not
+    /// eligible (impaired, or without a perfect health record).
+    pub ignored_accusations: u64,
     pub wire: WireStatsSnapshot,
     /// Version (log index) of the address cache this node holds.
     pub address_cache_version: u64,
@@ -288,6 +291,12 @@ impl Node {
         }
     }
 
+    /// Fault hook for tests: change this node's injected health faults at
+    /// run time (e.g. corrupt its health verification).
+    pub fn set_health_faults(&self, faults: crate::health::HealthFaults) {
+        self.inner.health.set_faults(faults);
+    }
+
     /// Resolves when the node has been asked to shut down.
     pub async fn stopped(&self) {
         self.inner.shutdown.cancelled().await
@@ -383,6 +392,13 @@ impl Inner {
         s.health = Some(self.health.report());
         s.membership_version = self.lease.view().version;
         s.refused_fenced = self.refused.load(Ordering::Relaxed);
+        s.ignored_accusations = self
+            .coordinator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.ignored_accusations())
+            .unwrap_or(0);
         if let Some(c) = &self.control {
             s.leader = c.current_leader();
             s.is_leader = c.is_leader();
@@ -458,6 +474,29 @@ impl Inner {
         match req {
             Request::Ping => Reply::Pong,
             Request::HealthProbe { nonce } => Reply::HealthProof(self.health.proof(nonce)),
+            Request::Accuse {
+                suspect,
+                epoch: suspect_epoch,
+                detail,
+            } => {
+                let Some(c) = &self.control else {
+                    return not_voter();
+                };
+                if !c.is_leader() {
+                    return Reply::NotLeader {
+                        leader: c.current_leader(),
+                    };
+                }
+                if let Some(co) = self
+                    .coordinator
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    co.on_accusation(from, suspect, suspect_epoch, detail);
+                }
+                Reply::Pong
+            }
             Request::Probe { suspect, .. } => {
                 lease::probe(self, self.control_net.as_ref(), suspect).await
             }
@@ -477,6 +516,15 @@ impl Inner {
                     return Reply::NotLeader {
                         leader: c.current_leader(),
                     };
+                }
+                // Vouch for a lease only while a quorum still follows us: a
+                // leader on the minority side of a partition must let its
+                // nodes self-fence.
+                let quorum_fresh = c
+                    .quorum_ack_age()
+                    .is_some_and(|age| age.as_millis() as u64 <= self.cfg.raft.election_min_ms);
+                if !quorum_fresh {
+                    return Reply::NotLeader { leader: None };
                 }
                 let state = c.state();
                 if let Some(reason) = state.state.0.refusal(node, hb_epoch) {

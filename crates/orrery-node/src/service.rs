@@ -114,6 +114,11 @@ impl Service for DemoService {
 
     fn on_stage<'a>(&'a self, stage: Stage, ctx: &'a StageContext) -> ServiceFuture<'a> {
         Box::pin(async move {
+            if stage == Stage::READY {
+                for i in 0..self.cfg.log_burst_lines {
+                    tracing::warn!(target: "orrery::demo", line = i, "demo log burst: a noisy warning the node must shrug off");
+                }
+            }
             if stage != Stage::PRELOADED {
                 return Ok(());
             }

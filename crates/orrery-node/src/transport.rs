@@ -161,6 +161,10 @@ pub struct MemFaults {
     pub drop_rate: f64,
     /// One-way delay range in milliseconds (0, 0 = none).
     pub delay_ms: (u64, u64),
+    /// A partition: every link between these nodes and the others is cut.
+    pub split: BTreeSet<NodeId>,
+    /// One-way links cut: (from, to).
+    pub cut: BTreeSet<(NodeId, NodeId)>,
 }
 
 /// An in-process network of nodes.
@@ -218,7 +222,11 @@ impl MemNetwork {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if f.isolated.contains(&a) || f.isolated.contains(&b) {
+        if f.isolated.contains(&a)
+            || f.isolated.contains(&b)
+            || f.split.contains(&a) != f.split.contains(&b)
+            || f.cut.contains(&(a, b))
+        {
             return None;
         }
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
