@@ -7,6 +7,7 @@
 
 pub mod inproc;
 pub mod local;
+pub mod procs;
 
 pub use orrery_core as core;
 pub use orrery_node as node;

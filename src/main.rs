@@ -14,7 +14,6 @@ use orrery_core::{Stage, StuckPolicy};
 use orrery_node::clock::now_ms;
 use orrery_node::{DemoService, Node, NodeConfig, Service};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -169,62 +168,13 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
     })
 }
 
-/// Child node processes, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Children(Vec<(u64, Child)>);
-
-impl Children {
-    fn stop(&mut self) {
-        for (_, c) in &self.0 {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (id, c) in &mut self.0 {
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        eprintln!("node {id} did not stop in 5 s: killing it");
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
-        self.0.clear();
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 fn up(plan: Plan, exit_when_ready: bool, ready_timeout: Duration) -> Result<()> {
     let manifest = local::prepare(&plan)?;
     let exe = std::env::current_exe().context("cannot find the orrery binary")?;
     let launched = Instant::now();
     let launched_ms = now_ms();
-    let mut children = Children(vec![]);
-    for n in &manifest.nodes {
-        let dir = plan.data_dir.join(format!("node-{}", n.id));
-        let log = std::fs::File::create(dir.join("node.log"))?;
-        let child = Command::new(&exe)
-            .arg("node")
-            .arg("--config")
-            .arg(Manifest::node_config_path(&plan.data_dir, n.id))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start node {}", n.id))?;
-        children.0.push((n.id, child));
-    }
+    let mut children = orrery::procs::NodeProcs::new(exe, &plan.data_dir);
+    children.start_all(&manifest)?;
     println!(
         "orrery: {} nodes ({} voters) starting; data in {}",
         manifest.nodes.len(),
@@ -250,19 +200,18 @@ fn up(plan: Plan, exit_when_ready: bool, ready_timeout: Duration) -> Result<()> 
         })
         .collect();
     let mut ready_reported = false;
+    let mut reported_exits = std::collections::BTreeSet::new();
     let mut last_state = None;
     loop {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            println!("\norrery: stopping {} nodes", children.0.len());
-            children.stop();
+            println!("\norrery: stopping {} nodes", children.running().len());
+            children.stop_all();
             return Ok(());
         }
-        for (id, c) in &mut children.0 {
-            if let Ok(Some(st)) = c.try_wait() {
-                if !ready_reported {
-                    bars.println(format!("node {id} exited ({st}); see its node.log"))
-                        .ok();
-                }
+        for (id, st) in children.exited() {
+            if !ready_reported && reported_exits.insert(id) {
+                bars.println(format!("node {id} exited ({st}); see its node.log"))
+                    .ok();
             }
         }
         if let Ok(state) = client.cluster_state(&manifest) {
@@ -302,7 +251,7 @@ fn up(plan: Plan, exit_when_ready: bool, ready_timeout: Duration) -> Result<()> 
                     plan.data_dir.display()
                 );
                 if exit_when_ready {
-                    children.stop();
+                    children.stop_all();
                     return Ok(());
                 }
             }
@@ -312,7 +261,7 @@ fn up(plan: Plan, exit_when_ready: bool, ready_timeout: Duration) -> Result<()> 
             let diag = last_state
                 .map(|s| local::render_status(&s, &[], now_ms()))
                 .unwrap_or_else(|| "no node answered".into());
-            children.stop();
+            children.stop_all();
             bail!(
                 "the cluster did not reach stage 0 in {} s:\n{diag}",
                 ready_timeout.as_secs()

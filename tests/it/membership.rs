@@ -363,3 +363,65 @@ fn a_paused_process_is_removed_then_rejoins_under_a_new_epoch() {
     });
     c.stop_all();
 }
+
+/// No false removal: for 60 s one node is CPU-starved (a hog blocks its
+/// runtime 300 ms at a time) and every node logs a burst of 500 warnings.
+/// The starved node is reported impaired (its work path stalls) but nobody
+/// is removed: heartbeats run on their own thread.
+#[test]
+fn cpu_starvation_and_log_bursts_remove_no_one_in_60s() {
+    let mut c = TestCluster::new(5, 3, |p| {
+        p.faults = vec![(
+            5,
+            HealthFaults {
+                event_loop_lag_ms: 300,
+                ..Default::default()
+            },
+        )];
+        p.demo = (1..=5)
+            .map(|id| {
+                (
+                    id,
+                    orrery_node::config::DemoConfig {
+                        log_burst_lines: 500,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+    });
+    c.start_all();
+    let s = c.wait_for("stage 0", T, |s| {
+        s.stage == Stage::READY && s.laggards(Stage::READY).is_empty()
+    });
+    let start = s.applied_index;
+    c.wait_for("node 5 reported impaired", T, |s| {
+        !s.members[&5].health.healthy
+    });
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let mut checks = 0;
+    while std::time::Instant::now() < until {
+        if let Some(s) = c.state() {
+            assert_eq!(
+                removed(&s),
+                Vec::<NodeId>::new(),
+                "false removal:\n{}",
+                show(Some(s.clone()))
+            );
+            assert!(s.members.values().all(|m| m.status == MemberStatus::Active));
+            checks += 1;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let s = c.state().expect("state");
+    assert!(s.applied_index > start, "the cluster kept working");
+    assert!(checks > 60, "observed the cluster only {checks} times");
+    for id in 1..=5 {
+        let log = c.log(id);
+        assert!(
+            log.matches("demo log burst").count() >= 500,
+            "node {id} did not log its burst"
+        );
+    }
+    c.stop_all();
+}

@@ -2,8 +2,8 @@
 //! (replicated state, coordinator, stage gate) as a real node, 20 nodes, with
 //! faults. Every scenario is seeded; the determinism test replays one.
 
-use orrery_core::sim::{run, Fault, SimConfig};
-use orrery_core::{EventKind, Stage, StuckPolicy};
+use orrery_core::sim::{random_schedule, run, Fault, SimConfig, SimOutcome, CORRUPT_PROBE_DETAIL};
+use orrery_core::{EventKind, MemberStatus, Millis, NodeId, Stage, StuckPolicy};
 
 fn events(out: &orrery_core::sim::SimOutcome, kind: EventKind) -> Vec<String> {
     out.state
@@ -196,5 +196,285 @@ fn a_node_cut_off_mid_connect_is_the_only_one_excluded() {
             "{}",
             stuck[0]
         );
+    }
+}
+
+// ---- Membership after start-up: leases, probes, removal, reinstatement ----
+
+/// Node count for a seed of the randomized sweep: 7..=20.
+fn nodes_for(seed: u64) -> u64 {
+    7 + (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 14
+}
+
+fn replay_hint(seed: u64, n: u64) -> String {
+    format!("replay: orrery_core::sim::run(orrery_core::sim::random_schedule({seed}, {n}))")
+}
+
+/// A steady-state run: faults are offsets from ready; runs `after` ms past ready.
+fn steady(nodes: u64, seed: u64, faults: Vec<Fault>, after: Millis) -> SimOutcome {
+    let mut cfg = SimConfig::new(nodes, seed);
+    cfg.faults_from_ready = true;
+    cfg.run_after_ready = Some(after);
+    cfg.faults = faults;
+    run(cfg)
+}
+
+fn no_violation(out: &SimOutcome, what: &str) {
+    if let Some(v) = &out.violation {
+        let tail: Vec<&String> = out.trace.iter().rev().take(30).collect();
+        panic!("{what}: {v}\nlast trace lines (newest first): {tail:#?}");
+    }
+}
+
+fn removed_at(out: &SimOutcome, node: NodeId) -> Vec<Millis> {
+    out.removals
+        .iter()
+        .filter(|r| r.node == node)
+        .map(|r| r.at)
+        .collect()
+}
+
+/// The seeds whose runs break an invariant in the current decision code: the
+/// leader acknowledges a heartbeat that lands between the coordinator's
+/// `Remove` proposal and its commit, so the removed process serves on.
+const REMOVAL_RACE_SEEDS: [u64; 3] = [47, 59, 134];
+
+#[test]
+fn membership_200_seeded_fault_schedules() {
+    let mut bad = vec![];
+    for seed in 0..200 {
+        let n = nodes_for(seed);
+        let cfg = random_schedule(seed, n);
+        let faults = format!("{:?}", cfg.faults);
+        let out = run(cfg);
+        if let Some(v) = &out.violation {
+            bad.push(format!(
+                "{v}\n    faults {faults}\n    {}",
+                replay_hint(seed, n)
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of 200 seeded fault schedules broke an invariant:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn the_removal_race_stays_closed() {
+    // These seeds once showed a removed node serving under its revoked
+    // epoch: a heartbeat acknowledged between the decision to remove and
+    // the commit. The coordinator now stops renewing a lease once it has
+    // decided to remove (Coordinator::may_ack).
+    for seed in REMOVAL_RACE_SEEDS {
+        let n = nodes_for(seed);
+        let cfg = random_schedule(seed, n);
+        let out = run(cfg);
+        no_violation(&out, &replay_hint(seed, n));
+    }
+}
+
+#[test]
+fn seeded_fault_schedules_replay_exactly() {
+    let seed = 59;
+    let a = run(random_schedule(seed, 15));
+    let b = run(random_schedule(seed, 15));
+    assert!(a.faults_at.is_some());
+    assert_eq!(a.trace, b.trace, "same seed, different run");
+    assert_eq!(a.state, b.state);
+    assert_eq!(a.serving, b.serving);
+    let c = run(random_schedule(seed + 1, 15));
+    assert_ne!(a.trace, c.trace);
+}
+
+#[test]
+fn a_crashed_node_is_removed_within_three_seconds() {
+    for seed in 0..4 {
+        // A worker, then the leader itself (a new leader must take over first).
+        for node in [9, 1] {
+            let out = steady(12, seed, vec![Fault::Crash { node, at: 1_000 }], 8_000);
+            no_violation(&out, &format!("seed {seed} node {node}"));
+            let crash = out.faults_at.expect("fault injected");
+            let removed = removed_at(&out, node);
+            assert_eq!(removed.len(), 1, "seed {seed}: {removed:?}");
+            let took = removed[0] - crash;
+            eprintln!("seed {seed}: crashed node {node} removed {took} ms after the crash");
+            assert!(
+                took <= 3_000,
+                "seed {seed}: node {node} removed only after {took} ms"
+            );
+            assert_eq!(
+                out.removals.len(),
+                1,
+                "only the crashed node: {:?}",
+                out.removals
+            );
+        }
+    }
+}
+
+#[test]
+fn a_paused_node_is_removed_then_rejoins_and_is_reinstated() {
+    for seed in 0..4 {
+        let (at, duration) = (1_000, 2_500);
+        let out = steady(
+            12,
+            seed,
+            vec![Fault::Pause {
+                node: 8,
+                at,
+                duration,
+            }],
+            10_000,
+        );
+        no_violation(&out, &format!("seed {seed}"));
+        let paused = out.faults_at.expect("fault injected");
+        let resumed = paused + duration;
+        let removed = removed_at(&out, 8);
+        assert_eq!(removed.len(), 1, "seed {seed}: {:?}", out.removals);
+        assert!(removed[0] > paused && removed[0] < resumed);
+        let old_epoch = out.removals[0].epoch;
+        let (admitted, _, new_epoch) = *out
+            .admissions
+            .iter()
+            .find(|(_, n, _)| *n == 8)
+            .unwrap_or_else(|| panic!("seed {seed}: node 8 never reinstated"));
+        assert!(new_epoch > old_epoch);
+        let serving_again = out
+            .serving
+            .iter()
+            .find(|(t, n, s)| *n == 8 && *s && *t > resumed)
+            .map(|(t, _, _)| *t)
+            .unwrap_or_else(|| panic!("seed {seed}: node 8 never served again"));
+        eprintln!(
+            "seed {seed}: paused node 8 removed {} ms into its pause; reinstated {} ms and serving {} ms after it resumed",
+            removed[0] - paused,
+            admitted - resumed,
+            serving_again - resumed
+        );
+        assert!(admitted - resumed <= 5_000 && serving_again - resumed <= 5_000);
+        let v = &out.nodes[&8];
+        assert_eq!((v.epoch, v.rejoins, v.serving), (new_epoch, 1, true));
+        assert!(!out.serving_at(8, removed[0]), "served when removed");
+        // A pause shorter than the self-fence delay costs nothing.
+        let out = steady(
+            12,
+            seed,
+            vec![Fault::Pause {
+                node: 8,
+                at,
+                duration: 400,
+            }],
+            5_000,
+        );
+        no_violation(&out, &format!("seed {seed}, short pause"));
+        assert!(out.removals.is_empty(), "{:?}", out.removals);
+        assert_eq!(out.nodes[&8].rejoins, 0);
+    }
+}
+
+#[test]
+fn a_corrupted_node_accuses_nobody_successfully_and_is_removed_for_good() {
+    // Node 7's link to the leader is cut: its lease lapses and it is
+    // suspected, but the other probers reach it. Node 6's health verification
+    // is corrupted just as the probes start: it reports every probe failed
+    // until its own self-check catches it, then it fail-stops.
+    let mut outvoted = 0;
+    // Suspicion rounds come about every 1050 ms (a refutation quiets the
+    // suspect for a lease) and rotate their probers: corrupt node 6 just
+    // before each of them in turn.
+    for seed in 0..3 {
+        for corrupt_at in [1_900, 2_950, 4_000, 5_050, 6_100, 7_150] {
+            let faults = vec![
+                Fault::CutLink {
+                    a: 7,
+                    b: 1,
+                    from: 1_000,
+                    until: 8_000,
+                },
+                Fault::CorruptHealth {
+                    node: 6,
+                    at: corrupt_at,
+                },
+            ];
+            let out = steady(9, seed, faults, 14_000);
+            let what = format!("seed {seed} corrupt_at {corrupt_at}");
+            no_violation(&out, &what);
+            assert!(removed_at(&out, 7).is_empty(), "{what}: {:?}", out.removals);
+            let r: Vec<_> = out.removals.iter().filter(|r| r.node == 6).collect();
+            assert_eq!(r.len(), 1, "{what}: {:?}", out.removals);
+            assert!(r[0].reason.contains("fail-stop"), "{}", r[0].reason);
+            assert_eq!(out.removals.len(), 1, "{what}: {:?}", out.removals);
+            assert!(
+                !out.admissions.iter().any(|(_, n, _)| *n == 6),
+                "{what}: readmitted"
+            );
+            assert!(matches!(
+                out.state.members[&6].status,
+                MemberStatus::Removed { .. }
+            ));
+            assert!(!out.nodes[&6].serving && out.nodes[&7].serving);
+            outvoted += out
+                .state
+                .events
+                .iter()
+                .filter(|e| {
+                    e.kind == EventKind::NodeRefuted && e.detail.contains(CORRUPT_PROBE_DETAIL)
+                })
+                .count();
+        }
+    }
+    eprintln!("the corrupted prober was outvoted {outvoted} time(s)");
+    assert!(
+        outvoted > 0,
+        "the corrupted node never probed: the scenario tests nothing"
+    );
+}
+
+#[test]
+fn a_minority_split_self_fences_removes_nobody_and_heals() {
+    // 5 nodes, 3 voters: the minority holds the leader, then only workers.
+    for side in [vec![1, 4], vec![4, 5]] {
+        for seed in 0..3 {
+            let (from, until) = (1_000, 4_000);
+            let out = steady(
+                5,
+                seed,
+                vec![Fault::Split {
+                    side: side.clone(),
+                    from,
+                    until,
+                }],
+                15_000,
+            );
+            let what = format!("side {side:?} seed {seed}");
+            no_violation(&out, &what);
+            let split = out.faults_at.expect("fault injected");
+            for r in &out.removals {
+                assert!(
+                    side.contains(&r.node),
+                    "{what}: majority node removed: {r:?}"
+                );
+                assert!(r.at >= split && r.at < split + until - from);
+            }
+            for n in &side {
+                for t in [700, 1_500, 2_900] {
+                    assert!(
+                        !out.serving_at(*n, split + t),
+                        "{what}: node {n} serves at +{t}"
+                    );
+                }
+            }
+            for n in (1..=5).filter(|n| !side.contains(n)) {
+                assert!(out.serving_at(n, split + 2_900) || side.contains(&1));
+            }
+            for (id, m) in &out.state.members {
+                assert_eq!(m.status, MemberStatus::Active, "{what}: node {id}");
+                assert_eq!(m.report.stage, Stage::READY, "{what}: node {id}");
+                assert!(out.nodes[id].serving, "{what}: node {id} not serving");
+            }
+        }
     }
 }

@@ -98,6 +98,12 @@ impl Coordinator {
         self.detector.ignored_accusations
     }
 
+    /// May the leader renew `node`'s lease under `epoch`? (Not once it has
+    /// decided to remove it.)
+    pub fn may_ack(&self, node: NodeId, epoch: Epoch) -> bool {
+        self.detector.may_ack(node, epoch)
+    }
+
     /// Probes the runtime must now send (drained).
     pub fn take_probes(&mut self) -> Vec<ProbeRequest> {
         self.detector.take_probes()
@@ -131,6 +137,13 @@ impl Coordinator {
             });
         }
         self.announced = true;
+        // A member that rejoined under a new epoch: its lease starts now,
+        // not at its old process's last heartbeat.
+        for (id, m) in &state.members {
+            if self.contacts.get(id).is_some_and(|(e, _)| *e < m.epoch) {
+                self.contacts.insert(*id, (m.epoch, now));
+            }
+        }
         let view = View {
             me: self.me,
             now,

@@ -51,6 +51,9 @@ struct Round {
     epoch: Epoch,
     purpose: Purpose,
     started: Millis,
+    /// An accused node found dead by the probes: leases stopped being
+    /// renewed at this time; the removal waits until its lease has lapsed.
+    fencing_since: Option<Millis>,
     probers: Vec<NodeId>,
     results: BTreeMap<NodeId, (bool, String)>,
 }
@@ -69,6 +72,9 @@ pub(crate) struct Detector {
     accusations: Vec<(NodeId, NodeId, Epoch, String)>,
     /// Accusations dropped because the accuser was not eligible.
     pub ignored_accusations: u64,
+    /// Nodes (at an epoch) whose lease the coordinator no longer renews:
+    /// it has decided to remove them. Fence first, then remove.
+    no_ack: BTreeMap<NodeId, (Epoch, Millis)>,
 }
 
 /// What the detector needs to know from the coordinator.
@@ -140,6 +146,13 @@ impl Detector {
         } else {
             self.ignored_accusations += 1;
         }
+    }
+
+    /// May the leader acknowledge (renew) `node`'s lease under `epoch`? Not
+    /// once it has decided to remove it: a heartbeat that races the
+    /// removal's commit must not hand a doomed epoch a fresh lease.
+    pub fn may_ack(&self, node: NodeId, epoch: Epoch) -> bool {
+        self.no_ack.get(&node).is_none_or(|(e, _)| *e != epoch)
     }
 
     pub fn take_probes(&mut self) -> Vec<ProbeRequest> {
@@ -214,6 +227,7 @@ impl Detector {
                 epoch,
                 purpose,
                 started: v.now,
+                fencing_since: None,
                 probers: probers.clone(),
                 results: BTreeMap::new(),
             },
@@ -221,11 +235,23 @@ impl Detector {
         Some(probers)
     }
 
+    /// Has an accused node's lease surely lapsed since we stopped renewing it?
+    fn lapsed(r: &Round, now: Millis, cfg: &MembershipConfig) -> bool {
+        r.fencing_since
+            .is_some_and(|t| now.saturating_sub(t) > cfg.lease_ttl_ms)
+    }
+
     /// Proposals from health reports, lapsed leases and finished probe rounds.
     pub fn tick(&mut self, v: &View) -> Vec<Command> {
         let mut out = vec![];
         let cfg = v.cfg().clone();
         let now = v.now;
+        self.no_ack.retain(|id, (e, _)| {
+            v.state
+                .members
+                .get(id)
+                .is_some_and(|m| m.epoch == *e && m.status == MemberStatus::Active)
+        });
         // Health transitions, as the nodes report them.
         for (id, m) in &v.state.members {
             if m.status != MemberStatus::Active || m.epoch == 0 {
@@ -352,6 +378,7 @@ impl Detector {
         let now = v.now;
         let cfg = v.cfg().clone();
         let mut done = vec![];
+        let mut fencing = vec![];
         for (id, r) in &self.rounds {
             let Some(m) = v.state.members.get(id) else {
                 done.push((*id, 0));
@@ -387,7 +414,15 @@ impl Detector {
                             at: now,
                         });
                         done.push((*id, 0));
+                    } else if fails >= need
+                        && r.purpose == Purpose::Accused
+                        && !Self::lapsed(r, now, &cfg)
+                    {
+                        // Its lease may still be fresh: stop renewing it and
+                        // remove only once it has surely fenced itself.
+                        fencing.push((*id, r.epoch));
                     } else if fails >= need {
+                        self.no_ack.entry(*id).or_insert((r.epoch, now));
                         let why = if r.purpose == Purpose::Remove {
                             "lease lapsed"
                         } else {
@@ -416,7 +451,7 @@ impl Detector {
                             at: now,
                         });
                         done.push((*id, cfg.lease_ttl_ms));
-                    } else if timed_out {
+                    } else if timed_out && r.fencing_since.is_none() {
                         done.push((*id, 0));
                     }
                 }
@@ -432,6 +467,12 @@ impl Detector {
                         done.push((*id, cfg.probe_timeout_ms));
                     }
                 }
+            }
+        }
+        for (id, epoch) in fencing {
+            self.no_ack.entry(id).or_insert((epoch, now));
+            if let Some(r) = self.rounds.get_mut(&id) {
+                r.fencing_since.get_or_insert(now);
             }
         }
         for (id, quiet) in done {

@@ -1,5 +1,6 @@
-//! A discrete-event simulator that runs a whole cluster's start-up in one
-//! thread, on virtual time, from one seed.
+//! A discrete-event simulator that runs a whole cluster's start-up — and,
+//! on request, its life after start-up — in one thread, on virtual time,
+//! from one seed.
 //!
 //! Why not turmoil for this: turmoil ticks every link of every host each
 //! simulated millisecond, so its cost grows with the cube of the host count;
@@ -7,28 +8,48 @@
 //! event to event and only pays for messages actually sent.
 //!
 //! What it runs for real: [`ClusterState::apply`] (the replicated state
-//! machine), [`Coordinator`] (the leader's decisions) and
-//! [`ClusterState::gate`] (each node's barrier check) — the same code a real
-//! node runs. What it models: the network (per-link delay drawn from the
-//! seeded RNG, loss, partitions, crashes) and the Raft control plane, as a
-//! linearisable log that commits after a quorum round trip while a majority
-//! of voters is up, with a new leader (the lowest live voter) after an
-//! election timeout. openraft itself is exercised by the real-process tests.
+//! machine), [`Coordinator`] (the leader's decisions, failure detector
+//! included) and [`ClusterState::gate`] (each node's barrier check) — the
+//! same code a real node runs. What it models: the network (per-link delay
+//! drawn from the seeded RNG, loss, partitions, group splits), process faults
+//! (crash, pause, corrupted health verification), each node's lease
+//! (heartbeats, self-fencing, rejoining after a revocation), probe delivery,
+//! and the Raft control plane, as a linearisable log that commits after a
+//! quorum round trip while the leader reaches a majority of voters, with a
+//! new leader (the lowest voter that reaches a majority) after an election
+//! timeout. openraft itself is exercised by the real-process tests.
+//!
+//! Runtime choices the model makes (the real node must make the same ones):
+//! the leader acknowledges a heartbeat only while it leads with a quorum (a
+//! linearisable read), and refuses it when `ClusterState::refusal` says so;
+//! a node serves only at stage 0 under an unrevoked epoch and while its
+//! last *acknowledged* heartbeat was sent at most `self_fence_after_ms` ago.
+//!
+//! After every event the run checks its invariants (see [`Violation`]) and
+//! stops at the first one broken, so a test can print the seed.
 //!
 //! What it must never do: read a clock, use unseeded randomness, or iterate
 //! in hash order. Two runs with the same seed produce the same trace; the
 //! tests assert it.
 
-use crate::config::{ClusterConfig, NodeSpec, Role, StuckPolicy};
+use crate::config::{ClusterConfig, MembershipConfig, NodeSpec, Role, StuckPolicy};
 use crate::coordinator::Coordinator;
+use crate::health::Health;
 use crate::state::{ClusterState, Command, Gate, MemberStatus, Progress, Response, Wait};
 use crate::{Epoch, Millis, NodeId, Stage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt;
 
-/// A fault to inject.
+/// What a corrupted node's own self-check reports once it catches itself.
+pub const CORRUPT_HEALTH_REASON: &str = "health verification known-answer check failed";
+/// What a corrupted prober says about every probe.
+pub const CORRUPT_PROBE_DETAIL: &str = "health response failed verification";
+
+/// A fault to inject. With [`SimConfig::faults_from_ready`], every time in a
+/// fault is an offset from the moment the cluster first reaches stage 0.
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// The node's process dies at `at` and does not come back.
@@ -41,11 +62,38 @@ pub enum Fault {
         from: Millis,
         until: Millis,
     },
+    /// Every link between a node of `side` and a node not in `side` is cut
+    /// from `from` until `until`.
+    Split {
+        side: Vec<NodeId>,
+        from: Millis,
+        until: Millis,
+    },
     /// Every link to and from `node` is cut, for good, as soon as the
     /// cluster reaches `stage`.
     IsolateAtStage { node: NodeId, stage: Stage },
     /// The node's demo service never finishes preload item `item`.
     HangPreload { node: NodeId, item: u64 },
+    /// The process freezes at `at` for `duration`: it sends and handles
+    /// nothing; messages to it and its own timers wait until it resumes.
+    Pause {
+        node: NodeId,
+        at: Millis,
+        duration: Millis,
+    },
+    /// The single link between `a` and `b` is cut from `from` until `until`
+    /// (both still reach everybody else).
+    CutLink {
+        a: NodeId,
+        b: NodeId,
+        from: Millis,
+        until: Millis,
+    },
+    /// From `at` the node's health verification is corrupted: as a prober it
+    /// reports every probe failed; its own self-check catches it 100-300 ms
+    /// later (seeded), after which it heartbeats `Health::FailStop` and
+    /// stops serving for good.
+    CorruptHealth { node: NodeId, at: Millis },
 }
 
 /// Simulation parameters. Times are virtual milliseconds.
@@ -71,7 +119,16 @@ pub struct SimConfig {
     pub stage_deadline: Millis,
     pub stuck_policy: StuckPolicy,
     pub liveness_window: Millis,
+    /// Leases, probes, eligibility and backoff (replicated config section).
+    pub membership: MembershipConfig,
     pub faults: Vec<Fault>,
+    /// Fault times are offsets from the first time the cluster is ready.
+    pub faults_from_ready: bool,
+    /// `None`: the run stops once the cluster is ready and every live
+    /// participant reported stage 0. `Some(d)`: it runs on until `d` ms
+    /// after the cluster first became ready, then checks the end-state
+    /// invariants (every healthy live node Active, at stage 0, serving).
+    pub run_after_ready: Option<Millis>,
     /// The run stops here whatever happened.
     pub max_time: Millis,
 }
@@ -96,10 +153,135 @@ impl SimConfig {
             stage_deadline: 10_000,
             stuck_policy: StuckPolicy::Exclude,
             liveness_window: 1_500,
+            membership: MembershipConfig::default(),
             faults: vec![],
+            faults_from_ready: false,
+            run_after_ready: None,
             max_time: 300_000,
         }
     }
+}
+
+/// Latest time any fault of a [`random_schedule`] is still in effect,
+/// as an offset from ready.
+pub const RANDOM_FAULTS_END: Millis = 6_000;
+/// Quiet period after [`RANDOM_FAULTS_END`] before the end-state check.
+pub const RANDOM_QUIET: Millis = 15_000;
+
+/// A random fault schedule for `nodes` nodes (3 voters), drawn from `seed`:
+/// 1-4 faults among crash, partition (one node or a minority group), pause
+/// (shorter or longer than the lease) and corrupted health, all after the
+/// cluster is ready and all over by [`RANDOM_FAULTS_END`], then
+/// [`RANDOM_QUIET`] of quiet. Voter faults all hit the same voter, so a
+/// majority of voters always keeps a quorum; health corruption hits workers.
+pub fn random_schedule(seed: u64, nodes: u64) -> SimConfig {
+    assert!(nodes >= 5, "random schedules need at least 5 nodes");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6f72_7265_7279_5f66);
+    let mut cfg = SimConfig::new(nodes, seed);
+    cfg.faults_from_ready = true;
+    cfg.run_after_ready = Some(RANDOM_FAULTS_END + RANDOM_QUIET);
+    cfg.link_delay = (1, rng.gen_range(2..=10));
+    if rng.gen_bool(0.5) {
+        cfg.membership.eligibility_window_ms = 2_000;
+    }
+    let voters = cfg.voters;
+    let voter_target = rng.gen_range(1..=voters);
+    let workers: Vec<NodeId> = (voters + 1..=nodes).collect();
+    let end = RANDOM_FAULTS_END;
+    let pick = |rng: &mut ChaCha8Rng| -> NodeId {
+        if rng.gen_bool(0.25) {
+            voter_target
+        } else {
+            workers[rng.gen_range(0..workers.len())]
+        }
+    };
+    let count = rng.gen_range(1..=4);
+    for _ in 0..count {
+        let start = rng.gen_range(300..end - 300);
+        match rng.gen_range(0..4) {
+            0 => {
+                let node = pick(&mut rng);
+                cfg.faults.push(Fault::Crash { node, at: start });
+            }
+            1 => {
+                let until = (start + rng.gen_range(200..3_000)).min(end);
+                if rng.gen_bool(0.5) {
+                    let node = pick(&mut rng);
+                    cfg.faults.push(Fault::Partition {
+                        node,
+                        from: start,
+                        until,
+                    });
+                } else {
+                    let max_side = ((nodes - 1) / 2) as usize;
+                    let size = rng.gen_range(1..=max_side.max(1));
+                    let mut side = BTreeSet::new();
+                    if rng.gen_bool(0.3) {
+                        side.insert(voter_target);
+                    }
+                    while side.len() < size {
+                        side.insert(workers[rng.gen_range(0..workers.len())]);
+                    }
+                    cfg.faults.push(Fault::Split {
+                        side: side.into_iter().collect(),
+                        from: start,
+                        until,
+                    });
+                }
+            }
+            2 => {
+                let node = pick(&mut rng);
+                let m = &cfg.membership;
+                let duration = if rng.gen_bool(0.5) {
+                    rng.gen_range(50..m.self_fence_after_ms)
+                } else {
+                    rng.gen_range(m.lease_ttl_ms + 100..3_500)
+                };
+                let at = start.min(end - duration.min(end - 300));
+                cfg.faults.push(Fault::Pause { node, at, duration });
+            }
+            _ => {
+                let node = workers[rng.gen_range(0..workers.len())];
+                cfg.faults.push(Fault::CorruptHealth { node, at: start });
+            }
+        }
+    }
+    cfg
+}
+
+/// A broken invariant: the seed, the virtual time and what broke.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub seed: u64,
+    pub at: Millis,
+    pub what: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seed {} at {} ms: {}", self.seed, self.at, self.what)
+    }
+}
+
+/// A committed removal (epoch revocation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removal {
+    pub at: Millis,
+    pub node: NodeId,
+    pub epoch: Epoch,
+    pub reason: String,
+}
+
+/// A node as the run left it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    pub epoch: Epoch,
+    pub stage: Stage,
+    pub serving: bool,
+    pub crashed: bool,
+    pub corrupted: bool,
+    /// How many times the process rejoined after a revocation.
+    pub rejoins: u32,
 }
 
 /// What a run produced.
@@ -116,16 +298,85 @@ pub struct SimOutcome {
     pub crashed: Vec<NodeId>,
     /// Events processed (cost of the run).
     pub steps: u64,
+    /// The first invariant broken, if any (the run stopped there).
+    pub violation: Option<Violation>,
+    /// Every committed removal, in order.
+    pub removals: Vec<Removal>,
+    /// Every committed `AdmitLate` (time, node, epoch), in order.
+    pub admissions: Vec<(Millis, NodeId, Epoch)>,
+    /// When each node started or stopped serving (time, node, serving).
+    pub serving: Vec<(Millis, NodeId, bool)>,
+    /// When the first fault was injected (absolute).
+    pub faults_at: Option<Millis>,
+    pub nodes: BTreeMap<NodeId, NodeView>,
+    /// Virtual time the run ended.
+    pub ended_at: Millis,
+}
+
+impl SimOutcome {
+    /// Whether `node` was serving at `t`, from the serving log.
+    pub fn serving_at(&self, node: NodeId, t: Millis) -> bool {
+        self.serving
+            .iter()
+            .rfind(|(at, n, _)| *n == node && *at <= t)
+            .is_some_and(|(_, _, s)| *s)
+    }
 }
 
 #[derive(Clone, Debug)]
 enum Msg {
-    Propose { cmd: Command, req: u64 },
-    Committed { resp: Response, req: u64 },
-    Poll { epoch: Epoch, next: Stage },
-    PollReply { gate: Gate, next: Stage },
+    Propose {
+        cmd: Command,
+        req: u64,
+    },
+    Committed {
+        resp: Response,
+        req: u64,
+    },
+    Poll {
+        epoch: Epoch,
+        next: Stage,
+    },
+    PollReply {
+        epoch: Epoch,
+        gate: Gate,
+        next: Stage,
+    },
     Ping,
     Pong,
+    Heartbeat {
+        epoch: Epoch,
+        health: Health,
+        sent: Millis,
+    },
+    HeartbeatAck {
+        epoch: Epoch,
+        sent: Millis,
+    },
+    HeartbeatRefused {
+        epoch: Epoch,
+        reason: String,
+    },
+    ProbeReq {
+        term: u64,
+        round: u64,
+        suspect: NodeId,
+        epoch: Epoch,
+    },
+    Probe {
+        round: u64,
+    },
+    ProbeAnswer {
+        round: u64,
+        epoch: Epoch,
+    },
+    ProbeResult {
+        term: u64,
+        round: u64,
+        suspect: NodeId,
+        ok: bool,
+        detail: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -136,7 +387,10 @@ enum Ev {
         to: NodeId,
         msg: Msg,
     },
+    /// A proposal reaches the log through leader `via` (lost if `via` no
+    /// longer leads with a quorum by then).
     Commit {
+        via: NodeId,
         from: NodeId,
         cmd: Command,
         req: u64,
@@ -144,9 +398,40 @@ enum Ev {
     Poll(NodeId),
     Report(NodeId),
     Work(NodeId, u64),
+    Heartbeat(NodeId),
+    ProbeTimeout {
+        prober: NodeId,
+        round: u64,
+        suspect: NodeId,
+    },
     Tick,
-    Elect,
     Crash(NodeId),
+    Pause(NodeId, Millis),
+    Resume(NodeId),
+    Corrupt(NodeId),
+    /// The corrupted node's self-check catches it.
+    SelfCheckFails(NodeId),
+    /// Links change (a partition starts or heals): for the trace.
+    Links(String),
+    End,
+}
+
+impl Ev {
+    /// The node process whose code handles the event (frozen while paused).
+    fn owner(&self) -> Option<NodeId> {
+        match self {
+            Ev::Start(n)
+            | Ev::Poll(n)
+            | Ev::Report(n)
+            | Ev::Work(n, _)
+            | Ev::Heartbeat(n)
+            | Ev::SelfCheckFails(n) => Some(*n),
+            Ev::Deliver { to, .. } => Some(*to),
+            Ev::Commit { via, .. } => Some(*via),
+            Ev::ProbeTimeout { prober, .. } => Some(*prober),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -162,9 +447,53 @@ struct SimNode {
     progress: Option<Progress>,
     missing_peers: BTreeSet<NodeId>,
     next_req: u64,
+    /// Replies to requests below this come from a previous incarnation.
+    req_floor: u64,
     join_req: Option<u64>,
     fenced: bool,
     hang_at: Option<u64>,
+    polling: bool,
+    /// Frozen until then.
+    paused_until: Option<Millis>,
+    /// Health verification corrupted (it misreads every probe answer).
+    corrupted: bool,
+    /// Its self-check caught the corruption: fail-stop, for good.
+    failstop: bool,
+    /// Send time of the last heartbeat the leader acknowledged (this epoch).
+    last_acked: Option<Millis>,
+    /// Rejoins after a revocation.
+    incarnation: u32,
+    /// Probes this node runs as a prober: (round, suspect) -> (requester, term, epoch).
+    probes: BTreeMap<(u64, NodeId), (NodeId, u64, Epoch)>,
+    serving: bool,
+    /// Highest stage the control plane accepted from this epoch.
+    acked_stage: Stage,
+    /// Stage reports in flight, by request.
+    report_reqs: BTreeMap<u64, Stage>,
+}
+
+/// Whether a refusal fences the process (rather than refusing one request).
+fn fencing(reason: &str) -> bool {
+    reason.contains("excluded") || reason.contains("superseded") || reason.contains("revoked")
+}
+
+/// A cut: links between `side` and the rest are down in [from, until).
+#[derive(Clone, Debug)]
+struct Cut {
+    side: BTreeSet<NodeId>,
+    from: Millis,
+    until: Millis,
+    /// Only the link between these two (then `side` is empty).
+    link: Option<(NodeId, NodeId)>,
+}
+
+impl Cut {
+    fn splits(&self, a: NodeId, b: NodeId) -> bool {
+        match self.link {
+            Some((x, y)) => (a, b) == (x, y) || (a, b) == (y, x),
+            None => self.side.contains(&a) != self.side.contains(&b),
+        }
+    }
 }
 
 struct Sim {
@@ -176,20 +505,39 @@ struct Sim {
     events: BTreeMap<u64, Ev>,
     state: ClusterState,
     leader: Option<NodeId>,
+    /// Since when the leader has not been able to lead (crashed, paused, cut off).
+    leader_lost: Option<Millis>,
     term: u64,
     coordinator: Option<Coordinator>,
     nodes: BTreeMap<NodeId, SimNode>,
-    partitions: Vec<(NodeId, Millis, Millis)>,
+    cuts: Vec<Cut>,
     crash_leader_at: Option<Stage>,
     isolate_at: Vec<(NodeId, Stage)>,
     trace: Vec<String>,
     steps: u64,
+    ready0: Option<Millis>,
+    faults_at: Option<Millis>,
+    /// Fault history, for judging removals: crash / corruption times, pauses.
+    crashed_at: BTreeMap<NodeId, Millis>,
+    corrupted_at: BTreeMap<NodeId, Millis>,
+    pauses: Vec<(NodeId, Millis, Millis)>,
+    /// Who ever held each epoch: (node, incarnation).
+    epoch_owner: BTreeMap<Epoch, (NodeId, u32)>,
+    violation: Option<Violation>,
+    removals: Vec<Removal>,
+    admissions: Vec<(Millis, NodeId, Epoch)>,
+    serving_log: Vec<(Millis, NodeId, bool)>,
+    ended: bool,
 }
 
-/// Runs one seeded start-up to completion (or `max_time`).
+/// Runs one seeded simulation to completion (or `max_time`, or the first
+/// broken invariant).
 pub fn run(cfg: SimConfig) -> SimOutcome {
     assert!(cfg.nodes >= 1 && cfg.voters >= 1 && cfg.voters <= cfg.nodes);
     assert!(cfg.link_delay.0 <= cfg.link_delay.1 && cfg.preload_item.0 <= cfg.preload_item.1);
+    if let Err(e) = cfg.membership.validate() {
+        panic!("invalid membership config: {e}");
+    }
     let mut sim = Sim {
         rng: ChaCha8Rng::seed_from_u64(cfg.seed),
         now: 0,
@@ -198,14 +546,26 @@ pub fn run(cfg: SimConfig) -> SimOutcome {
         events: BTreeMap::new(),
         state: ClusterState::default(),
         leader: Some(1),
+        leader_lost: None,
         term: 1,
         coordinator: Some(Coordinator::new(1, 1, 0)),
         nodes: BTreeMap::new(),
-        partitions: vec![],
+        cuts: vec![],
         crash_leader_at: None,
         isolate_at: vec![],
         trace: vec![],
         steps: 0,
+        ready0: None,
+        faults_at: None,
+        crashed_at: BTreeMap::new(),
+        corrupted_at: BTreeMap::new(),
+        pauses: vec![],
+        epoch_owner: BTreeMap::new(),
+        violation: None,
+        removals: vec![],
+        admissions: vec![],
+        serving_log: vec![],
+        ended: false,
         cfg,
     };
     sim.setup();
@@ -223,6 +583,23 @@ pub fn run(cfg: SimConfig) -> SimOutcome {
         .filter(|(_, n)| n.crashed)
         .map(|(id, _)| *id)
         .collect();
+    let nodes = sim
+        .nodes
+        .iter()
+        .map(|(id, n)| {
+            (
+                *id,
+                NodeView {
+                    epoch: n.epoch,
+                    stage: n.stage,
+                    serving: sim.serving(*id),
+                    crashed: n.crashed,
+                    corrupted: n.corrupted,
+                    rejoins: n.incarnation,
+                },
+            )
+        })
+        .collect();
     SimOutcome {
         ready_at: sim.state.stage_reached_at.get(&0).copied(),
         stage_reached_at: sim.state.stage_reached_at.clone(),
@@ -231,6 +608,13 @@ pub fn run(cfg: SimConfig) -> SimOutcome {
         excluded,
         crashed,
         steps: sim.steps,
+        violation: sim.violation,
+        removals: sim.removals,
+        admissions: sim.admissions,
+        serving: sim.serving_log,
+        faults_at: sim.faults_at,
+        nodes,
+        ended_at: sim.now,
     }
 }
 
@@ -240,6 +624,7 @@ impl Sim {
             stage_deadline_ms: self.cfg.stage_deadline,
             stuck_policy: self.cfg.stuck_policy,
             liveness_window_ms: self.cfg.liveness_window,
+            membership: self.cfg.membership.clone(),
             ..Default::default()
         };
         for id in 1..=self.cfg.nodes {
@@ -264,23 +649,93 @@ impl Sim {
         }
         for f in self.cfg.faults.clone() {
             match f {
-                Fault::Crash { node, at } => self.schedule(at, Ev::Crash(node)),
                 Fault::CrashLeaderAtStage { stage } => self.crash_leader_at = Some(stage),
                 Fault::IsolateAtStage { node, stage } => self.isolate_at.push((node, stage)),
-                Fault::Partition { node, from, until } => self.partitions.push((node, from, until)),
                 Fault::HangPreload { node, item } => {
                     if let Some(n) = self.nodes.get_mut(&node) {
                         n.hang_at = Some(item)
                     }
                 }
+                timed if !self.cfg.faults_from_ready => self.inject(timed, 0),
+                _ => {}
             }
         }
         self.schedule(self.cfg.coordinator_tick, Ev::Tick);
     }
 
+    /// Schedules a timed fault, its times offset by `base`.
+    fn inject(&mut self, f: Fault, base: Millis) {
+        let at = |t: Millis| (base + t).saturating_sub(self.now);
+        let first = match &f {
+            Fault::Crash { at, .. } | Fault::Pause { at, .. } | Fault::CorruptHealth { at, .. } => {
+                *at
+            }
+            Fault::Partition { from, .. }
+            | Fault::Split { from, .. }
+            | Fault::CutLink { from, .. } => *from,
+            _ => return,
+        };
+        let first = base + first;
+        self.faults_at = Some(self.faults_at.map_or(first, |f| f.min(first)));
+        match f {
+            Fault::Crash { node, at: t } => self.schedule(at(t), Ev::Crash(node)),
+            Fault::Pause {
+                node,
+                at: t,
+                duration,
+            } => {
+                self.pauses.push((node, base + t, base + t + duration));
+                self.schedule(at(t), Ev::Pause(node, duration));
+            }
+            Fault::CorruptHealth { node, at: t } => self.schedule(at(t), Ev::Corrupt(node)),
+            Fault::Partition { node, from, until } => self.add_cut(
+                [node].into_iter().collect(),
+                base + from,
+                base + until,
+                None,
+            ),
+            Fault::Split { side, from, until } => {
+                self.add_cut(side.into_iter().collect(), base + from, base + until, None)
+            }
+            Fault::CutLink { a, b, from, until } => {
+                self.add_cut(BTreeSet::new(), base + from, base + until, Some((a, b)))
+            }
+            _ => {}
+        }
+    }
+
+    fn add_cut(
+        &mut self,
+        side: BTreeSet<NodeId>,
+        from: Millis,
+        until: Millis,
+        link: Option<(NodeId, NodeId)>,
+    ) {
+        let what = match link {
+            Some((a, b)) => format!("link {a}-{b}"),
+            None => format!("{side:?} from the rest"),
+        };
+        self.cuts.push(Cut {
+            side,
+            from,
+            until,
+            link,
+        });
+        let d = from.saturating_sub(self.now);
+        self.schedule(d, Ev::Links(format!("cut {what}")));
+        if until != Millis::MAX {
+            let d = until.saturating_sub(self.now);
+            self.schedule(d, Ev::Links(format!("heal {what}")));
+        }
+    }
+
     fn schedule(&mut self, delay: Millis, ev: Ev) {
+        self.schedule_at(self.now + delay, ev);
+    }
+
+    fn schedule_at(&mut self, at: Millis, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Reverse((self.now + delay, self.seq)));
+        self.queue.push(Reverse((at, self.seq)));
         self.events.insert(self.seq, ev);
     }
 
@@ -295,8 +750,24 @@ impl Sim {
                 .events
                 .remove(&seq)
                 .expect("every queued seq has an event");
+            // A paused process handles nothing: its events wait for it.
+            if let Some(o) = ev.owner() {
+                if let Some(until) = self.nodes.get(&o).and_then(|n| n.paused_until) {
+                    if until > self.now && !self.nodes[&o].crashed {
+                        self.schedule_at(until, ev);
+                        continue;
+                    }
+                }
+            }
             self.handle(ev);
-            if self.state.stage == Stage::READY && self.all_settled() {
+            self.check();
+            if self.violation.is_some() || self.ended {
+                break;
+            }
+            if self.cfg.run_after_ready.is_none()
+                && self.state.stage == Stage::READY
+                && self.all_settled()
+            {
                 break;
             }
         }
@@ -312,9 +783,9 @@ impl Sim {
     }
 
     fn cut(&self, a: NodeId, b: NodeId) -> bool {
-        self.partitions
+        self.cuts
             .iter()
-            .any(|(n, from, until)| (*n == a || *n == b) && self.now >= *from && self.now < *until)
+            .any(|c| self.now >= c.from && self.now < c.until && c.splits(a, b))
     }
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: Msg) {
@@ -332,15 +803,78 @@ impl Sim {
         self.nodes.get(&n).is_some_and(|n| n.up && !n.crashed)
     }
 
+    fn paused(&self, n: NodeId) -> bool {
+        self.nodes
+            .get(&n)
+            .and_then(|n| n.paused_until)
+            .is_some_and(|u| u > self.now)
+    }
+
+    /// A voter process not started yet counts as up (it is booting; Raft
+    /// state is on its disk), as it always did in this model.
+    fn booting(&self, n: NodeId) -> bool {
+        self.nodes.get(&n).is_some_and(|n| !n.up && !n.crashed)
+    }
+
+    /// Can `v` lead: running, not frozen, not fail-stopped, and reaching a
+    /// majority of the voters (itself included)?
+    fn can_lead(&self, v: NodeId) -> bool {
+        if !self.alive(v) || self.paused(v) || self.nodes[&v].failstop {
+            return false;
+        }
+        let reach = (1..=self.cfg.voters)
+            .filter(|w| {
+                *w == v
+                    || !self.cut(v, *w) && (self.booting(*w) || self.alive(*w) && !self.paused(*w))
+            })
+            .count() as u64;
+        reach * 2 > self.cfg.voters
+    }
+
+    fn leads(&self, v: NodeId) -> bool {
+        self.leader == Some(v) && self.can_lead(v)
+    }
+
     fn commit(&mut self, cmd: Command) -> Response {
         let idx = self.state.applied_index + 1;
         self.trace.push(format!("{} {:?}", self.now, cmd));
+        let judged = match &cmd {
+            Command::Remove {
+                node,
+                epoch,
+                reason,
+                ..
+            } => Some((*node, *epoch, reason.clone())),
+            _ => None,
+        };
+        let admit = match &cmd {
+            Command::AdmitLate { node, epoch, .. } => Some((*node, *epoch)),
+            _ => None,
+        };
         let resp = self.state.apply(idx, cmd);
+        if resp == Response::Ok {
+            if let Some((node, epoch, reason)) = judged {
+                self.on_removed(node, epoch, reason);
+            }
+            if let Some((node, epoch)) = admit {
+                self.admissions.push((self.now, node, epoch));
+            }
+        }
         let reached = self.state.stage;
         let now = self.now;
-        for (node, _) in self.isolate_at.iter().filter(|(_, s)| *s == reached) {
+        for (node, _) in self
+            .isolate_at
+            .clone()
+            .iter()
+            .filter(|(_, s)| *s == reached)
+        {
             self.trace.push(format!("{now} isolate node {node}"));
-            self.partitions.push((*node, now, Millis::MAX));
+            self.cuts.push(Cut {
+                side: [*node].into_iter().collect(),
+                from: now,
+                until: Millis::MAX,
+                link: None,
+            });
         }
         self.isolate_at.retain(|(_, s)| *s != reached);
         if let (Some(stage), Some(leader)) = (self.crash_leader_at, self.leader) {
@@ -349,7 +883,174 @@ impl Sim {
                 self.schedule(0, Ev::Crash(leader));
             }
         }
+        if reached == Stage::READY && self.ready0.is_none() {
+            self.ready0 = Some(now);
+            if self.cfg.faults_from_ready {
+                for f in self.cfg.faults.clone() {
+                    self.inject(f, now);
+                }
+            }
+            if let Some(d) = self.cfg.run_after_ready {
+                self.schedule(d, Ev::End);
+            }
+        }
         resp
+    }
+
+    /// A removal committed: record it, and judge it — the removed node must
+    /// have been crashed, corrupted, paused or cut off from the leader
+    /// recently, or a healthy node was voted out.
+    fn on_removed(&mut self, node: NodeId, epoch: Epoch, reason: String) {
+        let now = self.now;
+        self.removals.push(Removal {
+            at: now,
+            node,
+            epoch,
+            reason: reason.clone(),
+        });
+        let m = &self.cfg.membership;
+        let window = m.lease_ttl_ms
+            + 4 * m.probe_timeout_ms
+            + m.heartbeat_interval_ms
+            + 2 * self.cfg.coordinator_tick
+            + 10 * self.cfg.link_delay.1;
+        let from = now.saturating_sub(window);
+        let leader = self.leader.unwrap_or(0);
+        let mut why = vec![];
+        if self.crashed_at.get(&node).is_some_and(|t| *t <= now) {
+            why.push("crashed");
+        }
+        if self.corrupted_at.get(&node).is_some_and(|t| *t <= now) {
+            why.push("corrupted");
+        }
+        if self
+            .pauses
+            .iter()
+            .any(|(n, a, b)| *n == node && *a <= now && *b >= from)
+        {
+            why.push("paused");
+        }
+        if self
+            .cuts
+            .iter()
+            .any(|c| c.from <= now && c.until >= from && c.splits(node, leader))
+        {
+            why.push("cut off from the leader");
+        }
+        if why.is_empty() {
+            self.violate(format!(
+                "healthy node {node} (epoch {epoch}) removed by leader {leader}: \
+                 not crashed, corrupted, paused or cut off in the last {window} ms; reason: {reason}"
+            ));
+        }
+    }
+
+    fn violate(&mut self, what: String) {
+        if self.violation.is_none() {
+            self.trace.push(format!("{} VIOLATION {what}", self.now));
+            self.violation = Some(Violation {
+                seed: self.cfg.seed,
+                at: self.now,
+                what,
+            });
+        }
+    }
+
+    /// Does `id`'s process believe it may serve now?
+    fn serving(&self, id: NodeId) -> bool {
+        let n = &self.nodes[&id];
+        let fence = self.cfg.membership.self_fence_after_ms;
+        n.up && !n.crashed
+            && !n.failstop
+            && !n.fenced
+            && n.epoch > 0
+            && n.join_req.is_none()
+            && n.stage == Stage::READY
+            && n.last_acked
+                .is_some_and(|s| self.now.saturating_sub(s) <= fence)
+    }
+
+    /// The invariants, after every event.
+    fn check(&mut self) {
+        let fence = self.cfg.membership.self_fence_after_ms;
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let mut serving_epochs: BTreeMap<Epoch, NodeId> = BTreeMap::new();
+        for id in ids {
+            let s = self.serving(id);
+            let n = &self.nodes[&id];
+            if s != n.serving {
+                let at = if s {
+                    self.now
+                } else {
+                    n.last_acked
+                        .map_or(self.now, |a| (a + fence + 1).min(self.now))
+                };
+                self.serving_log.push((at, id, s));
+                self.nodes.get_mut(&id).expect("node").serving = s;
+            }
+            if !s {
+                continue;
+            }
+            let (epoch, last_acked) = (self.nodes[&id].epoch, self.nodes[&id].last_acked);
+            // (a) one epoch-valid identity per process.
+            if let Some(other) = serving_epochs.insert(epoch, id) {
+                self.violate(format!(
+                    "nodes {other} and {id} both serve under epoch {epoch}"
+                ));
+            }
+            // (b) nobody serves under a revoked or superseded epoch.
+            if let Some(reason) = self.state.refusal(id, epoch) {
+                let removed_at = match &self.state.members[&id].status {
+                    MemberStatus::Removed { at, .. } => format!("{at}"),
+                    _ => "-".into(),
+                };
+                let what = format!(
+                    "node {id} serves under epoch {} after the control plane refused it ({reason}); \
+                     last acknowledged heartbeat sent at {:?}, self-fence due at {:?}, removal proposed at {removed_at}",
+                    epoch,
+                    last_acked,
+                    last_acked.map(|a| a + fence),
+                );
+                self.violate(what);
+            }
+        }
+    }
+
+    /// (c): the end of a steady-state run.
+    fn check_end(&mut self) {
+        if self.state.stage != Stage::READY {
+            self.violate(format!(
+                "the cluster is at stage {} at the end, not ready",
+                self.state.stage
+            ));
+            return;
+        }
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let n = &self.nodes[&id];
+            let m = &self.state.members[&id];
+            let serving = self.serving(id);
+            if n.crashed {
+                if m.status == MemberStatus::Active {
+                    self.violate(format!("crashed node {id} is still Active at the end"));
+                }
+            } else if n.corrupted {
+                if m.status == MemberStatus::Active && serving {
+                    self.violate(format!("corrupted node {id} is Active and serving"));
+                }
+            } else if m.status != MemberStatus::Active
+                || m.epoch != n.epoch
+                || m.report.stage != Stage::READY
+                || !serving
+            {
+                self.violate(format!(
+                    "healthy node {id} has not converged after the quiet period: \
+                     state {:?} epoch {} stage {}; process epoch {} stage {} serving {serving} \
+                     fenced {} last ack {:?}",
+                    m.status, m.epoch, m.report.stage, n.epoch, n.stage, n.fenced, n.last_acked
+                ));
+            }
+        }
     }
 
     fn handle(&mut self, ev: Ev) {
@@ -360,24 +1061,66 @@ impl Sim {
                     return;
                 }
                 n.up = true;
+                n.polling = true;
                 self.join(id);
                 let poll = self.cfg.poll_interval;
                 self.schedule(poll, Ev::Poll(id));
                 let rep = self.cfg.report_interval;
                 self.schedule(rep, Ev::Report(id));
+                let hb = self.cfg.membership.heartbeat_interval_ms;
+                self.schedule(hb, Ev::Heartbeat(id));
             }
             Ev::Crash(id) => {
                 let n = self.nodes.get_mut(&id).expect("node");
                 n.crashed = true;
+                self.crashed_at.entry(id).or_insert(self.now);
                 self.trace.push(format!("{} crash node {id}", self.now));
                 if self.leader == Some(id) {
                     self.leader = None;
                     self.coordinator = None;
-                    let t = self.cfg.election_timeout;
-                    self.schedule(t, Ev::Elect);
+                    self.leader_lost = Some(self.now);
                 }
             }
-            Ev::Elect => self.elect(),
+            Ev::Pause(id, d) => {
+                let until = self.now + d;
+                let n = self.nodes.get_mut(&id).expect("node");
+                n.paused_until = Some(n.paused_until.map_or(until, |u| u.max(until)));
+                self.trace
+                    .push(format!("{} pause node {id} for {d} ms", self.now));
+                self.schedule(d, Ev::Resume(id));
+            }
+            Ev::Resume(id) => {
+                if !self.paused(id) {
+                    self.trace.push(format!("{} resume node {id}", self.now));
+                }
+            }
+            Ev::Corrupt(id) => {
+                self.corrupted_at.entry(id).or_insert(self.now);
+                let n = self.nodes.get_mut(&id).expect("node");
+                n.corrupted = true;
+                self.trace.push(format!(
+                    "{} corrupt health verification of node {id}",
+                    self.now
+                ));
+                let d = self.rng.gen_range(100..=300);
+                self.schedule(d, Ev::SelfCheckFails(id));
+            }
+            Ev::SelfCheckFails(id) => {
+                if !self.alive(id) {
+                    return;
+                }
+                self.nodes.get_mut(&id).expect("node").failstop = true;
+                self.trace.push(format!(
+                    "{} node {id} self-check fails: fail-stop",
+                    self.now
+                ));
+            }
+            Ev::Links(what) => self.trace.push(format!("{} {what}", self.now)),
+            Ev::End => {
+                self.trace.push(format!("{} end", self.now));
+                self.check_end();
+                self.ended = true;
+            }
             Ev::Tick => {
                 self.tick();
                 let t = self.cfg.coordinator_tick;
@@ -388,6 +1131,11 @@ impl Sim {
                     return;
                 }
                 let n = &self.nodes[&id];
+                if n.epoch > 0 && !n.fenced && n.stage == Stage::READY {
+                    // Nothing more to ask for; a rejoin restarts polling.
+                    self.nodes.get_mut(&id).expect("node").polling = false;
+                    return;
+                }
                 if n.epoch > 0 && !n.fenced {
                     if let (Some(next), Some(leader)) = (n.stage.next(), self.leader) {
                         let msg = Msg::Poll {
@@ -404,7 +1152,8 @@ impl Sim {
                 if !self.alive(id) {
                     return;
                 }
-                if self.nodes[&id].epoch == 0 {
+                let n = &self.nodes[&id];
+                if n.epoch == 0 && !n.fenced {
                     self.join(id);
                 } else {
                     self.report(id);
@@ -426,14 +1175,52 @@ impl Sim {
                 let rep = self.cfg.report_interval;
                 self.schedule(rep, Ev::Report(id));
             }
-            Ev::Work(id, generation) => self.work_step(id, generation),
-            Ev::Commit { from, cmd, req } => {
-                if self.leader.is_none() || !self.quorum_up() {
+            Ev::Heartbeat(id) => {
+                if !self.alive(id) {
                     return;
                 }
+                self.heartbeat(id);
+                let hb = self.cfg.membership.heartbeat_interval_ms;
+                self.schedule(hb, Ev::Heartbeat(id));
+            }
+            Ev::ProbeTimeout {
+                prober,
+                round,
+                suspect,
+            } => {
+                if !self.alive(prober) {
+                    return;
+                }
+                let n = self.nodes.get_mut(&prober).expect("node");
+                if let Some((to, term, _)) = n.probes.remove(&(round, suspect)) {
+                    let detail = format!(
+                        "no answer within {} ms",
+                        self.cfg.membership.probe_timeout_ms
+                    );
+                    let msg = Msg::ProbeResult {
+                        term,
+                        round,
+                        suspect,
+                        ok: false,
+                        detail,
+                    };
+                    self.send(prober, to, msg);
+                }
+            }
+            Ev::Work(id, generation) => self.work_step(id, generation),
+            Ev::Commit {
+                via,
+                from,
+                cmd,
+                req,
+            } => {
+                if !self.leads(via) {
+                    return; // The entry never reached a quorum: lost.
+                }
                 let resp = self.commit(cmd);
-                let leader = self.leader.expect("checked");
-                self.send(leader, from, Msg::Committed { resp, req });
+                if req != 0 {
+                    self.send(via, from, Msg::Committed { resp, req });
+                }
             }
             Ev::Deliver { from, to, msg } => {
                 if !self.alive(to) {
@@ -444,38 +1231,43 @@ impl Sim {
         }
     }
 
-    fn quorum_up(&self) -> bool {
-        let up = (1..=self.cfg.voters)
-            .filter(|v| self.alive(*v) || !self.nodes[v].up && !self.nodes[v].crashed)
-            .count() as u64;
-        up * 2 > self.cfg.voters
-    }
-
-    fn elect(&mut self) {
-        let cand = (1..=self.cfg.voters).find(|v| self.alive(*v) && !self.cut(*v, 0));
-        match cand {
-            Some(v) if self.quorum_up() => {
-                self.term += 1;
-                self.leader = Some(v);
-                self.coordinator = Some(Coordinator::new(v, self.term, self.now));
-                self.trace
-                    .push(format!("{} leader node {v} term {}", self.now, self.term));
-            }
-            _ => {
-                let t = self.cfg.election_timeout;
-                self.schedule(t, Ev::Elect);
-            }
+    /// Keeps a leader: one that cannot lead (crashed, frozen, cut off from
+    /// the voters' majority) is replaced after an election timeout by the
+    /// lowest voter that can.
+    fn watch_leader(&mut self) {
+        let fine = self
+            .leader
+            .is_some_and(|l| self.can_lead(l) || self.booting(l));
+        if fine {
+            self.leader_lost = None;
+            return;
+        }
+        let since = *self.leader_lost.get_or_insert(self.now);
+        if self.now.saturating_sub(since) < self.cfg.election_timeout {
+            return;
+        }
+        if let Some(v) = (1..=self.cfg.voters).find(|v| self.can_lead(*v)) {
+            self.term += 1;
+            self.leader = Some(v);
+            self.leader_lost = None;
+            self.coordinator = Some(Coordinator::new(v, self.term, self.now));
+            self.trace
+                .push(format!("{} leader node {v} term {}", self.now, self.term));
         }
     }
 
     fn tick(&mut self) {
+        self.watch_leader();
         let Some(leader) = self.leader else { return };
-        if !self.alive(leader) {
+        if !self.can_lead(leader) {
             return;
         }
         let now = self.now;
-        let cmds = match self.coordinator.as_mut() {
-            Some(c) => c.tick(now, &self.state),
+        let (cmds, probes, term) = match self.coordinator.as_mut() {
+            Some(c) => {
+                let cmds = c.tick(now, &self.state);
+                (cmds, c.take_probes(), c.term())
+            }
             None => return,
         };
         for cmd in cmds {
@@ -484,11 +1276,21 @@ impl Sim {
             self.schedule(
                 d,
                 Ev::Commit {
+                    via: leader,
                     from: leader,
                     cmd,
                     req: 0,
                 },
             );
+        }
+        for p in probes {
+            let msg = Msg::ProbeReq {
+                term,
+                round: p.round,
+                suspect: p.suspect,
+                epoch: p.epoch,
+            };
+            self.send(leader, p.prober, msg);
         }
     }
 
@@ -508,21 +1310,84 @@ impl Sim {
         self.nodes.get_mut(&id).expect("node").join_req = Some(req);
     }
 
+    /// Reports the node's stage — or, if a report was lost on the way, the
+    /// stage after the last one the control plane accepted: stages may not
+    /// be skipped, so the node walks its report up one stage at a time.
     fn report(&mut self, id: NodeId) {
         let n = &self.nodes[&id];
         if n.fenced || n.epoch == 0 {
             return;
         }
+        let stage = match n.acked_stage.next() {
+            Some(next) if n.stage > next => next,
+            _ => n.stage,
+        };
         let cmd = Command::Report {
             node: id,
             epoch: n.epoch,
-            stage: n.stage,
+            stage,
             waiting: n.waiting.clone(),
             progress: n.progress,
             unreachable: n.missing_peers.iter().copied().collect(),
             at: self.now,
         };
-        self.propose(id, cmd);
+        let req = self.propose(id, cmd);
+        let n = self.nodes.get_mut(&id).expect("node");
+        n.report_reqs.insert(req, stage);
+        while n.report_reqs.len() > 16 {
+            n.report_reqs.pop_first();
+        }
+    }
+
+    fn heartbeat(&mut self, id: NodeId) {
+        let n = &self.nodes[&id];
+        if n.fenced || n.epoch == 0 {
+            return;
+        }
+        let health = if n.failstop {
+            Health::FailStop(CORRUPT_HEALTH_REASON.into())
+        } else {
+            Health::Healthy
+        };
+        let msg = Msg::Heartbeat {
+            epoch: n.epoch,
+            health,
+            sent: self.now,
+        };
+        if let Some(leader) = self.leader {
+            self.send(id, leader, msg);
+        }
+    }
+
+    /// The control plane refused `id`'s process under `epoch`: a revoked
+    /// process comes back under a new epoch (unless it stopped itself); an
+    /// excluded or superseded one stays fenced.
+    fn refused(&mut self, id: NodeId, epoch: Epoch, reason: &str) {
+        let n = self.nodes.get_mut(&id).expect("node");
+        if epoch != n.epoch || epoch == 0 || n.fenced {
+            return;
+        }
+        if !reason.contains("revoked") || n.failstop {
+            n.fenced = true;
+            return;
+        }
+        n.incarnation += 1;
+        n.epoch = 0;
+        n.stage = Stage::NOT_STARTED;
+        n.working_on = None;
+        n.work_gen += 1;
+        n.waiting = None;
+        n.progress = None;
+        n.missing_peers.clear();
+        n.last_acked = None;
+        n.acked_stage = Stage::NOT_STARTED;
+        n.report_reqs.clear();
+        n.req_floor = n.next_req + 1;
+        self.trace.push(format!(
+            "{} node {id} learns epoch {epoch} was revoked: fences, rejoins",
+            self.now
+        ));
+        self.join(id);
     }
 
     fn deliver(&mut self, from: NodeId, to: NodeId, msg: Msg) {
@@ -537,19 +1402,59 @@ impl Sim {
                     c.on_contact(self.now, *node, *epoch);
                 }
                 let d = 2 * self.cfg.link_delay.1;
-                self.schedule(d, Ev::Commit { from, cmd, req });
+                self.schedule(
+                    d,
+                    Ev::Commit {
+                        via: to,
+                        from,
+                        cmd,
+                        req,
+                    },
+                );
             }
             Msg::Committed { resp, req } => {
                 let n = self.nodes.get_mut(&to).expect("node");
+                if req < n.req_floor {
+                    return; // A reply to a previous incarnation.
+                }
                 if n.join_req == Some(req) {
                     if let Response::Joined { epoch } = resp {
                         n.join_req = None;
                         n.epoch = epoch;
                         n.stage = Stage::RUNNING;
+                        n.acked_stage = Stage::RUNNING;
+                        let inc = n.incarnation;
+                        let restart_poll = !n.polling;
+                        n.polling = true;
+                        if let Some(prev) = self.epoch_owner.insert(epoch, (to, inc)) {
+                            self.violate(format!(
+                                "epoch {epoch} issued twice: to node {} (incarnation {}) and node {to} (incarnation {inc})",
+                                prev.0, prev.1
+                            ));
+                        }
+                        if restart_poll {
+                            let poll = self.cfg.poll_interval;
+                            self.schedule(poll, Ev::Poll(to));
+                        }
+                        // Renew the new epoch's lease at once.
+                        self.heartbeat(to);
+                    }
+                } else if let Some(stage) = n.report_reqs.remove(&req) {
+                    if resp == Response::Ok && stage > n.acked_stage {
+                        n.acked_stage = stage;
+                        if stage < n.stage {
+                            self.report(to);
+                        }
+                    } else if let Response::Rejected { reason } = resp {
+                        if fencing(&reason) {
+                            let epoch = n.epoch;
+                            self.refused(to, epoch, &reason);
+                        }
                     }
                 } else if let Response::Rejected { reason } = resp {
-                    if reason.contains("excluded") || reason.contains("superseded") {
-                        n.fenced = true;
+                    if fencing(&reason) {
+                        let epoch = n.epoch;
+                        self.refused(to, epoch, &reason);
                     }
                 }
             }
@@ -561,14 +1466,121 @@ impl Sim {
                     c.on_contact(self.now, from, epoch);
                 }
                 let gate = self.state.gate(from, epoch, next);
-                self.send(to, from, Msg::PollReply { gate, next });
+                self.send(to, from, Msg::PollReply { epoch, gate, next });
             }
-            Msg::PollReply { gate, next } => self.on_gate(to, gate, next),
+            Msg::PollReply { epoch, gate, next } => {
+                if epoch == self.nodes[&to].epoch {
+                    self.on_gate(to, gate, next)
+                }
+            }
             Msg::Ping => self.send(to, from, Msg::Pong),
             Msg::Pong => {
                 let n = self.nodes.get_mut(&to).expect("node");
                 if n.missing_peers.remove(&from) && n.working_on == Some(Stage::CONNECTED) {
                     self.connect_progress(to);
+                }
+            }
+            Msg::Heartbeat {
+                epoch,
+                health,
+                sent,
+            } => {
+                // Acknowledge only while leading with a quorum (a
+                // linearisable read of the membership).
+                if !self.leads(to) || epoch == 0 {
+                    return;
+                }
+                if let Some(reason) = self.state.refusal(from, epoch) {
+                    self.send(to, from, Msg::HeartbeatRefused { epoch, reason });
+                    return;
+                }
+                // The coordinator stops renewing a lease once it has
+                // decided to remove the node (fence first, then remove).
+                let may_ack = match self.coordinator.as_mut() {
+                    Some(c) => {
+                        c.on_heartbeat(self.now, from, epoch, health);
+                        c.may_ack(from, epoch)
+                    }
+                    None => false,
+                };
+                if !may_ack {
+                    return;
+                }
+                self.send(to, from, Msg::HeartbeatAck { epoch, sent });
+            }
+            Msg::HeartbeatAck { epoch, sent } => {
+                let n = self.nodes.get_mut(&to).expect("node");
+                if epoch == n.epoch && !n.fenced {
+                    n.last_acked = Some(n.last_acked.map_or(sent, |a| a.max(sent)));
+                }
+            }
+            Msg::HeartbeatRefused { epoch, reason } => self.refused(to, epoch, &reason),
+            Msg::ProbeReq {
+                term,
+                round,
+                suspect,
+                epoch,
+            } => {
+                let n = self.nodes.get_mut(&to).expect("node");
+                if n.failstop {
+                    return; // It stopped acting on the cluster.
+                }
+                n.probes.insert((round, suspect), (from, term, epoch));
+                self.send(to, suspect, Msg::Probe { round });
+                let t = self.cfg.membership.probe_timeout_ms;
+                self.schedule(
+                    t,
+                    Ev::ProbeTimeout {
+                        prober: to,
+                        round,
+                        suspect,
+                    },
+                );
+            }
+            Msg::Probe { round } => {
+                let n = &self.nodes[&to];
+                if n.failstop {
+                    return;
+                }
+                let epoch = if n.fenced { 0 } else { n.epoch };
+                self.send(to, from, Msg::ProbeAnswer { round, epoch });
+            }
+            Msg::ProbeAnswer { round, epoch } => {
+                let n = self.nodes.get_mut(&to).expect("node");
+                let Some((req, term, want)) = n.probes.remove(&(round, from)) else {
+                    return;
+                };
+                let (ok, detail) = if n.corrupted {
+                    (false, CORRUPT_PROBE_DETAIL.to_string())
+                } else if epoch != want {
+                    (
+                        false,
+                        format!("it answered under epoch {epoch}, not {want}"),
+                    )
+                } else {
+                    (true, String::new())
+                };
+                let msg = Msg::ProbeResult {
+                    term,
+                    round,
+                    suspect: from,
+                    ok,
+                    detail,
+                };
+                self.send(to, req, msg);
+            }
+            Msg::ProbeResult {
+                term,
+                round,
+                suspect,
+                ok,
+                detail,
+            } => {
+                if self.leader != Some(to) {
+                    return;
+                }
+                if let Some(c) = self.coordinator.as_mut().filter(|c| c.term() == term) {
+                    c.on_probe_result(round, from, suspect, ok, detail);
                 }
             }
         }
@@ -580,7 +1592,10 @@ impl Sim {
             return; // A late reply about a stage already behind us.
         }
         match gate {
-            Gate::Fenced { .. } => n.fenced = true,
+            Gate::Fenced { reason } => {
+                let epoch = n.epoch;
+                self.refused(id, epoch, &reason);
+            }
             Gate::Closed { .. } => {}
             Gate::Open => {
                 let Some(next) = n.stage.next() else { return };

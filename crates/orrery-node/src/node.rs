@@ -530,13 +530,22 @@ impl Inner {
                 if let Some(reason) = state.state.0.refusal(node, hb_epoch) {
                     return Reply::Fenced { reason };
                 }
-                if let Some(co) = self
+                let may_ack = match self
                     .coordinator
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .as_mut()
                 {
-                    co.on_heartbeat(now_ms(), node, hb_epoch, health);
+                    Some(co) => {
+                        co.on_heartbeat(now_ms(), node, hb_epoch, health);
+                        co.may_ack(node, hb_epoch)
+                    }
+                    None => false,
+                };
+                if !may_ack {
+                    return Reply::Error(format!(
+                        "lease of node {node} epoch {hb_epoch} not renewed: the coordinator is removing it or not yet coordinating"
+                    ));
                 }
                 let view = self.lease.view();
                 Reply::HeartbeatAck {
