@@ -326,6 +326,13 @@ pub fn render_status(
             (orrery_core::MemberStatus::Excluded { reason, .. }, _, _) => {
                 format!("EXCLUDED: {reason}")
             }
+            (orrery_core::MemberStatus::Removed { reason, .. }, _, _) => {
+                format!("REMOVED: {reason}")
+            }
+            (_, _, _) if !m.health.healthy => format!(
+                "IMPAIRED: {}",
+                m.health.reason.as_deref().unwrap_or("self-checks failing")
+            ),
             (_, _, None) if !nodes.is_empty() && m.report.stage != Stage::NOT_STARTED => {
                 "not answering".into()
             }
@@ -351,6 +358,24 @@ pub fn render_status(
             m.report.stage.to_string(),
             in_stage,
             waiting
+        );
+    }
+    out
+}
+
+/// The last `n` events of the replicated event list, oldest first, as lines
+/// an engineer would put in a post-mortem timeline.
+pub fn render_events(state: &ClusterState, n: usize, now_ms: u64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let skip = state.events.len().saturating_sub(n);
+    for e in state.events.iter().skip(skip) {
+        let ago = now_ms.saturating_sub(e.at) as f64 / 1000.0;
+        let _ = writeln!(
+            out,
+            "{ago:>9.1}s ago  {:<17} {}",
+            format!("{:?}", e.kind),
+            e.detail
         );
     }
     out

@@ -5,11 +5,12 @@
 //! (launch to ready, benchmark runs), so the determinism lints are off here.
 #![allow(clippy::disallowed_methods)]
 
+mod bench;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use orrery::local::{self, AdminClient, Manifest, Plan};
-use orrery_core::sim::{self, SimConfig};
 use orrery_core::{Stage, StuckPolicy};
 use orrery_node::clock::now_ms;
 use orrery_node::{DemoService, Node, NodeConfig, Service};
@@ -71,6 +72,9 @@ enum Cmd {
         /// Print the replicated state as JSON instead.
         #[arg(long)]
         json: bool,
+        /// How many of the latest cluster events to show.
+        #[arg(long, default_value_t = 15)]
+        events: usize,
     },
     /// Benchmarks that print numbers.
     Bench {
@@ -81,6 +85,16 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Failure detection with real processes: crash and pause detection
+    /// times, false removals under CPU starvation and log bursts.
+    Detection {
+        /// Crash trials (each on a fresh cluster); pause trials are a quarter.
+        #[arg(long, default_value_t = 20)]
+        trials: u64,
+        /// How long to run the CPU-starvation and log-burst fault.
+        #[arg(long, default_value_t = 60)]
+        starve_secs: u64,
+    },
     /// Start-up of a large cluster in the deterministic simulator.
     Startup {
         #[arg(long, default_value_t = 250)]
@@ -118,7 +132,11 @@ fn main() -> Result<()> {
             plan.stuck_policy = stuck_policy;
             up(plan, exit_when_ready, Duration::from_secs(ready_timeout_s))
         }
-        Cmd::Status { data_dir, json } => status(data_dir, json),
+        Cmd::Status {
+            data_dir,
+            json,
+            events,
+        } => status(data_dir, json, events),
         Cmd::Bench {
             which:
                 Bench::Startup {
@@ -130,11 +148,18 @@ fn main() -> Result<()> {
                 },
         } => {
             if inproc {
-                bench_startup_inproc(nodes, voters, seed, runs)
+                bench::startup_inproc(nodes, voters, seed, runs)
             } else {
-                bench_startup(nodes, voters, seed, runs)
+                bench::startup(nodes, voters, seed, runs)
             }
         }
+        Cmd::Bench {
+            which:
+                Bench::Detection {
+                    trials,
+                    starve_secs,
+                },
+        } => bench::detection(trials, starve_secs),
     }
 }
 
@@ -293,7 +318,7 @@ fn register_stop(signal: i32, flag: Arc<std::sync::atomic::AtomicBool>) -> Resul
     Ok(())
 }
 
-fn status(data_dir: PathBuf, json: bool) -> Result<()> {
+fn status(data_dir: PathBuf, json: bool, events: usize) -> Result<()> {
     let manifest = Manifest::load(&data_dir)?;
     let client = AdminClient::default();
     let state = client.cluster_state(&manifest)?;
@@ -307,121 +332,9 @@ fn status(data_dir: PathBuf, json: bool) -> Result<()> {
         .map(|(id, addr)| (id, client.node_status(&addr).ok()))
         .collect();
     print!("{}", local::render_status(&state, &live, now_ms()));
-    Ok(())
-}
-
-fn bench_startup(nodes: u64, voters: u64, seed: u64, runs: u64) -> Result<()> {
-    if nodes == 0 || voters == 0 || voters > nodes || runs == 0 {
-        bail!("need nodes >= voters >= 1 and runs >= 1");
+    if events > 0 {
+        println!("latest events:");
+        print!("{}", local::render_events(&state, events, now_ms()));
     }
-    println!("bench startup: {nodes} nodes ({voters} voters) in the deterministic simulator (virtual time; LAN links 1-2 ms, 20 preload items of 5-20 ms per node)");
-    println!(
-        "{:<6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
-        "seed", "ready(ms)", "-4", "-3", "-2", "-1", "0", "events", "wall(ms)"
-    );
-    let mut readies = vec![];
-    for s in seed..seed + runs {
-        let mut cfg = SimConfig::new(nodes, s);
-        cfg.voters = voters;
-        let t = Instant::now();
-        let out = sim::run(cfg);
-        let wall = t.elapsed().as_millis();
-        let mut prev = 0;
-        let per: Vec<String> = Stage::ALL
-            .iter()
-            .map(|st| match out.stage_reached_at.get(&st.number()) {
-                Some(at) => {
-                    let d = at - prev;
-                    prev = *at;
-                    d.to_string()
-                }
-                None => "-".into(),
-            })
-            .collect();
-        let ready = out
-            .ready_at
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "never".into());
-        println!(
-            "{:<6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
-            s, ready, per[0], per[1], per[2], per[3], per[4], out.steps, wall
-        );
-        if let Some(r) = out.ready_at {
-            readies.push(r);
-        }
-    }
-    if readies.len() as u64 != runs {
-        bail!(
-            "{} of {runs} runs did not reach stage 0",
-            runs - readies.len() as u64
-        );
-    }
-    readies.sort();
-    println!(
-        "stage 0 reached in all {runs} runs: median {} ms, max {} ms of virtual time (target: < 10000 ms)",
-        readies[readies.len() / 2],
-        readies[readies.len() - 1]
-    );
-    Ok(())
-}
-
-fn bench_startup_inproc(nodes: u64, voters: u64, seed: u64, runs: u64) -> Result<()> {
-    println!(
-        "bench startup --inproc: {nodes} nodes ({voters} voters), real node code with openraft and redb on disk, \
-         one process, in-process network (no loss or delay), demo preload 20 x 10 ms per node"
-    );
-    println!(
-        "{:<4} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
-        "run", "ready(ms)", "-4", "-3", "-2", "-1", "0", "launch(ms)"
-    );
-    let rt = tokio::runtime::Runtime::new()?;
-    let mut readies = vec![];
-    for run in 0..runs {
-        let dir = tempfile::tempdir()?;
-        let plan = Plan::new(nodes, voters, dir.path());
-        let mut cluster = orrery::inproc::InProcCluster::plan(&plan, seed + run)?;
-        let launched = Instant::now();
-        let launched_ms = now_ms();
-        let (state, started) = rt.block_on(async {
-            cluster.start_all().await?;
-            let started = launched.elapsed().as_millis();
-            let s = cluster
-                .wait_for(Duration::from_secs(120), orrery::inproc::ready)
-                .await
-                .map_err(|last| {
-                    anyhow::anyhow!(
-                        "not ready after 120 s:\n{}",
-                        last.map(|s| local::render_status(&s, &[], now_ms()))
-                            .unwrap_or_default()
-                    )
-                })?;
-            Ok::<_, anyhow::Error>((s, started))
-        })?;
-        let ready = launched.elapsed().as_millis() as u64;
-        let mut prev = launched_ms;
-        let per: Vec<String> = Stage::ALL
-            .iter()
-            .map(|st| match state.stage_reached_at.get(&st.number()) {
-                Some(at) => {
-                    let d = at.saturating_sub(prev);
-                    prev = *at;
-                    d.to_string()
-                }
-                None => "-".into(),
-            })
-            .collect();
-        println!(
-            "{:<4} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
-            run, ready, per[0], per[1], per[2], per[3], per[4], started
-        );
-        readies.push(ready);
-        rt.block_on(cluster.shutdown());
-    }
-    readies.sort();
-    println!(
-        "stage 0 reached in all {runs} runs: median {} ms, max {} ms wall time from launch (target: < 10000 ms)",
-        readies[readies.len() / 2],
-        readies[readies.len() - 1]
-    );
     Ok(())
 }

@@ -4,12 +4,12 @@
 //! timeouts; nothing sleeps for correctness.
 
 use orrery::local::{self, AdminClient, Manifest, Plan};
+use orrery::procs::NodeProcs;
 use orrery_core::{ClusterState, NodeId};
 use orrery_node::config::NodeConfig;
 use orrery_node::NodeStatus;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -23,7 +23,7 @@ pub struct TestCluster {
     _serial: MutexGuard<'static, ()>,
     pub dir: tempfile::TempDir,
     pub manifest: Manifest,
-    procs: BTreeMap<NodeId, Child>,
+    procs: NodeProcs,
     client: AdminClient,
 }
 
@@ -35,11 +35,13 @@ impl TestCluster {
         let mut plan = Plan::new(nodes, voters, dir.path());
         tweak(&mut plan);
         let manifest = local::prepare(&plan).expect("prepare cluster");
+        let mut procs = NodeProcs::new(BIN, dir.path());
+        procs.env("RUST_LOG", "info,openraft=warn");
         TestCluster {
             _serial: serial,
             dir,
             manifest,
-            procs: BTreeMap::new(),
+            procs,
             client: AdminClient::default(),
         }
     }
@@ -56,75 +58,29 @@ impl TestCluster {
         std::fs::write(&path, toml::to_string(&cfg).expect("encode")).expect("write config");
     }
 
-    fn log_path(&self, id: NodeId) -> PathBuf {
-        self.dir.path().join(format!("node-{id}")).join("node.log")
-    }
-
-    pub fn start(&mut self, id: NodeId) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(id))
-            .expect("log file");
-        let child = Command::new(BIN)
-            .args(["node", "--config"])
-            .arg(self.config_path(id))
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn orrery node");
-        self.procs.insert(id, child);
-    }
-
     pub fn start_all(&mut self) {
-        let ids: Vec<NodeId> = self.manifest.nodes.iter().map(|n| n.id).collect();
-        for id in ids {
-            self.start(id);
-        }
+        self.procs.start_all(&self.manifest).expect("start nodes");
     }
 
     /// SIGKILL: the process dies without a word.
     pub fn kill(&mut self, id: NodeId) {
-        if let Some(mut c) = self.procs.remove(&id) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.procs.kill(id);
     }
 
     /// Sends a signal (e.g. "STOP", "CONT") to node `id`'s process.
     pub fn signal(&self, id: NodeId, sig: &str) {
-        let pid = self.procs.get(&id).expect("node running").id();
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("kill");
-        assert!(ok.success(), "kill -{sig} {pid} failed");
+        self.procs.signal(id, sig).expect("signal");
     }
 
-    /// SIGTERM to all, then wait for every process to exit (bounded).
+    /// SIGTERM to all; every node must exit cleanly within the grace period.
     pub fn stop_all(&mut self) {
-        for c in self.procs.values() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for (id, mut c) in std::mem::take(&mut self.procs) {
-            loop {
-                match c.try_wait() {
-                    Ok(Some(st)) => {
-                        assert!(st.success(), "node {id} exited with {st} on SIGTERM");
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => panic!("node {id} did not stop within 10 s of SIGTERM"),
-                }
+        for (id, st) in self.procs.stop_all() {
+            match st {
+                Some(st) => assert!(st.success(), "node {id} exited with {st} on SIGTERM"),
+                None => panic!(
+                    "node {id} did not stop within {:?} of SIGTERM",
+                    orrery::procs::STOP_GRACE
+                ),
             }
         }
     }
@@ -192,7 +148,7 @@ impl TestCluster {
     }
 
     pub fn log(&self, id: NodeId) -> String {
-        std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
+        std::fs::read_to_string(self.procs.log_path(id)).unwrap_or_default()
     }
 
     /// Waits until node `id`'s log contains `needle`.
@@ -238,14 +194,5 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).expect("utf8")
-    }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        for c in self.procs.values_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }

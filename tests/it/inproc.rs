@@ -122,3 +122,30 @@ async fn crashed_coordinator_mid_start_up_is_replaced() {
     assert_eq!(s.participants().len(), 19);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arbiters_vote_and_host_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = Plan::new(5, 3, dir.path());
+    plan.arbiters = 2;
+    let mut c = InProcCluster::plan(&plan, 5).expect("plan");
+    c.start_all().await.unwrap();
+    let s = c
+        .wait_for(T, ready)
+        .await
+        .unwrap_or_else(|s| panic!("not ready:\n{}", show(s)));
+    assert_eq!(s.config.voters(), vec![1, 2, 3], "arbiters are voters");
+    for id in [2, 3] {
+        let st = c.nodes[&id].status();
+        assert_eq!(st.role, Some(orrery_core::Role::Arbiter));
+        assert!(
+            st.services.is_empty(),
+            "arbiter {id} runs {:?}",
+            st.services
+        );
+    }
+    assert_eq!(s.config.nodes[&1].role, orrery_core::Role::Voter);
+    assert_eq!(c.nodes[&1].status().services, vec!["demo".to_string()]);
+    c.shutdown().await;
+}

@@ -79,6 +79,8 @@ pub struct NodeStatus {
     pub fenced: Option<String>,
     /// Serving: joined, not fenced, and its lease is fresh.
     pub serving: bool,
+    /// The services this node runs (none on an arbiter).
+    pub services: Vec<String>,
     /// Its own health, as its self-checks see it.
     pub health: Option<HealthReport>,
     /// Version of the membership view it enforces.
@@ -389,6 +391,14 @@ impl Inner {
         s.progress = a.progress;
         s.wire = self.stats.snapshot();
         s.serving = self.serving();
+        s.services = if self.cfg.me().role.hosts_services() {
+            self.services
+                .iter()
+                .map(|svc| svc.name().to_string())
+                .collect()
+        } else {
+            vec![]
+        };
         s.health = Some(self.health.report());
         s.membership_version = self.lease.view().version;
         s.refused_fenced = self.refused.load(Ordering::Relaxed);
