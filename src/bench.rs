@@ -271,26 +271,7 @@ pub fn detection(trials: u64, starve_secs: u64) -> Result<()> {
         eprintln!("  pause trial {t}: SIGSTOP node {victim} -> removed in {} ms; after SIGCONT back at stage 0 under epoch {} in {} ms", pause.last().unwrap(), s.members[&victim].epoch, rejoin.last().unwrap());
     }
     // False removals: one node CPU-starved, every node logs 500 warnings.
-    let c = BenchCluster::start(5, |p| {
-        p.faults = vec![(
-            5,
-            orrery_node::health::HealthFaults {
-                event_loop_lag_ms: 300,
-                ..Default::default()
-            },
-        )];
-        p.demo = (1..=5)
-            .map(|id| {
-                (
-                    id,
-                    orrery_node::config::DemoConfig {
-                        log_burst_lines: 500,
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
-    })?;
+    let c = BenchCluster::start(5, |p| p.starve_and_burst(5))?;
     let start = Instant::now();
     let mut false_removals = 0usize;
     while start.elapsed() < Duration::from_secs(starve_secs) {

@@ -37,6 +37,30 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The no-false-removal fault load: node `starved` has its runtime
+    /// blocked 300 ms at a time (a CPU hog) and every node logs a burst of
+    /// 500 warnings once ready.
+    pub fn starve_and_burst(&mut self, starved: NodeId) {
+        self.faults = vec![(
+            starved,
+            HealthFaults {
+                event_loop_lag_ms: 300,
+                ..Default::default()
+            },
+        )];
+        self.demo = (1..=self.nodes)
+            .map(|id| {
+                (
+                    id,
+                    DemoConfig {
+                        log_burst_lines: 500,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+    }
+
     pub fn new(nodes: u64, voters: u64, data_dir: impl Into<PathBuf>) -> Self {
         Plan {
             nodes,

@@ -196,3 +196,18 @@ impl TestCluster {
         String::from_utf8(out.stdout).expect("utf8")
     }
 }
+
+/// The details of the replicated events of one kind, oldest first.
+pub fn events(s: &ClusterState, kind: orrery_core::EventKind) -> Vec<String> {
+    s.events
+        .iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| e.detail.clone())
+        .collect()
+}
+
+/// A state as `orrery status` shows it, plus every event: for failure messages.
+pub fn show(s: Option<ClusterState>) -> String {
+    s.map(|s| local::render_status(&s, &[], 0) + &format!("{:#?}", s.events))
+        .unwrap_or_else(|| "no state".into())
+}

@@ -2,10 +2,10 @@
 //! in-process simulated network: 20 nodes, with loss and delay, an isolated
 //! node and a crashed coordinator.
 
-use crate::cluster::SERIAL;
+use crate::cluster::{events, show, SERIAL};
 use orrery::inproc::{ready, InProcCluster};
 use orrery::local::Plan;
-use orrery_core::{ClusterState, EventKind, MemberStatus, Stage};
+use orrery_core::{EventKind, MemberStatus, Stage};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
@@ -18,19 +18,6 @@ fn cluster(dir: &std::path::Path, deadline_ms: u64) -> InProcCluster {
         cfg.rpc.call_timeout_ms = 500;
     }
     c
-}
-
-fn show(s: Option<ClusterState>) -> String {
-    s.map(|s| orrery::local::render_status(&s, &[], 0) + &format!("{:#?}", s.events))
-        .unwrap_or_else(|| "no state".into())
-}
-
-fn events(s: &ClusterState, kind: EventKind) -> Vec<String> {
-    s.events
-        .iter()
-        .filter(|e| e.kind == kind)
-        .map(|e| e.detail.clone())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //! pause detection with real processes; corruption, partitions and revoked
 //! epochs with the node code on the in-process network.
 
-use crate::cluster::{TestCluster, SERIAL};
+use crate::cluster::{events, show, TestCluster, SERIAL};
 use orrery::inproc::{ready, InProcCluster};
 use orrery::local::Plan;
 use orrery_core::{ClusterState, EventKind, MemberStatus, NodeId, Stage};
@@ -13,25 +13,12 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
-fn events(s: &ClusterState, kind: EventKind) -> Vec<String> {
-    s.events
-        .iter()
-        .filter(|e| e.kind == kind)
-        .map(|e| e.detail.clone())
-        .collect()
-}
-
 fn removed(s: &ClusterState) -> Vec<NodeId> {
     s.events
         .iter()
         .filter(|e| e.kind == EventKind::NodeRemoved)
         .filter_map(|e| e.node)
         .collect()
-}
-
-fn show(s: Option<ClusterState>) -> String {
-    s.map(|s| orrery::local::render_status(&s, &[], 0) + &format!("{:#?}", s.events))
-        .unwrap_or_else(|| "no state".into())
 }
 
 fn all_serving(c: &InProcCluster, s: &ClusterState) -> bool {
@@ -370,26 +357,7 @@ fn a_paused_process_is_removed_then_rejoins_under_a_new_epoch() {
 /// is removed: heartbeats run on their own thread.
 #[test]
 fn cpu_starvation_and_log_bursts_remove_no_one_in_60s() {
-    let mut c = TestCluster::new(5, 3, |p| {
-        p.faults = vec![(
-            5,
-            HealthFaults {
-                event_loop_lag_ms: 300,
-                ..Default::default()
-            },
-        )];
-        p.demo = (1..=5)
-            .map(|id| {
-                (
-                    id,
-                    orrery_node::config::DemoConfig {
-                        log_burst_lines: 500,
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
-    });
+    let mut c = TestCluster::new(5, 3, |p| p.starve_and_burst(5));
     c.start_all();
     let s = c.wait_for("stage 0", T, |s| {
         s.stage == Stage::READY && s.laggards(Stage::READY).is_empty()

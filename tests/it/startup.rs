@@ -1,6 +1,6 @@
 //! Staged start-up with real node processes on 127.0.0.1 (issue: foundation).
 
-use crate::cluster::TestCluster;
+use crate::cluster::{events, TestCluster};
 use orrery_core::{EventKind, MemberStatus, Stage, StuckPolicy};
 use orrery_node::config::DemoConfig;
 use std::time::Duration;
@@ -9,14 +9,6 @@ const T: Duration = Duration::from_secs(30);
 
 fn ready(s: &orrery_core::ClusterState) -> bool {
     s.stage == Stage::READY && s.laggards(Stage::READY).is_empty()
-}
-
-fn events(s: &orrery_core::ClusterState, kind: EventKind) -> Vec<String> {
-    s.events
-        .iter()
-        .filter(|e| e.kind == kind)
-        .map(|e| e.detail.clone())
-        .collect()
 }
 
 #[test]
