@@ -211,9 +211,18 @@ pub(crate) async fn probe(node: &Inner, net: &dyn Transport, suspect: NodeId) ->
     probe_raw(node, net, suspect).await
 }
 
+/// How much an impaired node lengthens its own probe timeouts (as
+/// Lifeguard does): a slow node should doubt its own verdicts first.
+const IMPAIRED_TIMEOUT_FACTOR: u64 = 4;
+
 async fn probe_raw(node: &Inner, net: &dyn Transport, suspect: NodeId) -> Reply {
     let nonce = now_ms() ^ (suspect << 48) ^ node.mono_ms().rotate_left(17);
-    let timeout = Duration::from_millis(node.cfg.membership.probe_timeout_ms);
+    let factor = if node.health.is_healthy() {
+        1
+    } else {
+        IMPAIRED_TIMEOUT_FACTOR
+    };
+    let timeout = Duration::from_millis(node.cfg.membership.probe_timeout_ms * factor);
     // The whole probe, connecting included, is bounded by probe_timeout.
     let call = net.call(suspect, Request::HealthProbe { nonce }, timeout);
     let (ok, detail) = match tokio::time::timeout(timeout, call).await {
