@@ -10,7 +10,7 @@ use crate::local::{self, Plan};
 use anyhow::{Context, Result};
 use orrery_core::{ClusterState, NodeId, Stage};
 use orrery_node::config::NodeConfig;
-use orrery_node::{DemoService, MemNetwork, Node, Service};
+use orrery_node::{DemoService, DemoShards, MemNetwork, Node, Service, Services};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,7 +59,10 @@ impl InProcCluster {
 
     pub async fn start(&mut self, id: NodeId) -> Result<()> {
         let cfg = self.configs.get(&id).context("unknown node")?.clone();
-        let services: Vec<Arc<dyn Service>> = vec![Arc::new(DemoService::new(cfg.demo.clone()))];
+        let services = Services {
+            stages: vec![Arc::new(DemoService::new(cfg.demo.clone())) as Arc<dyn Service>],
+            shards: Some(Arc::new(DemoShards::new(cfg.demo.shards))),
+        };
         let node = Node::start_in(cfg, services, self.net.clone()).await?;
         self.nodes.insert(id, node);
         Ok(())

@@ -8,7 +8,9 @@
 //! decided is read from the nodes.
 
 use anyhow::{bail, Context, Result};
-use orrery_core::{ClusterState, MembershipConfig, NodeId, Role, Stage, StuckPolicy};
+use orrery_core::{
+    ClusterState, MembershipConfig, NodeId, PlacementSettings, Role, Stage, StuckPolicy,
+};
 use orrery_node::config::{
     DemoConfig, NodeConfig, NodeEntry, RaftTiming, RpcConfig, StartupConfig,
 };
@@ -34,6 +36,7 @@ pub struct Plan {
     pub faults: Vec<(NodeId, HealthFaults)>,
     pub membership: MembershipConfig,
     pub health: HealthConfig,
+    pub placement: PlacementSettings,
 }
 
 impl Plan {
@@ -73,6 +76,7 @@ impl Plan {
             faults: vec![],
             membership: MembershipConfig::default(),
             health: HealthConfig::default(),
+            placement: PlacementSettings::default(),
         }
     }
 }
@@ -208,6 +212,8 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
                 .unwrap_or_default(),
             membership: plan.membership.clone(),
             health: plan.health.clone(),
+            shards: Default::default(),
+            placement: plan.placement.clone(),
             faults: plan
                 .faults
                 .iter()
@@ -242,6 +248,14 @@ impl Default for AdminClient {
 }
 
 impl AdminClient {
+    pub fn node_shards(&self, admin_addr: &str) -> Result<orrery_node::shards::HostedShards> {
+        Ok(self
+            .agent
+            .get(&format!("http://{admin_addr}/shards"))
+            .call()?
+            .into_json()?)
+    }
+
     pub fn node_status(&self, admin_addr: &str) -> Result<NodeStatus> {
         Ok(self
             .agent
@@ -401,6 +415,57 @@ pub fn render_events(state: &ClusterState, n: usize, now_ms: u64) -> String {
             format!("{:?}", e.kind),
             e.detail
         );
+    }
+    out
+}
+
+/// The `orrery status --shards` table: per node, shards the replicated map
+/// assigns it, what it has loaded, moves still loading, and the map version
+/// it routes by.
+pub fn render_shards(
+    state: &ClusterState,
+    hosted: &[(NodeId, Option<orrery_node::shards::HostedShards>)],
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let load = state.shards.load();
+    let _ = writeln!(
+        out,
+        "shard map version {}: {} shards of {} kind(s) ({})",
+        state.shards.version,
+        state.shards.shard_count(),
+        state.shards.kinds.len(),
+        state
+            .shards
+            .kinds
+            .iter()
+            .map(|k| format!("{} x{}", k.name, k.keys.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "{:<5} {:>8} {:>8} {:>8} {:>8}",
+        "NODE", "ASSIGNED", "LOADED", "LOADING", "MAP VER"
+    );
+    for (id, h) in hosted {
+        let assigned = load.get(id).copied().unwrap_or(0);
+        match h {
+            Some(h) => {
+                let _ = writeln!(
+                    out,
+                    "{:<5} {:>8} {:>8} {:>8} {:>8}",
+                    id, assigned, h.loaded, h.loading, h.map_version
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "{:<5} {:>8} {:>8} {:>8} {:>8}",
+                    id, assigned, "-", "-", "-"
+                );
+            }
+        }
     }
     out
 }

@@ -13,7 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use orrery::local::{self, AdminClient, Manifest, Plan};
 use orrery_core::{Stage, StuckPolicy};
 use orrery_node::clock::now_ms;
-use orrery_node::{DemoService, Node, NodeConfig, Service};
+use orrery_node::{DemoService, DemoShards, Node, NodeConfig, Service, Services};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,6 +75,9 @@ enum Cmd {
         /// How many of the latest cluster events to show.
         #[arg(long, default_value_t = 15)]
         events: usize,
+        /// Show shards per node, moves in progress and the map version instead.
+        #[arg(long)]
+        shards: bool,
     },
     /// Benchmarks that print numbers.
     Bench {
@@ -136,7 +139,8 @@ fn main() -> Result<()> {
             data_dir,
             json,
             events,
-        } => status(data_dir, json, events),
+            shards,
+        } => status(data_dir, json, events, shards),
         Cmd::Bench {
             which:
                 Bench::Startup {
@@ -178,7 +182,10 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
         let admin = tokio::net::TcpListener::bind(&admin_addr)
             .await
             .with_context(|| format!("cannot listen on admin address {admin_addr}"))?;
-        let services: Vec<Arc<dyn Service>> = vec![Arc::new(DemoService::new(cfg.demo.clone()))];
+        let services = Services {
+            stages: vec![Arc::new(DemoService::new(cfg.demo.clone())) as Arc<dyn Service>],
+            shards: Some(Arc::new(DemoShards::new(cfg.demo.shards))),
+        };
         let node = Node::start(cfg, services).await?;
         let admin_task = tokio::spawn(orrery_node::admin::serve(admin, node.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -318,12 +325,21 @@ fn register_stop(signal: i32, flag: Arc<std::sync::atomic::AtomicBool>) -> Resul
     Ok(())
 }
 
-fn status(data_dir: PathBuf, json: bool, events: usize) -> Result<()> {
+fn status(data_dir: PathBuf, json: bool, events: usize, shards: bool) -> Result<()> {
     let manifest = Manifest::load(&data_dir)?;
     let client = AdminClient::default();
     let state = client.cluster_state(&manifest)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&state)?);
+        return Ok(());
+    }
+    if shards {
+        let hosted: Vec<_> = manifest
+            .admin_addrs()
+            .into_iter()
+            .map(|(id, addr)| (id, client.node_shards(&addr).ok()))
+            .collect();
+        print!("{}", local::render_shards(&state, &hosted));
         return Ok(());
     }
     let live: Vec<_> = manifest

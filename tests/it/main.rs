@@ -13,5 +13,6 @@
 mod cluster;
 mod inproc;
 mod membership;
+mod shards;
 mod sim;
 mod startup;

@@ -99,6 +99,31 @@ pub struct ClusterConfig {
     /// Failure detection and reinstatement (config section `[membership]`).
     #[serde(default)]
     pub membership: MembershipConfig,
+    /// Shard placement (config section `[placement]`).
+    #[serde(default)]
+    pub placement: PlacementSettings,
+}
+
+/// How the coordinator places shards.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementSettings {
+    /// Shards moved between live owners per coordinator step (rebalancing,
+    /// joins, drains): a rolling restart never reloads everything at once.
+    /// Default 64.
+    pub max_moves_per_step: usize,
+    /// Allowed load above or below a host's weighted even share, in percent.
+    /// Default 10.
+    pub load_slack_percent: u32,
+}
+
+impl Default for PlacementSettings {
+    fn default() -> Self {
+        PlacementSettings {
+            max_moves_per_step: 64,
+            load_slack_percent: 10,
+        }
+    }
 }
 
 /// Failure detection: leases, probes, health-gated voting, backoff.
@@ -198,6 +223,7 @@ impl Default for ClusterConfig {
             stuck_policy: StuckPolicy::Exclude,
             liveness_window_ms: 1_500,
             membership: MembershipConfig::default(),
+            placement: PlacementSettings::default(),
         }
     }
 }

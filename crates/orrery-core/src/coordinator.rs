@@ -18,6 +18,7 @@ use crate::config::StuckPolicy;
 pub use crate::detector::ProbeRequest;
 use crate::detector::{Detector, View};
 use crate::health::Health;
+use crate::shardmap::{plan, Host, PlacementConfig};
 use crate::state::{ClusterState, Command, MemberStatus};
 use crate::{Epoch, Millis, NodeId, Stage};
 use std::collections::{BTreeMap, BTreeSet};
@@ -152,6 +153,7 @@ impl Coordinator {
             contacts: &self.contacts,
         };
         out.extend(self.detector.tick(&view));
+        self.place(now, state, &mut out);
         if state.stage == Stage::READY {
             self.after_ready(now, state, &mut out);
             return out;
@@ -278,6 +280,67 @@ impl Coordinator {
             laggards
         } else {
             vec![]
+        }
+    }
+
+    /// Shard placement: every shard owned by a live, healthy member that
+    /// hosts services. Before the cluster is ready (the barrier holds the
+    /// whole cluster) everything is placed at once; afterwards moves between
+    /// live owners are rate-limited, while orphans (shards of removed nodes)
+    /// are placed at once: a shard is unavailable until it has an owner.
+    fn place(&self, now: Millis, state: &ClusterState, out: &mut Vec<Command>) {
+        if state.shards.kinds.is_empty() || state.stage < Stage::RUNNING {
+            return;
+        }
+        let ready = state.stage == Stage::READY;
+        let hosts: Vec<Host> = state
+            .members
+            .iter()
+            .filter(|(id, m)| {
+                m.status == MemberStatus::Active
+                    && m.epoch > 0
+                    && m.health.healthy
+                    && self.detector.may_ack(**id, m.epoch)
+                    && (!ready || m.report.stage == Stage::READY)
+                    && state
+                        .config
+                        .nodes
+                        .get(id)
+                        .is_some_and(|s| s.role.hosts_services())
+            })
+            .map(|(id, _)| Host {
+                node: *id,
+                weight: 1,
+            })
+            .collect();
+        if hosts.is_empty() {
+            return;
+        }
+        let p = &state.config.placement;
+        let cfg = PlacementConfig {
+            max_moves_per_step: if ready {
+                p.max_moves_per_step
+            } else {
+                usize::MAX
+            },
+            max_orphan_moves_per_step: None,
+            load_slack: f64::from(p.load_slack_percent) / 100.0,
+        };
+        let moves = plan(&state.shards, &hosts, &cfg);
+        if !moves.is_empty() {
+            let orphans = moves
+                .iter()
+                .filter(|m| m.from.is_none_or(|f| !hosts.iter().any(|h| h.node == f)))
+                .count();
+            out.push(Command::MoveShards {
+                reason: format!(
+                    "{orphans} without a live owner, {} rebalanced over {} hosts",
+                    moves.len() - orphans,
+                    hosts.len()
+                ),
+                moves,
+                at: now,
+            });
         }
     }
 

@@ -20,11 +20,12 @@ pub mod config;
 pub mod coordinator;
 mod detector;
 pub mod health;
+pub mod shardmap;
 pub mod sim;
 pub mod stage;
 pub mod state;
 
-pub use config::{ClusterConfig, MembershipConfig, NodeSpec, Role, StuckPolicy};
+pub use config::{ClusterConfig, MembershipConfig, NodeSpec, PlacementSettings, Role, StuckPolicy};
 pub use coordinator::{Coordinator, ProbeRequest};
 pub use health::Health;
 pub use stage::Stage;

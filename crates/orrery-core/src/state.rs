@@ -12,6 +12,7 @@
 //! without bound (the event list is a ring of [`MAX_EVENTS`]).
 
 use crate::config::{ClusterConfig, Role};
+use crate::shardmap::{KindSpec, Move, ShardMap};
 use crate::{Epoch, Millis, NodeId, Stage};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -155,6 +156,9 @@ pub enum EventKind {
     NodeImpaired,
     NodeRecovered,
     NodeReinstated,
+    ShardsDeclared,
+    ShardsMoved,
+    Deadlock,
 }
 
 /// One entry in the replicated event list.
@@ -248,6 +252,17 @@ pub enum Command {
         reason: String,
         at: Millis,
     },
+    /// Coordinator: the shard kinds the services declare.
+    DeclareShards { kinds: Vec<KindSpec>, at: Millis },
+    /// Coordinator: move shards (placement step); each moved shard gets a
+    /// new ownership epoch.
+    MoveShards {
+        moves: Vec<Move>,
+        reason: String,
+        at: Millis,
+    },
+    /// A node detected a wait cycle between shards; one event with it.
+    Deadlock { cycle: Vec<String>, at: Millis },
     /// Coordinator: `node`'s own health report changed.
     HealthChanged {
         node: NodeId,
@@ -307,6 +322,8 @@ pub struct ClusterState {
     pub applied_index: u64,
     /// Current coordinator, as last announced.
     pub leader: Option<NodeId>,
+    /// Which node owns which shard, under which ownership epoch.
+    pub shards: ShardMap,
 }
 
 impl Default for Stage {
@@ -413,6 +430,68 @@ impl ClusterState {
                 Response::Ok
             }
             Command::BeginBoot { after, live, at } => self.begin_boot(index, after, live, at),
+            Command::DeclareShards { kinds, at } => {
+                let n = kinds.len();
+                match self.shards.declare(kinds) {
+                    Ok(true) => {}
+                    Ok(false) => return reject("no change"),
+                    Err(e) => return reject(e.to_string()),
+                }
+                let total = self.shards.shards().count();
+                self.event(
+                    index,
+                    at,
+                    EventKind::ShardsDeclared,
+                    None,
+                    format!("{n} shard kind(s) declared, {total} shards"),
+                );
+                Response::Ok
+            }
+            Command::MoveShards { moves, reason, at } => {
+                // Only moves that still make sense land: the source must be
+                // the current owner, the target a serving-capable member.
+                let valid: Vec<Move> = moves
+                    .into_iter()
+                    .filter(|m| {
+                        self.shards.owner(m.shard).map(|e| e.owner) == m.from
+                            && self
+                                .members
+                                .get(&m.to)
+                                .is_some_and(|t| t.status == MemberStatus::Active && t.epoch > 0)
+                            && self
+                                .config
+                                .nodes
+                                .get(&m.to)
+                                .is_some_and(|s| s.role.hosts_services())
+                    })
+                    .collect();
+                if valid.is_empty() {
+                    return reject("no valid move");
+                }
+                let changed = self.shards.apply(&valid, at);
+                let version = self.shards.version;
+                self.event(
+                    index,
+                    at,
+                    EventKind::ShardsMoved,
+                    None,
+                    clip(format!(
+                        "{changed} shard(s) moved ({reason}); shard map version {version}"
+                    )),
+                );
+                Response::Ok
+            }
+            Command::Deadlock { cycle, at } => {
+                let text = cycle.join(" -> ");
+                self.event(
+                    index,
+                    at,
+                    EventKind::Deadlock,
+                    None,
+                    clip(format!("wait cycle detected and failed: {text}")),
+                );
+                Response::Ok
+            }
             Command::Suspect {
                 node,
                 epoch,
@@ -643,6 +722,29 @@ impl ClusterState {
         };
         if let Some(n) = self.laggards(to).first() {
             return reject(format!("node {n} has not completed stage {to}"));
+        }
+        // Nodes prime their address cache at -2: every shard must have an
+        // owner among the participants before the cluster opens -2.
+        if to == Stage::CONNECTED {
+            let participants = self.participants();
+            let hosts_any = participants.iter().any(|p| {
+                self.config
+                    .nodes
+                    .get(p)
+                    .is_some_and(|s| s.role.hosts_services())
+            });
+            let unplaced = self
+                .shards
+                .shards()
+                .filter(|s| {
+                    self.shards
+                        .owner(*s)
+                        .is_none_or(|e| !participants.contains(&e.owner))
+                })
+                .count();
+            if hosts_any && unplaced > 0 {
+                return reject(format!("{unplaced} shard(s) not placed yet"));
+            }
         }
         self.stage = to;
         self.stage_since = at;

@@ -12,16 +12,23 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
-/// Routes: `GET /status` (this node), `GET /cluster` (replicated state, via the leader).
+/// Routes: `GET /status` (this node), `GET /cluster` (replicated state, via
+/// the leader), `GET /shards` (what this node hosts).
 pub fn router(node: Node) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/cluster", get(cluster))
+        .route("/shards", get(shards))
         .with_state(node)
 }
 
 async fn status(State(node): State<Node>) -> Json<crate::node::NodeStatus> {
     Json(node.status())
+}
+
+/// What this node hosts: map version, shards assigned, loaded, loading.
+async fn shards(State(node): State<Node>) -> Json<crate::shards::HostedShards> {
+    Json(node.shards().1)
 }
 
 async fn cluster(State(node): State<Node>) -> Response {

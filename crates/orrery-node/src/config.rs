@@ -4,7 +4,10 @@
 //! anything. A wrong file is refused whole with an error that names the key.
 
 use crate::health::{HealthConfig, HealthFaults};
-use orrery_core::{ClusterConfig, MembershipConfig, NodeId, NodeSpec, Role, StuckPolicy};
+use crate::shards::ShardsConfig;
+use orrery_core::{
+    ClusterConfig, MembershipConfig, NodeId, NodeSpec, PlacementSettings, Role, StuckPolicy,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -63,6 +66,12 @@ pub struct NodeConfig {
     /// Fault-injection hooks for tests (all off by default).
     #[serde(default)]
     pub faults: HealthFaults,
+    /// The shard runtime's bounds.
+    #[serde(default)]
+    pub shards: ShardsConfig,
+    /// Shard placement (replicated from the bootstrapping leader's file).
+    #[serde(default)]
+    pub placement: PlacementSettings,
     /// Every node of the cluster.
     pub nodes: Vec<NodeEntry>,
 }
@@ -167,6 +176,8 @@ pub struct DemoConfig {
     pub hang_at_item: u64,
     /// Fault hook: log this many warnings in one burst once ready (0: off).
     pub log_burst_lines: u64,
+    /// Shards of the demo shard kind `demo` (keys 0..shards). Default 64.
+    pub shards: u64,
 }
 
 impl Default for DemoConfig {
@@ -176,6 +187,7 @@ impl Default for DemoConfig {
             preload_item_ms: 10,
             hang_at_item: 0,
             log_burst_lines: 0,
+            shards: 64,
         }
     }
 }
@@ -307,6 +319,7 @@ impl NodeConfig {
             stuck_policy: self.startup.stuck_policy,
             liveness_window_ms: self.startup.liveness_window_ms,
             membership: self.membership.clone(),
+            placement: self.placement.clone(),
         }
     }
 

@@ -137,7 +137,12 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
             view_version: node.lease.view().version,
         };
         match net.call(target, req, timeout).await {
-            Ok(Reply::HeartbeatAck { view }) => {
+            Ok(Reply::HeartbeatAck {
+                view,
+                shards_version,
+            }) => {
+                node.latest_shards_version
+                    .fetch_max(shards_version, Ordering::Relaxed);
                 if node.epoch.load(Ordering::Relaxed) == epoch && !node.lease.is_fenced() {
                     node.lease
                         .last_acked_send

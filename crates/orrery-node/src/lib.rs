@@ -18,9 +18,10 @@ mod lease;
 pub mod messages;
 pub mod node;
 pub mod service;
+pub mod shards;
 pub mod transport;
 
 pub use config::NodeConfig;
-pub use node::{Node, NodeError, NodeStatus};
-pub use service::{DemoService, Service, ServiceError, ServiceFuture, StageContext};
+pub use node::{Node, NodeError, NodeStatus, Services};
+pub use service::{DemoService, DemoShards, Service, ServiceError, ServiceFuture, StageContext};
 pub use transport::{MemFaults, MemNetwork, Transport};

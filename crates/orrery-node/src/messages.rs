@@ -5,6 +5,8 @@
 //! decode the rest (postcard encodes variants by index).
 
 use crate::health::HealthProof;
+use crate::shards::{CallError, Hop};
+use orrery_core::shardmap::{ShardId, ShardMap};
 use orrery_core::{ClusterState, Command, Epoch, Gate, Health, NodeId, Response, Stage};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -50,6 +52,20 @@ pub enum Request {
         epoch: Epoch,
         detail: String,
     },
+    /// A routed call to a shard on its owner.
+    ShardCall {
+        shard: ShardId,
+        /// The ownership epoch the caller believes current, if known.
+        epoch: Option<u64>,
+        call: String,
+        payload: Vec<u8>,
+        /// Milliseconds left until the caller's deadline.
+        deadline_ms: u32,
+        /// Callers waiting on this call, outermost first.
+        chain: Vec<Hop>,
+    },
+    /// The current shard map (leader only).
+    FetchShards,
 }
 
 /// Who is a member under which epoch, and who is fenced and why: what every
@@ -111,9 +127,12 @@ pub enum Reply {
         leader: Option<NodeId>,
     },
     Error(String),
-    /// The lease was renewed; a newer membership view if the node's is stale.
+    /// The lease was renewed; a newer membership view if the node's is
+    /// stale, and the leader's shard map version (the node refreshes its
+    /// address cache when it is behind).
     HeartbeatAck {
         view: Option<Box<MembershipView>>,
+        shards_version: u64,
     },
     /// Refused: the sender's epoch is revoked or superseded (which node,
     /// which epoch, why).
@@ -126,4 +145,6 @@ pub enum Reply {
         detail: String,
     },
     HealthProof(HealthProof),
+    ShardReply(Result<Vec<u8>, CallError>),
+    Shards(Box<ShardMap>),
 }

@@ -12,11 +12,13 @@ use crate::health::{self, HealthHandle, HealthReport};
 use crate::lease::{self, Lease};
 use crate::messages::{Reply, Request};
 use crate::service::{Service, StageContext};
+use crate::shards::{CallCtx, CallError, Hop, Router, ShardFuture, ShardHost, ShardService};
 use crate::transport::{Endpoint, MemNetwork, MemTransport, TcpTransport, Transport};
 use orrery_control::{
     ControlConfig, ControlError, ControlPlane, RaftTransport, ReplicatedState, TransportError,
     TransportFuture,
 };
+use orrery_core::shardmap::{ShardId, ShardMap};
 use orrery_core::{ClusterState, Command, Coordinator, Gate, NodeId, Response, Role, Stage, Wait};
 use orrery_wire::{
     BoxFuture, CancellationToken, Handler, PeerInfo, WireConfig, WireStats, WireStatsSnapshot,
@@ -95,6 +97,23 @@ pub struct NodeStatus {
     pub address_cache_version: u64,
 }
 
+/// What application code a node runs: stage hooks and, optionally, a
+/// service owning shard kinds.
+#[derive(Clone, Default)]
+pub struct Services {
+    pub stages: Vec<Arc<dyn Service>>,
+    pub shards: Option<Arc<dyn ShardService>>,
+}
+
+impl From<Vec<Arc<dyn Service>>> for Services {
+    fn from(stages: Vec<Arc<dyn Service>>) -> Self {
+        Services {
+            stages,
+            shards: None,
+        }
+    }
+}
+
 /// A running node. Dropping it does not stop it: call [`Node::shutdown`].
 #[derive(Clone)]
 pub struct Node {
@@ -118,6 +137,9 @@ pub(crate) struct Inner {
     coordinator: Mutex<Option<Coordinator>>,
     cache: Mutex<Option<Arc<ClusterState>>>,
     services: Vec<Arc<dyn Service>>,
+    pub(crate) shards: Arc<ShardHost>,
+    /// The shard map version the leader last told us about.
+    pub(crate) latest_shards_version: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     pub(crate) health: HealthHandle,
     pub(crate) lease: Lease,
@@ -126,6 +148,8 @@ pub(crate) struct Inner {
     fenced_notify: tokio::sync::Notify,
     /// Requests refused because the sender's epoch is revoked or superseded.
     refused: AtomicU64,
+    /// A handle on itself, for routers handed to shard handlers.
+    me: OnceLock<std::sync::Weak<Inner>>,
 }
 
 /// Carries the control plane's opaque Raft RPCs over the node's transport.
@@ -156,10 +180,7 @@ impl RaftTransport for RaftOverWire {
 impl Node {
     /// Starts a node on real TCP: binds its port, opens the control plane
     /// on voters, and runs start-up in the background.
-    pub async fn start(
-        cfg: NodeConfig,
-        services: Vec<Arc<dyn Service>>,
-    ) -> Result<Node, NodeError> {
+    pub async fn start(cfg: NodeConfig, services: impl Into<Services>) -> Result<Node, NodeError> {
         let stats = Arc::new(WireStats::new());
         let listen = cfg.listen_addr();
         let listener = TcpListener::bind(&listen)
@@ -195,7 +216,7 @@ impl Node {
     /// the same node code, with the network simulated.
     pub async fn start_in(
         cfg: NodeConfig,
-        services: Vec<Arc<dyn Service>>,
+        services: impl Into<Services>,
         network: Arc<MemNetwork>,
     ) -> Result<Node, NodeError> {
         let server = Arc::new(Server::default());
@@ -207,7 +228,7 @@ impl Node {
 
     async fn launch(
         cfg: NodeConfig,
-        services: Vec<Arc<dyn Service>>,
+        services: impl Into<Services>,
         net: Arc<dyn Transport>,
         stats: Arc<WireStats>,
         server: Arc<Server>,
@@ -239,7 +260,16 @@ impl Node {
             now_ms,
             shutdown.clone(),
         );
+        let services: Services = services.into();
+        let shards = Arc::new(ShardHost::new(
+            cfg.node_id,
+            cfg.shards.clone(),
+            services.shards.clone(),
+        ));
+        let services = services.stages;
         let inner = Arc::new(Inner {
+            shards,
+            latest_shards_version: AtomicU64::new(0),
             stats,
             control,
             control_net: net.sibling(),
@@ -250,6 +280,7 @@ impl Node {
             started: tokio::time::Instant::now(),
             fenced_notify: tokio::sync::Notify::new(),
             refused: AtomicU64::new(0),
+            me: OnceLock::new(),
             epoch: AtomicU64::new(0),
             leader_hint: AtomicU64::new(0),
             status: Mutex::new(status),
@@ -261,6 +292,8 @@ impl Node {
             cfg,
         });
         let _ = server.node.set(inner.clone());
+        let _ = inner.me.set(Arc::downgrade(&inner));
+        tokio::spawn(sync_shards(inner.clone()));
         if inner.control.is_some() {
             tokio::spawn(coordinate(inner.clone()));
         }
@@ -291,6 +324,25 @@ impl Node {
                 warn!(target: LOG, "control plane shutdown: {e}");
             }
         }
+    }
+
+    /// Calls `call` on `shard` wherever its owner is, within `timeout`.
+    pub async fn call(
+        &self,
+        shard: ShardId,
+        call: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        NodeRouter(Arc::downgrade(&self.inner))
+            .route(shard, call.to_string(), payload, deadline, vec![])
+            .await
+    }
+
+    /// The shard map this node routes by, and what it hosts.
+    pub fn shards(&self) -> (Arc<ShardMap>, crate::shards::HostedShards) {
+        (self.inner.shards.map(), self.inner.shards.status())
     }
 
     /// Fault hook for tests: change this node's injected health faults at
@@ -435,6 +487,66 @@ impl Inner {
                 .fresh(self.mono_ms(), self.cfg.membership.self_fence_after_ms)
     }
 
+    /// Serves a call for a shard that should live here: only while this node
+    /// serves at all (fresh lease, not fenced).
+    async fn serve_shard(
+        self: &Inner,
+        shard: ShardId,
+        epoch: Option<u64>,
+        call: String,
+        payload: Vec<u8>,
+        deadline: tokio::time::Instant,
+        chain: Vec<Hop>,
+    ) -> Result<Vec<u8>, CallError> {
+        let refused = if self.serving() {
+            None
+        } else {
+            Some(
+                self.status_now()
+                    .fenced
+                    .unwrap_or_else(|| "its lease is not fresh (self-fenced)".into()),
+            )
+        };
+        let router = self.router();
+        let ctx = CallCtx::new(deadline, chain, router);
+        let mut detected = None;
+        let r = self
+            .shards
+            .serve(shard, epoch, call, payload, ctx, refused, |cycle| {
+                detected = Some(cycle.to_vec())
+            })
+            .await;
+        if let Some(cycle) = detected {
+            warn!(target: LOG, "wait cycle detected: {}", CallError::Deadlock { cycle: cycle.clone() });
+            let cmd = Command::Deadlock {
+                cycle: cycle.iter().map(|h| h.to_string()).collect(),
+                at: now_ms(),
+            };
+            let _ = self.propose(cmd).await;
+        }
+        r
+    }
+
+    fn router(&self) -> Option<Arc<dyn Router>> {
+        self.me
+            .get()
+            .and_then(|w| w.upgrade())
+            .map(|n| Arc::new(NodeRouter(Arc::downgrade(&n))) as Arc<dyn Router>)
+    }
+
+    /// Fetches the shard map from the leader and adopts it.
+    async fn refresh_shards(&self) -> Result<(), String> {
+        match self.ask(Request::FetchShards).await? {
+            Reply::Shards(map) => {
+                if let Some(router) = self.router() {
+                    self.shards.adopt(Arc::new(*map), router);
+                }
+                Ok(())
+            }
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+
     /// Every transport announces `epoch` from now on.
     fn set_epoch(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::Relaxed);
@@ -483,6 +595,32 @@ impl Inner {
         let not_voter = || Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
         match req {
             Request::Ping => Reply::Pong,
+            Request::ShardCall {
+                shard,
+                epoch,
+                call,
+                payload,
+                deadline_ms,
+                chain,
+            } => {
+                let deadline =
+                    tokio::time::Instant::now() + Duration::from_millis(u64::from(deadline_ms));
+                Reply::ShardReply(
+                    self.serve_shard(shard, epoch, call, payload, deadline, chain)
+                        .await,
+                )
+            }
+            Request::FetchShards => {
+                let Some(c) = &self.control else {
+                    return not_voter();
+                };
+                if !c.is_leader() {
+                    return self
+                        .forward(from, c.current_leader(), Request::FetchShards)
+                        .await;
+                }
+                Reply::Shards(Box::new(c.state().state.0.shards.clone()))
+            }
             Request::HealthProbe { nonce } => Reply::HealthProof(self.health.proof(nonce)),
             Request::Accuse {
                 suspect,
@@ -560,6 +698,7 @@ impl Inner {
                 let view = self.lease.view();
                 Reply::HeartbeatAck {
                     view: (view.version != view_version).then(|| Box::new((*view).clone())),
+                    shards_version: state.state.0.shards.version,
                 }
             }
             Request::Raft(_) => Reply::Error("routed by Server".into()),
@@ -734,6 +873,18 @@ async fn coordinate(node: Arc<Inner>) {
             continue;
         }
         lease::refresh_view(&node, &state.0);
+        // The leader declares the shard kinds its services own.
+        let kinds = node.shards.kinds();
+        if !kinds.is_empty() && state.0.shards.kinds != kinds {
+            let cmd = Command::DeclareShards {
+                kinds,
+                at: now_ms(),
+            };
+            if let Err(e) = control.write(cmd).await {
+                debug!(target: LOG, "declare shards: {e}");
+            }
+            continue;
+        }
         // The coordinator's own health counts like anyone's: an impaired
         // leader decides nothing (it must not accuse anyone).
         let me = node.cfg.node_id;
@@ -1004,6 +1155,10 @@ async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
                 tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms)).await;
             };
             let version = state.applied_index;
+            // The address cache: which node runs which shard.
+            if let Some(router) = node.router() {
+                node.shards.adopt(Arc::new(state.shards.clone()), router);
+            }
             *node.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(*state));
             node.update_status(|s| s.address_cache_version = version);
         }
@@ -1016,6 +1171,21 @@ async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
         svc.on_stage(stage, &node.activity)
             .await
             .map_err(|e| e.to_string())?;
+    }
+    if stage == Stage::PRELOADED {
+        // Preloading includes loading every shard placed here.
+        loop {
+            let h = node.shards.status();
+            node.activity.progress(h.loaded as u64, h.assigned as u64);
+            if h.loading == 0 && h.loaded >= h.assigned {
+                break;
+            }
+            node.activity.step(
+                "shards",
+                format!("load shards ({}/{})", h.loaded, h.assigned),
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     Ok(())
 }
@@ -1103,6 +1273,126 @@ async fn reporter(node: Arc<Inner>, epoch: u64) {
             }
             Ok(_) => {}
             Err(e) => debug!(target: LOG, "report: {e}"),
+        }
+    }
+}
+
+/// Routes calls to shard owners for one node.
+struct NodeRouter(std::sync::Weak<Inner>);
+
+impl Router for NodeRouter {
+    fn route(
+        &self,
+        shard: ShardId,
+        call: String,
+        payload: Vec<u8>,
+        deadline: tokio::time::Instant,
+        chain: Vec<Hop>,
+    ) -> ShardFuture<'_, Result<Vec<u8>, CallError>> {
+        Box::pin(async move {
+            let Some(node) = self.0.upgrade() else {
+                return Err(CallError::Unavailable("node shut down".into()));
+            };
+            let mut attempt = 0u32;
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(CallError::Timeout);
+                }
+                let map = node.shards.map();
+                let Some(entry) = map.owner(shard).copied() else {
+                    if !map.is_declared(shard) && map.version > 0 {
+                        return Err(CallError::UnknownShard {
+                            kind: shard.kind,
+                            key: shard.key,
+                        });
+                    }
+                    // Not placed yet (or our map is empty): refresh and retry.
+                    let _ = node.refresh_shards().await;
+                    backoff(&mut attempt, deadline).await;
+                    continue;
+                };
+                let result = if entry.owner == node.cfg.node_id {
+                    node.serve_shard(
+                        shard,
+                        Some(entry.epoch),
+                        call.clone(),
+                        payload.clone(),
+                        deadline,
+                        chain.clone(),
+                    )
+                    .await
+                } else {
+                    let left = deadline.saturating_duration_since(now);
+                    let req = Request::ShardCall {
+                        shard,
+                        epoch: Some(entry.epoch),
+                        call: call.clone(),
+                        payload: payload.clone(),
+                        deadline_ms: left.as_millis().min(u128::from(u32::MAX)) as u32,
+                        chain: chain.clone(),
+                    };
+                    match node.net.call(entry.owner, req, left).await {
+                        Ok(Reply::ShardReply(r)) => r,
+                        Ok(Reply::Fenced { reason }) => Err(CallError::Fenced {
+                            node: entry.owner,
+                            reason,
+                        }),
+                        Ok(other) => Err(CallError::Unavailable(format!(
+                            "unexpected reply {other:?}"
+                        ))),
+                        Err(crate::transport::TransportError::Timeout { .. }) => {
+                            Err(CallError::Timeout)
+                        }
+                        Err(e) => Err(CallError::Unavailable(e.to_string())),
+                    }
+                };
+                match result {
+                    // The owner changed: get the newer map and try again.
+                    Err(CallError::Moved { version }) => {
+                        if node.shards.map().version < version {
+                            let _ = node.refresh_shards().await;
+                        }
+                        backoff(&mut attempt, deadline).await;
+                    }
+                    // The owner is loading it, or is gone and not yet replaced.
+                    Err(CallError::Unavailable(_)) | Err(CallError::Fenced { .. })
+                        if attempt < 50 =>
+                    {
+                        let _ = node.refresh_shards().await;
+                        backoff(&mut attempt, deadline).await;
+                    }
+                    other => return other,
+                }
+            }
+        })
+    }
+}
+
+/// Bounded exponential backoff between retries of one call (10 ms doubling,
+/// at most 200 ms, never past the deadline).
+async fn backoff(attempt: &mut u32, deadline: tokio::time::Instant) {
+    let wait = Duration::from_millis((10u64 << (*attempt).min(5)).min(200));
+    *attempt += 1;
+    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + wait)).await;
+}
+
+/// Keeps the address cache current: the leader's heartbeat acknowledgements
+/// say which shard map version it holds; a node behind fetches the map.
+async fn sync_shards(node: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let latest = node.latest_shards_version.load(Ordering::Relaxed);
+        if node.epoch.load(Ordering::Relaxed) == 0 || latest <= node.shards.map().version {
+            continue;
+        }
+        if let Err(e) = node.refresh_shards().await {
+            debug!(target: LOG, "shard map refresh: {e}");
         }
     }
 }

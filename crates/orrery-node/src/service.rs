@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use crate::clock::now_ms;
 use crate::config::DemoConfig;
+use crate::shards::{CallCtx, CallError, ShardActor, ShardFuture, ShardService};
+use orrery_core::shardmap::{KindSpec, ShardId};
 
 /// Boxed future returned by service hooks.
 pub type ServiceFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ServiceError>> + Send + 'a>>;
@@ -134,6 +136,91 @@ impl Service for DemoService {
                 ctx.progress(item, total);
             }
             Ok(())
+        })
+    }
+}
+
+/// The built-in demo shard service: kind `demo`, keys `0..shards`. Calls:
+/// `ping` (echo), `incr` (a per-shard counter, returned as 8 LE bytes),
+/// `sleep` (payload: milliseconds as 8 LE bytes), `relay` (payload: a
+/// postcard `Vec<u64>` of keys; calls the first with the rest — a chain of
+/// nested calls, which is how a wait cycle is built in tests).
+pub struct DemoShards {
+    shards: u64,
+}
+
+impl DemoShards {
+    pub fn new(shards: u64) -> Self {
+        DemoShards { shards }
+    }
+}
+
+struct DemoShard {
+    shard: ShardId,
+    counter: u64,
+}
+
+impl ShardService for DemoShards {
+    fn kinds(&self) -> Vec<KindSpec> {
+        if self.shards == 0 {
+            return vec![];
+        }
+        vec![KindSpec::new("demo", 0..self.shards)]
+    }
+
+    fn load(
+        &self,
+        shard: ShardId,
+        _ctx: CallCtx,
+    ) -> ShardFuture<'_, Result<Box<dyn ShardActor>, CallError>> {
+        Box::pin(
+            async move { Ok(Box::new(DemoShard { shard, counter: 0 }) as Box<dyn ShardActor>) },
+        )
+    }
+}
+
+impl ShardActor for DemoShard {
+    fn handle<'a>(
+        &'a mut self,
+        call: &'a str,
+        payload: Vec<u8>,
+        ctx: CallCtx,
+    ) -> ShardFuture<'a, Result<Vec<u8>, CallError>> {
+        Box::pin(async move {
+            match call {
+                "ping" => Ok(payload),
+                "incr" => {
+                    self.counter += 1;
+                    Ok(self.counter.to_le_bytes().to_vec())
+                }
+                "sleep" => {
+                    let ms = payload
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes)
+                        .unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+                    Ok(vec![])
+                }
+                "relay" => {
+                    let route: Vec<u64> = postcard::from_bytes(&payload)
+                        .map_err(|e| CallError::Handler(format!("relay payload: {e}")))?;
+                    let Some((next, rest)) = route.split_first() else {
+                        return Ok(vec![]);
+                    };
+                    let rest =
+                        postcard::to_stdvec(rest).map_err(|e| CallError::Handler(e.to_string()))?;
+                    let target = ShardId {
+                        kind: self.shard.kind,
+                        key: *next,
+                    };
+                    ctx.call(target, "relay", rest).await
+                }
+                other => Err(CallError::UnknownCall {
+                    kind: "demo".into(),
+                    call: other.into(),
+                }),
+            }
         })
     }
 }

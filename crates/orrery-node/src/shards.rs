@@ -1,0 +1,528 @@
+//! Shards on a node: single-threaded actors with bounded mailboxes, loaded
+//! and unloaded as the replicated shard map says, and routed calls between
+//! them with deadlines, typed errors and wait-cycle (deadlock) detection.
+//!
+//! Why actors: each shard's state is touched by one call at a time, so
+//! application code needs no locks; a bounded mailbox turns overload into a
+//! fast `Overloaded` error instead of an unbounded queue.
+//!
+//! Reentrancy rule (explicit): a shard handles one call at a time and is
+//! *not reentrant*. A shard that is awaiting a call it made cannot take
+//! another call meanwhile; so a call whose chain of waiting callers already
+//! contains the target shard can never be served — that is a wait cycle, and
+//! it fails at once with [`CallError::Deadlock`] carrying the whole cycle.
+//!
+//! Fenced ownership: a node serves a shard only while the shard map it holds
+//! names it the owner under the current ownership epoch *and* its own lease
+//! is fresh; otherwise the call is answered `Moved` or `Fenced`.
+//!
+//! What this module must never do: decide placement (the coordinator does),
+//! queue without a bound, or wait without a deadline.
+
+use orrery_core::shardmap::{KindSpec, ShardId, ShardMap};
+use orrery_core::NodeId;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::warn;
+
+const LOG: &str = "orrery::shards";
+
+/// Boxed future used by the shard traits.
+pub type ShardFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One hop of a call chain: who is waiting on whom.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hop {
+    pub node: NodeId,
+    pub shard: ShardId,
+    pub call: String,
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node {} shard {}:{} call {}",
+            self.node, self.shard.kind, self.shard.key, self.call
+        )
+    }
+}
+
+/// Why a routed call failed. Every variant says enough to act on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CallError {
+    #[error("deadline passed before the call completed")]
+    Timeout,
+    #[error("shard moved: the owner changed (map version {version}); retry with the newer map")]
+    Moved { version: u64 },
+    #[error("node {node} is fenced and serves no shards: {reason}")]
+    Fenced { node: NodeId, reason: String },
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("deadlock: wait cycle {}", render_cycle(.cycle))]
+    Deadlock { cycle: Vec<Hop> },
+    #[error("no service owns shard kind {kind} key {key}")]
+    UnknownShard { kind: u16, key: u64 },
+    #[error("unknown call {call:?} for shard kind {kind}")]
+    UnknownCall { kind: String, call: String },
+    #[error("request of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("handler failed: {0}")]
+    Handler(String),
+}
+
+fn render_cycle(cycle: &[Hop]) -> String {
+    cycle
+        .iter()
+        .map(|h| h.to_string())
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+/// What a handler knows about the call it is serving, and how it makes
+/// nested calls (the deadline and the chain propagate).
+#[derive(Clone)]
+pub struct CallCtx {
+    pub deadline: Instant,
+    /// Callers waiting on this call, outermost first (this hop included).
+    pub chain: Vec<Hop>,
+    router: Option<Arc<dyn Router>>,
+}
+
+impl CallCtx {
+    pub fn new(deadline: Instant, chain: Vec<Hop>, router: Option<Arc<dyn Router>>) -> Self {
+        CallCtx {
+            deadline,
+            chain,
+            router,
+        }
+    }
+
+    /// Calls another shard from inside a handler: the remaining deadline and
+    /// the chain of waiting callers go with it (cancelled if this call is).
+    pub async fn call(
+        &self,
+        shard: ShardId,
+        call: &str,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, CallError> {
+        let Some(r) = &self.router else {
+            return Err(CallError::Unavailable("no router in this context".into()));
+        };
+        r.route(
+            shard,
+            call.to_string(),
+            payload,
+            self.deadline,
+            self.chain.clone(),
+        )
+        .await
+    }
+}
+
+/// Routes calls to shard owners (implemented by the node).
+pub trait Router: Send + Sync + 'static {
+    fn route(
+        &self,
+        shard: ShardId,
+        call: String,
+        payload: Vec<u8>,
+        deadline: Instant,
+        chain: Vec<Hop>,
+    ) -> ShardFuture<'_, Result<Vec<u8>, CallError>>;
+}
+
+/// One loaded shard: its state and its call handler.
+pub trait ShardActor: Send + 'static {
+    /// Handles one call; never runs concurrently with another on this shard.
+    fn handle<'a>(
+        &'a mut self,
+        call: &'a str,
+        payload: Vec<u8>,
+        ctx: CallCtx,
+    ) -> ShardFuture<'a, Result<Vec<u8>, CallError>>;
+}
+
+/// A service that owns shard kinds.
+pub trait ShardService: Send + Sync + 'static {
+    /// The shard kinds (with their keys) this service declares.
+    fn kinds(&self) -> Vec<KindSpec>;
+    /// Loads `shard` on this node (it was assigned here).
+    fn load(
+        &self,
+        shard: ShardId,
+        ctx: CallCtx,
+    ) -> ShardFuture<'_, Result<Box<dyn ShardActor>, CallError>>;
+}
+
+/// Bounds of the shard runtime (config section `[shards]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardsConfig {
+    /// Calls queued per shard before callers get `Overloaded`. Default 256.
+    pub mailbox: usize,
+    /// A handler running longer than this is reported. Default 500.
+    pub slow_handler_ms: u64,
+    /// How long a call waits for a shard that is loading. Default 2000.
+    pub load_wait_ms: u64,
+    /// Largest call payload. Default 1 MiB.
+    pub max_payload: usize,
+}
+
+impl Default for ShardsConfig {
+    fn default() -> Self {
+        ShardsConfig {
+            mailbox: 256,
+            slow_handler_ms: 500,
+            load_wait_ms: 2_000,
+            max_payload: 1 << 20,
+        }
+    }
+}
+
+struct Envelope {
+    call: String,
+    payload: Vec<u8>,
+    ctx: CallCtx,
+    reply: oneshot::Sender<Result<Vec<u8>, CallError>>,
+}
+
+/// A loaded (or loading) shard on this node.
+struct Slot {
+    epoch: u64,
+    tx: mpsc::Sender<Envelope>,
+    /// The call the actor is running now, with its chain (for diagnosis).
+    busy: Arc<Mutex<Option<Vec<Hop>>>>,
+}
+
+/// What this node hosts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HostedShards {
+    pub map_version: u64,
+    /// Shards the map assigns to this node.
+    pub assigned: usize,
+    /// Shards loaded and serving.
+    pub loaded: usize,
+    /// Moves in progress: assigned here but not loaded yet.
+    pub loading: usize,
+}
+
+/// The shards of one node.
+pub struct ShardHost {
+    me: NodeId,
+    cfg: ShardsConfig,
+    service: Option<Arc<dyn ShardService>>,
+    slots: Mutex<BTreeMap<ShardId, Slot>>,
+    loading: Mutex<BTreeMap<ShardId, u64>>,
+    map: Mutex<Arc<ShardMap>>,
+    changed: tokio::sync::Notify,
+}
+
+impl ShardHost {
+    pub fn new(me: NodeId, cfg: ShardsConfig, service: Option<Arc<dyn ShardService>>) -> Self {
+        ShardHost {
+            me,
+            cfg,
+            service,
+            slots: Mutex::new(BTreeMap::new()),
+            loading: Mutex::new(BTreeMap::new()),
+            map: Mutex::new(Arc::new(ShardMap::default())),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn cfg(&self) -> &ShardsConfig {
+        &self.cfg
+    }
+
+    pub fn kinds(&self) -> Vec<KindSpec> {
+        self.service.as_ref().map(|s| s.kinds()).unwrap_or_default()
+    }
+
+    /// The shard map this node routes by.
+    pub fn map(&self) -> Arc<ShardMap> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn status(&self) -> HostedShards {
+        let map = self.map();
+        let assigned = map.entries.values().filter(|e| e.owner == self.me).count();
+        let loaded = self.slots.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let loading = self.loading.lock().unwrap_or_else(|e| e.into_inner()).len();
+        HostedShards {
+            map_version: map.version,
+            assigned,
+            loaded,
+            loading,
+        }
+    }
+
+    /// Waits until the map version is at least `v` (bounded by `deadline`).
+    pub async fn wait_version(&self, v: u64, deadline: Instant) -> bool {
+        loop {
+            let notified = self.changed.notified();
+            if self.map().version >= v {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.map().version >= v;
+            }
+        }
+    }
+
+    /// Adopts a newer map: unloads shards this node lost, loads those it
+    /// gained (in the background). `router` is handed to loading shards.
+    pub fn adopt(self: &Arc<Self>, map: Arc<ShardMap>, router: Arc<dyn Router>) {
+        {
+            let mut cur = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            if map.version <= cur.version && cur.version != 0 {
+                return;
+            }
+            *cur = map.clone();
+        }
+        self.changed.notify_waiters();
+        // Unload what we no longer own (at the epoch we hold it under).
+        {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.retain(|id, slot| {
+                map.entries
+                    .get(id)
+                    .is_some_and(|e| e.owner == self.me && e.epoch == slot.epoch)
+            });
+        }
+        let Some(service) = self.service.clone() else {
+            return;
+        };
+        for (id, e) in map.entries.iter().filter(|(_, e)| e.owner == self.me) {
+            let have = self
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(id);
+            let mut loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+            if have || loading.get(id) == Some(&e.epoch) {
+                continue;
+            }
+            loading.insert(*id, e.epoch);
+            drop(loading);
+            let host = self.clone();
+            let service = service.clone();
+            let router = router.clone();
+            let (id, epoch) = (*id, e.epoch);
+            tokio::spawn(async move { host.load(service, id, epoch, router).await });
+        }
+    }
+
+    async fn load(
+        self: Arc<Self>,
+        service: Arc<dyn ShardService>,
+        id: ShardId,
+        epoch: u64,
+        router: Arc<dyn Router>,
+    ) {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.load_wait_ms * 5);
+        let hop = Hop {
+            node: self.me,
+            shard: id,
+            call: "load".into(),
+        };
+        let ctx = CallCtx::new(deadline, vec![hop], Some(router));
+        let result = service.load(id, ctx).await;
+        self.loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        let still_mine = self
+            .map()
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.owner == self.me && e.epoch == epoch);
+        match result {
+            Ok(actor) if still_mine => {
+                let (tx, rx) = mpsc::channel(self.cfg.mailbox.max(1));
+                let busy = Arc::new(Mutex::new(None));
+                tokio::spawn(run_actor(
+                    actor,
+                    rx,
+                    busy.clone(),
+                    self.me,
+                    id,
+                    self.cfg.slow_handler_ms,
+                ));
+                self.slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, Slot { epoch, tx, busy });
+                self.changed.notify_waiters();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(target: LOG, shard = ?id, "loading failed: {e}"),
+        }
+    }
+
+    /// Serves a call for a shard this node should own; `refused` is the
+    /// node's reason when it cannot serve (no fresh lease, fenced). A wait
+    /// cycle detected *here* (rather than one passed back by a callee) is
+    /// reported through `on_cycle`, so it is recorded exactly once.
+    #[allow(clippy::too_many_arguments)] // One call's parts, passed through as they arrive.
+    pub async fn serve(
+        &self,
+        shard: ShardId,
+        epoch: Option<u64>,
+        call: String,
+        payload: Vec<u8>,
+        ctx: CallCtx,
+        refused: Option<String>,
+        on_cycle: impl FnOnce(&[Hop]),
+    ) -> Result<Vec<u8>, CallError> {
+        if let Some(reason) = refused {
+            return Err(CallError::Fenced {
+                node: self.me,
+                reason,
+            });
+        }
+        if payload.len() > self.cfg.max_payload {
+            return Err(CallError::TooLarge {
+                len: payload.len(),
+                max: self.cfg.max_payload,
+            });
+        }
+        // A call whose waiting chain already holds this shard can never be
+        // served by a non-reentrant actor: report the cycle now.
+        if let Some(pos) = ctx.chain.iter().position(|h| h.shard == shard) {
+            let mut cycle: Vec<Hop> = ctx.chain[pos..].to_vec();
+            cycle.push(Hop {
+                node: self.me,
+                shard,
+                call: call.clone(),
+            });
+            on_cycle(&cycle);
+            return Err(CallError::Deadlock { cycle });
+        }
+        let map = self.map();
+        let Some(entry) = map.entries.get(&shard) else {
+            return Err(CallError::UnknownShard {
+                kind: shard.kind,
+                key: shard.key,
+            });
+        };
+        if entry.owner != self.me || epoch.is_some_and(|e| e > entry.epoch) {
+            return Err(CallError::Moved {
+                version: map.version,
+            });
+        }
+        // Wait (bounded) for a shard that is being loaded here.
+        let load_deadline = ctx
+            .deadline
+            .min(Instant::now() + Duration::from_millis(self.cfg.load_wait_ms));
+        let tx = loop {
+            let notified = self.changed.notified();
+            if let Some(slot) = self
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&shard)
+            {
+                if slot.epoch == entry.epoch {
+                    break slot.tx.clone();
+                }
+            }
+            if tokio::time::timeout_at(load_deadline, notified)
+                .await
+                .is_err()
+            {
+                return Err(CallError::Unavailable(format!(
+                    "shard {}:{} is still loading on node {}",
+                    shard.kind, shard.key, self.me
+                )));
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        let env = Envelope {
+            call,
+            payload,
+            ctx: ctx.clone(),
+            reply,
+        };
+        tx.try_send(env).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CallError::Overloaded(format!(
+                "shard {}:{} mailbox full ({} calls)",
+                shard.kind, shard.key, self.cfg.mailbox
+            )),
+            mpsc::error::TrySendError::Closed(_) => CallError::Moved {
+                version: map.version,
+            },
+        })?;
+        match tokio::time::timeout_at(ctx.deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(CallError::Unavailable("the shard was unloaded".into())),
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    /// The chains of the calls each local shard is running (diagnosis).
+    pub fn busy(&self) -> BTreeMap<ShardId, Vec<Hop>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(id, s)| {
+                s.busy
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .map(|c| (*id, c))
+            })
+            .collect()
+    }
+}
+
+async fn run_actor(
+    mut actor: Box<dyn ShardActor>,
+    mut rx: mpsc::Receiver<Envelope>,
+    busy: Arc<Mutex<Option<Vec<Hop>>>>,
+    me: NodeId,
+    id: ShardId,
+    slow_ms: u64,
+) {
+    while let Some(env) = rx.recv().await {
+        if env.reply.is_closed() || Instant::now() >= env.ctx.deadline {
+            let _ = env.reply.send(Err(CallError::Timeout));
+            continue;
+        }
+        *busy.lock().unwrap_or_else(|e| e.into_inner()) = Some(env.ctx.chain.clone());
+        let started = Instant::now();
+        let deadline = env.ctx.deadline;
+        let mut ctx = env.ctx;
+        let hop = Hop {
+            node: me,
+            shard: id,
+            call: env.call.clone(),
+        };
+        ctx.chain.push(hop);
+        let result = match tokio::time::timeout_at(
+            deadline,
+            actor.handle(&env.call, env.payload, ctx),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout),
+        };
+        let took = started.elapsed();
+        if took.as_millis() as u64 > slow_ms {
+            warn!(target: LOG, shard = ?id, call = %env.call, "slow handler: {} ms (threshold {slow_ms} ms)", took.as_millis());
+        }
+        *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let _ = env.reply.send(result);
+    }
+}

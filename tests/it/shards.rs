@@ -1,0 +1,305 @@
+//! Shards, routing and calls (issue: shards) on the node code itself, in
+//! the in-process network: remapping a dead node's shards, wait-cycle
+//! detection, typed errors, and fenced ownership.
+
+use crate::cluster::{events, show, SERIAL};
+use orrery::inproc::{ready, InProcCluster};
+use orrery::local::Plan;
+use orrery_core::shardmap::ShardId;
+use orrery_core::{EventKind, NodeId};
+use orrery_node::shards::CallError;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+const CALL: Duration = Duration::from_secs(2);
+
+async fn cluster(dir: &std::path::Path, nodes: u64, shards: u64) -> InProcCluster {
+    let mut plan = Plan::new(nodes, 3, dir);
+    plan.demo = (1..=nodes)
+        .map(|id| {
+            (
+                id,
+                orrery_node::config::DemoConfig {
+                    shards,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let mut c = InProcCluster::plan(&plan, 21).expect("plan");
+    c.start_all().await.expect("start");
+    c.wait_for(T, ready)
+        .await
+        .unwrap_or_else(|s| panic!("not ready:\n{}", show(s)));
+    c
+}
+
+fn demo(key: u64) -> ShardId {
+    ShardId { kind: 0, key }
+}
+
+fn percentile(mut v: Vec<u128>, p: f64) -> u128 {
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Kill a node hosting hundreds of shards: all of them are owned and
+/// answering on survivors within 5 s, and calls to other shards keep their
+/// latency meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_shards_answer_elsewhere_within_5s() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 5, 1000).await;
+    let s = c.state().await.unwrap();
+    let load = s.shards.load();
+    assert_eq!(
+        load.values().sum::<usize>(),
+        1000,
+        "every shard has an owner: {load:?}"
+    );
+    let victim: NodeId = 5;
+    let theirs: Vec<u64> = s
+        .shards
+        .entries
+        .iter()
+        .filter(|(_, e)| e.owner == victim)
+        .map(|(id, _)| id.key)
+        .collect();
+    let others: Vec<u64> = s
+        .shards
+        .entries
+        .iter()
+        .filter(|(_, e)| e.owner != victim)
+        .map(|(id, _)| id.key)
+        .take(50)
+        .collect();
+    assert!(
+        theirs.len() >= 150,
+        "node {victim} hosts {} shards",
+        theirs.len()
+    );
+    let client = c.nodes[&1].clone();
+    // Latency of unaffected shards before the fault.
+    let mut before = vec![];
+    for k in &others {
+        let t = tokio::time::Instant::now();
+        client
+            .call(demo(*k), "ping", vec![1], CALL)
+            .await
+            .expect("ping");
+        before.push(t.elapsed().as_micros());
+    }
+    let killed = tokio::time::Instant::now();
+    c.crash(victim).await;
+    // Unaffected shards keep answering while the dead node's shards move.
+    let mut during = vec![];
+    let mut pending: Vec<u64> = theirs.clone();
+    while !pending.is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "{} shards still not answering",
+            pending.len()
+        );
+        for k in &others {
+            let t = tokio::time::Instant::now();
+            client
+                .call(demo(*k), "ping", vec![1], CALL)
+                .await
+                .expect("unaffected shard failed during the move");
+            during.push(t.elapsed().as_micros());
+        }
+        let mut still = vec![];
+        for k in pending {
+            match client
+                .call(demo(k), "ping", vec![1], Duration::from_millis(200))
+                .await
+            {
+                Ok(_) => {}
+                Err(_) => still.push(k),
+            }
+        }
+        pending = still;
+    }
+    let took = killed.elapsed();
+    let s = c.state().await.unwrap();
+    assert!(s.shards.entries.values().all(|e| e.owner != victim));
+    let (p_before, p_during) = (percentile(before, 0.99), percentile(during, 0.99));
+    eprintln!("remap: {} shards of node {victim} answering elsewhere {} ms after the kill; unaffected p99 {} us before, {} us during", theirs.len(), took.as_millis(), p_before, p_during);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        p_during < 50_000,
+        "unaffected calls slowed to p99 {p_during} us during the move"
+    );
+    c.shutdown().await;
+}
+
+/// The post-mortem's deadlock: shard A calls B, which calls A back while
+/// the first call is pending. Detected at once, the calls fail with the
+/// whole cycle, one event records it, other shards keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_cycle_fails_with_the_whole_cycle_and_is_recorded() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path(), 5, 64).await;
+    let s = c.state().await.unwrap();
+    // A and B on different nodes, like a system and its alliance.
+    let a = s
+        .shards
+        .entries
+        .iter()
+        .find(|(_, e)| e.owner == 4)
+        .map(|(id, _)| id.key)
+        .unwrap();
+    let b = s
+        .shards
+        .entries
+        .iter()
+        .find(|(_, e)| e.owner == 5)
+        .map(|(id, _)| id.key)
+        .unwrap();
+    let route = postcard::to_stdvec(&vec![b, a]).unwrap();
+    let t = tokio::time::Instant::now();
+    let err = c.nodes[&1]
+        .call(demo(a), "relay", route, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    let CallError::Deadlock { cycle } = &err else {
+        panic!("expected a deadlock, got {err:?}")
+    };
+    assert!(took < Duration::from_secs(1), "detected after {took:?}");
+    let shards: Vec<u64> = cycle.iter().map(|h| h.shard.key).collect();
+    assert_eq!(shards, vec![a, b, a], "the whole cycle: {err}");
+    assert_eq!(cycle[0].node, 4);
+    assert_eq!(cycle[1].node, 5);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("deadlock") && msg.contains("call relay"),
+        "{msg}"
+    );
+    let s = c
+        .wait_for(T, |s| !events(s, EventKind::Deadlock).is_empty())
+        .await
+        .unwrap_or_else(|s| panic!("{}", show(s)));
+    assert_eq!(
+        events(&s, EventKind::Deadlock).len(),
+        1,
+        "one event for the cycle"
+    );
+    // Both shards and the others keep serving.
+    for k in [a, b, (a + 1) % 64] {
+        c.nodes[&2]
+            .call(demo(k), "ping", vec![], CALL)
+            .await
+            .expect("serving after the cycle");
+    }
+    c.shutdown().await;
+}
+
+/// Unknown shards, unknown calls and oversized requests get clear errors
+/// and disturb nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_calls_get_clear_errors_and_change_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path(), 3, 16).await;
+    let n = &c.nodes[&1];
+    let e = n
+        .call(ShardId { kind: 0, key: 999 }, "ping", vec![], CALL)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, CallError::UnknownShard { kind: 0, key: 999 }),
+        "{e}"
+    );
+    let e = n
+        .call(ShardId { kind: 7, key: 1 }, "ping", vec![], CALL)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::UnknownShard { .. }), "{e}");
+    let e = n.call(demo(3), "explode", vec![], CALL).await.unwrap_err();
+    assert!(
+        matches!(&e, CallError::UnknownCall { call, .. } if call == "explode"),
+        "{e}"
+    );
+    let e = n
+        .call(demo(3), "ping", vec![0; 2 << 20], CALL)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, CallError::TooLarge { .. } | CallError::Unavailable(_)),
+        "{e}"
+    );
+    let before = n.call(demo(3), "incr", vec![], CALL).await.unwrap();
+    let after = n.call(demo(3), "incr", vec![], CALL).await.unwrap();
+    assert_eq!(
+        u64::from_le_bytes(after.try_into().unwrap()),
+        u64::from_le_bytes(before.try_into().unwrap()) + 1
+    );
+    c.shutdown().await;
+}
+
+/// A former owner cut off from the control plane refuses calls for its
+/// shards once its lease lapses; callers end up at the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_former_owner_refuses_once_its_lease_lapses() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path(), 5, 64).await;
+    let s = c.state().await.unwrap();
+    let x: NodeId = 5;
+    let key = s
+        .shards
+        .entries
+        .iter()
+        .find(|(_, e)| e.owner == x)
+        .map(|(id, _)| id.key)
+        .unwrap();
+    let epoch = s.shards.entries[&demo(key)].epoch;
+    // Cut node 5 off from the voters (both ways); node 4 still reaches it.
+    c.net.set_faults(|f| {
+        for v in 1..=3 {
+            f.cut.insert((x, v));
+            f.cut.insert((v, x));
+        }
+    });
+    let deadline = tokio::time::Instant::now() + T;
+    while c.nodes[&x].status().serving {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {x} kept serving without a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asker = orrery_node::transport::MemTransport::new(4, c.net.clone());
+    asker.set_epoch(s.members[&4].epoch);
+    let req = orrery_node::messages::Request::ShardCall {
+        shard: demo(key),
+        epoch: Some(epoch),
+        call: "ping".into(),
+        payload: vec![],
+        deadline_ms: 1000,
+        chain: vec![],
+    };
+    use orrery_node::transport::Transport;
+    match asker.call(x, req, CALL).await {
+        Ok(orrery_node::messages::Reply::ShardReply(Err(CallError::Fenced { node, .. }))) => {
+            assert_eq!(node, x)
+        }
+        other => panic!("the former owner answered {other:?}"),
+    }
+    // Routed calls reach the shard's new owner once the cluster moved it.
+    let reply = c.nodes[&4]
+        .call(demo(key), "ping", vec![7], Duration::from_secs(15))
+        .await
+        .expect("served by its new owner");
+    assert_eq!(reply, vec![7]);
+    let s = c.state().await.unwrap();
+    assert_ne!(s.shards.entries[&demo(key)].owner, x);
+    assert!(
+        s.shards.entries[&demo(key)].epoch > epoch,
+        "a new ownership epoch"
+    );
+    c.shutdown().await;
+}
