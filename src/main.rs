@@ -98,6 +98,16 @@ enum Bench {
         #[arg(long, default_value_t = 60)]
         starve_secs: u64,
     },
+    /// Remap: kill a node hosting `per_node` shards; time until all of them
+    /// answer on survivors (real node code, in-process network).
+    Remap {
+        #[arg(long, default_value_t = 10)]
+        nodes: u64,
+        #[arg(long, default_value_t = 1000)]
+        per_node: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: u64,
+    },
     /// Start-up of a large cluster in the deterministic simulator.
     Startup {
         #[arg(long, default_value_t = 250)]
@@ -164,6 +174,14 @@ fn main() -> Result<()> {
                     starve_secs,
                 },
         } => bench::detection(trials, starve_secs),
+        Cmd::Bench {
+            which:
+                Bench::Remap {
+                    nodes,
+                    per_node,
+                    runs,
+                },
+        } => bench::remap(nodes, per_node, runs),
     }
 }
 

@@ -1344,6 +1344,9 @@ impl Router for NodeRouter {
                         Err(crate::transport::TransportError::Timeout { .. }) => {
                             Err(CallError::Timeout)
                         }
+                        Err(e @ crate::transport::TransportError::Overloaded { .. }) => {
+                            Err(CallError::Overloaded(e.to_string()))
+                        }
                         Err(e) => Err(CallError::Unavailable(e.to_string())),
                     }
                 };

@@ -29,6 +29,9 @@ pub enum TransportError {
     Unreachable { node: NodeId, reason: String },
     #[error("node {node} did not answer within {timeout:?}")]
     Timeout { node: NodeId, timeout: Duration },
+    /// Too many calls in flight to that node: refused at once, not queued.
+    #[error("too many calls in flight to node {node}")]
+    Overloaded { node: NodeId },
 }
 
 /// The node code's view of the network.
@@ -120,6 +123,16 @@ impl Transport for TcpTransport {
             .await
             {
                 Ok(Ok(r)) => Ok(r),
+                Ok(Err(orrery_wire::PoolError::Call(
+                    orrery_wire::CallError::Overloaded
+                    | orrery_wire::CallError::Remote(orrery_wire::RemoteError::Overloaded),
+                ))) => Err(TransportError::Overloaded { node: target }),
+                Ok(Err(orrery_wire::PoolError::Call(orrery_wire::CallError::Timeout))) => {
+                    Err(TransportError::Timeout {
+                        node: target,
+                        timeout,
+                    })
+                }
                 Ok(Err(e)) => Err(TransportError::Unreachable {
                     node: target,
                     reason: e.to_string(),
