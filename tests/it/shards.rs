@@ -303,3 +303,52 @@ async fn a_partitioned_former_owner_refuses_once_its_lease_lapses() {
     );
     c.shutdown().await;
 }
+
+/// A drained node hands all its shards off and then holds none; an impaired
+/// node (its work path stalled) hands its shards off until it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_and_impaired_nodes_hand_their_shards_off() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path(), 5, 200).await;
+    c.nodes[&1].drain(4, true).await.expect("drain");
+    let s = c
+        .wait_for(T, |s| s.shards.load().get(&4).copied().unwrap_or(0) == 0)
+        .await
+        .unwrap_or_else(|s| panic!("node 4 still holds shards:\n{}", show(s)));
+    assert_eq!(s.shards.load().values().sum::<usize>(), 200);
+    let deadline = tokio::time::Instant::now() + T;
+    while c.nodes[&4].shards().1.loaded > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 4 kept shards loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Impaired: a CPU hog stalls node 5's work path.
+    c.nodes[&5].set_health_faults(orrery_node::health::HealthFaults {
+        event_loop_lag_ms: 400,
+        ..Default::default()
+    });
+    c.wait_for(T, |s| {
+        !s.members[&5].health.healthy && s.shards.load().get(&5).copied().unwrap_or(0) == 0
+    })
+    .await
+    .unwrap_or_else(|s| panic!("impaired node 5 kept its shards:\n{}", show(s)));
+    // Recovered and undrained: both get shards again (gradually).
+    c.nodes[&5].set_health_faults(Default::default());
+    c.nodes[&1].drain(4, false).await.expect("undrain");
+    c.wait_for(T, |s| {
+        s.shards.load().get(&5).copied().unwrap_or(0) > 0
+            && s.shards.load().get(&4).copied().unwrap_or(0) > 0
+    })
+    .await
+    .unwrap_or_else(|s| panic!("nodes 4 and 5 never got shards back:\n{}", show(s)));
+    for k in 0..200 {
+        c.nodes[&2]
+            .call(demo(k), "ping", vec![], CALL)
+            .await
+            .unwrap_or_else(|e| panic!("shard {k}: {e}"));
+    }
+    c.shutdown().await;
+}

@@ -300,6 +300,7 @@ impl Coordinator {
                 m.status == MemberStatus::Active
                     && m.epoch > 0
                     && m.health.healthy
+                    && !m.draining
                     && self.detector.may_ack(**id, m.epoch)
                     && (!ready || m.report.stage == Stage::READY)
                     && state

@@ -35,6 +35,7 @@
 use crate::config::{ClusterConfig, MembershipConfig, NodeSpec, Role, StuckPolicy};
 use crate::coordinator::Coordinator;
 use crate::health::Health;
+use crate::shardmap::{KindSpec, ShardId, ShardMap};
 use crate::state::{ClusterState, Command, Gate, MemberStatus, Progress, Response, Wait};
 use crate::{Epoch, Millis, NodeId, Stage};
 use rand::{Rng, SeedableRng};
@@ -131,7 +132,20 @@ pub struct SimConfig {
     pub run_after_ready: Option<Millis>,
     /// The run stops here whatever happened.
     pub max_time: Millis,
+    /// Keys `0..shards` of one shard kind, [`SHARD_KIND`], declared right
+    /// after `Configure` (0: no shards, nothing declared).
+    pub shards: u64,
+    /// Model a hand-over rule in the node's serving decision (not what the
+    /// runtime does today): a node serves nothing from its shard-map copy
+    /// while a heartbeat ack told it of a newer map it has not fetched yet,
+    /// and serves a shard newly assigned to it only `self_fence_after_ms`
+    /// after its copy first named it owner under that ownership epoch (by
+    /// then the old owner has either heard of the move on an ack or fenced).
+    pub shard_handover: bool,
 }
+
+/// The name of the shard kind the simulator declares.
+pub const SHARD_KIND: &str = "demo";
 
 impl SimConfig {
     /// Defaults resembling a LAN: 0.1-1 ms links, 20 preload items of 5-20 ms.
@@ -158,6 +172,8 @@ impl SimConfig {
             faults_from_ready: false,
             run_after_ready: None,
             max_time: 300_000,
+            shards: 0,
+            shard_handover: false,
         }
     }
 }
@@ -308,12 +324,61 @@ pub struct SimOutcome {
     pub serving: Vec<(Millis, NodeId, bool)>,
     /// When the first fault was injected (absolute).
     pub faults_at: Option<Millis>,
+    /// When each node started or stopped serving each shard, with the
+    /// ownership epoch it served it under (time, node, shard, epoch, serving).
+    pub shard_log: Vec<ShardServing>,
     pub nodes: BTreeMap<NodeId, NodeView>,
     /// Virtual time the run ended.
     pub ended_at: Millis,
 }
 
+/// A node started (`serving`) or stopped serving a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardServing {
+    pub at: Millis,
+    pub node: NodeId,
+    pub shard: ShardId,
+    /// The ownership epoch its shard-map copy names.
+    pub epoch: u64,
+    pub serving: bool,
+}
+
 impl SimOutcome {
+    /// The node serving `shard` at `t`, from the shard log (the invariants
+    /// guarantee at most one).
+    pub fn shard_server_at(&self, shard: ShardId, t: Millis) -> Option<NodeId> {
+        let mut on: BTreeSet<NodeId> = BTreeSet::new();
+        for e in self
+            .shard_log
+            .iter()
+            .filter(|e| e.shard == shard && e.at <= t)
+        {
+            if e.serving {
+                on.insert(e.node);
+            } else {
+                on.remove(&e.node);
+            }
+        }
+        on.into_iter().next()
+    }
+
+    /// The shards `node` served at `t`, from the shard log.
+    pub fn shards_served_at(&self, node: NodeId, t: Millis) -> BTreeSet<ShardId> {
+        let mut on = BTreeSet::new();
+        for e in self
+            .shard_log
+            .iter()
+            .filter(|e| e.node == node && e.at <= t)
+        {
+            if e.serving {
+                on.insert(e.shard);
+            } else {
+                on.remove(&e.shard);
+            }
+        }
+        on
+    }
+
     /// Whether `node` was serving at `t`, from the serving log.
     pub fn serving_at(&self, node: NodeId, t: Millis) -> bool {
         self.serving
@@ -352,7 +417,12 @@ enum Msg {
     HeartbeatAck {
         epoch: Epoch,
         sent: Millis,
+        /// The committed shard-map version (the address cache's hint).
+        shards: u64,
     },
+    /// Fetch the shard map from the leader.
+    FetchShards,
+    ShardMap(Box<ShardMap>),
     HeartbeatRefused {
         epoch: Epoch,
         reason: String,
@@ -411,6 +481,8 @@ enum Ev {
     Corrupt(NodeId),
     /// The corrupted node's self-check catches it.
     SelfCheckFails(NodeId),
+    /// A shard hand-over delay of the node ends.
+    HandoverDone(NodeId),
     /// Links change (a partition starts or heals): for the trace.
     Links(String),
     End,
@@ -470,6 +542,34 @@ struct SimNode {
     acked_stage: Stage,
     /// Stage reports in flight, by request.
     report_reqs: BTreeMap<u64, Stage>,
+    /// Its copy of the shard map (the address cache).
+    map: ShardMap,
+    /// The shards its copy says it owns, with their ownership epochs.
+    owned: BTreeMap<ShardId, u64>,
+    /// The shards it serves (as last checked), with their ownership epochs.
+    served: BTreeMap<ShardId, u64>,
+    /// What `served` reflects: map version, hand-over wake-ups, whether a
+    /// newer map is known (`None`: not serving).
+    served_from: Option<(u64, u64, bool)>,
+    /// Highest shard-map version a heartbeat ack reported.
+    seen_shards: u64,
+    /// When its copy first named it owner of each owned shard (that epoch).
+    held_since: BTreeMap<ShardId, Millis>,
+    /// Bumped when a hand-over delay ends.
+    wakes: u64,
+}
+
+/// Does this process believe it may serve at `now`: running, not
+/// fail-stopped or fenced, at stage 0 under an epoch, its last acknowledged
+/// heartbeat sent at most `fence` ms ago?
+fn node_serving(n: &SimNode, now: Millis, fence: Millis) -> bool {
+    n.up && !n.crashed
+        && !n.failstop
+        && !n.fenced
+        && n.epoch > 0
+        && n.join_req.is_none()
+        && n.stage == Stage::READY
+        && n.last_acked.is_some_and(|s| now.saturating_sub(s) <= fence)
 }
 
 /// Whether a refusal fences the process (rather than refusing one request).
@@ -527,6 +627,9 @@ struct Sim {
     removals: Vec<Removal>,
     admissions: Vec<(Millis, NodeId, Epoch)>,
     serving_log: Vec<(Millis, NodeId, bool)>,
+    /// Who serves each shard now (as last checked), under which epoch.
+    shard_servers: BTreeMap<ShardId, (NodeId, u64)>,
+    shard_log: Vec<ShardServing>,
     ended: bool,
 }
 
@@ -565,6 +668,8 @@ pub fn run(cfg: SimConfig) -> SimOutcome {
         removals: vec![],
         admissions: vec![],
         serving_log: vec![],
+        shard_servers: BTreeMap::new(),
+        shard_log: vec![],
         ended: false,
         cfg,
     };
@@ -613,6 +718,7 @@ pub fn run(cfg: SimConfig) -> SimOutcome {
         admissions: sim.admissions,
         serving: sim.serving_log,
         faults_at: sim.faults_at,
+        shard_log: sim.shard_log,
         nodes,
         ended_at: sim.now,
     }
@@ -643,6 +749,11 @@ impl Sim {
             self.nodes.insert(id, SimNode::default());
         }
         self.commit(Command::Configure { config, at: 0 });
+        if self.cfg.shards > 0 {
+            let kinds = vec![KindSpec::new(SHARD_KIND, 0..self.cfg.shards)];
+            let resp = self.commit(Command::DeclareShards { kinds, at: 0 });
+            assert_eq!(resp, Response::Ok, "declaring the shards");
+        }
         for id in 1..=self.cfg.nodes {
             let at = self.rng.gen_range(0..self.cfg.start_spread.max(1));
             self.schedule(at, Ev::Start(id));
@@ -958,43 +1069,37 @@ impl Sim {
 
     /// Does `id`'s process believe it may serve now?
     fn serving(&self, id: NodeId) -> bool {
-        let n = &self.nodes[&id];
-        let fence = self.cfg.membership.self_fence_after_ms;
-        n.up && !n.crashed
-            && !n.failstop
-            && !n.fenced
-            && n.epoch > 0
-            && n.join_req.is_none()
-            && n.stage == Stage::READY
-            && n.last_acked
-                .is_some_and(|s| self.now.saturating_sub(s) <= fence)
+        node_serving(
+            &self.nodes[&id],
+            self.now,
+            self.cfg.membership.self_fence_after_ms,
+        )
     }
 
     /// The invariants, after every event.
     fn check(&mut self) {
         let fence = self.cfg.membership.self_fence_after_ms;
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let now = self.now;
         let mut serving_epochs: BTreeMap<Epoch, NodeId> = BTreeMap::new();
-        for id in ids {
-            let s = self.serving(id);
-            let n = &self.nodes[&id];
+        let mut broken = vec![];
+        for (&id, n) in self.nodes.iter_mut() {
+            let s = node_serving(n, now, fence);
             if s != n.serving {
                 let at = if s {
-                    self.now
+                    now
                 } else {
-                    n.last_acked
-                        .map_or(self.now, |a| (a + fence + 1).min(self.now))
+                    n.last_acked.map_or(now, |a| (a + fence + 1).min(now))
                 };
                 self.serving_log.push((at, id, s));
-                self.nodes.get_mut(&id).expect("node").serving = s;
+                n.serving = s;
             }
             if !s {
                 continue;
             }
-            let (epoch, last_acked) = (self.nodes[&id].epoch, self.nodes[&id].last_acked);
+            let (epoch, last_acked) = (n.epoch, n.last_acked);
             // (a) one epoch-valid identity per process.
             if let Some(other) = serving_epochs.insert(epoch, id) {
-                self.violate(format!(
+                broken.push(format!(
                     "nodes {other} and {id} both serve under epoch {epoch}"
                 ));
             }
@@ -1004,14 +1109,131 @@ impl Sim {
                     MemberStatus::Removed { at, .. } => format!("{at}"),
                     _ => "-".into(),
                 };
-                let what = format!(
+                broken.push(format!(
                     "node {id} serves under epoch {} after the control plane refused it ({reason}); \
                      last acknowledged heartbeat sent at {:?}, self-fence due at {:?}, removal proposed at {removed_at}",
                     epoch,
                     last_acked,
                     last_acked.map(|a| a + fence),
-                );
-                self.violate(what);
+                ));
+            }
+        }
+        for what in broken {
+            self.violate(what);
+        }
+        self.check_shards();
+    }
+
+    /// (d): no shard is served by two processes at once. A node serves the
+    /// shards its map copy says it owns, under the epoch the copy names,
+    /// while it serves at all (stage 0, fresh lease, not fenced).
+    fn check_shards(&mut self) {
+        if self.cfg.shards == 0 {
+            return;
+        }
+        let fence = self.cfg.membership.self_fence_after_ms;
+        let mut changed = vec![];
+        for (id, n) in &self.nodes {
+            let from = n
+                .serving
+                .then_some((n.map.version, n.wakes, n.seen_shards > n.map.version));
+            if from != n.served_from {
+                changed.push((*id, from, self.serves(*id)));
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        // Stops first: a hand-over in one instant is not a double.
+        for (id, _, want) in &changed {
+            let n = &self.nodes[id];
+            let stop_at = if n.serving {
+                self.now
+            } else {
+                n.last_acked
+                    .map_or(self.now, |a| (a + fence + 1).min(self.now))
+            };
+            for (shard, epoch) in &n.served {
+                if want.get(shard) == Some(epoch) {
+                    continue;
+                }
+                self.shard_servers.remove(shard);
+                self.shard_log.push(ShardServing {
+                    at: stop_at,
+                    node: *id,
+                    shard: *shard,
+                    epoch: *epoch,
+                    serving: false,
+                });
+            }
+        }
+        for (id, from, want) in changed {
+            let old = std::mem::take(&mut self.nodes.get_mut(&id).expect("node").served);
+            for (shard, epoch) in &want {
+                if old.get(shard) == Some(epoch) {
+                    continue;
+                }
+                self.shard_log.push(ShardServing {
+                    at: self.now,
+                    node: id,
+                    shard: *shard,
+                    epoch: *epoch,
+                    serving: true,
+                });
+                if let Some((other, e)) = self.shard_servers.insert(*shard, (id, *epoch)) {
+                    let committed = match self.state.shards.owner(*shard) {
+                        Some(c) => {
+                            format!("node {} at epoch {} since {}", c.owner, c.epoch, c.since)
+                        }
+                        None => "no owner".into(),
+                    };
+                    let (o, me) = (&self.nodes[&other], &self.nodes[&id]);
+                    self.violate(format!(
+                        "shard {shard} served by node {other} (ownership epoch {e}, map v{}, last ack sent {:?}) \
+                         and node {id} (ownership epoch {epoch}, map v{}, last ack sent {:?}); committed: {committed}, map v{}",
+                        o.map.version,
+                        o.last_acked,
+                        me.map.version,
+                        me.last_acked,
+                        self.state.shards.version,
+                    ));
+                }
+            }
+            let n = self.nodes.get_mut(&id).expect("node");
+            n.served = want;
+            n.served_from = from;
+        }
+    }
+
+    /// (e): at the end, every shard is owned by a live, healthy, Active
+    /// node and served by exactly that node.
+    fn check_shards_end(&mut self) {
+        if self.cfg.shards == 0 {
+            return;
+        }
+        let shards: Vec<ShardId> = self.state.shards.shards().collect();
+        for shard in shards {
+            let Some(e) = self.state.shards.owner(shard).copied() else {
+                self.violate(format!("shard {shard} has no owner at the end"));
+                return;
+            };
+            let n = &self.nodes[&e.owner];
+            let m = &self.state.members[&e.owner];
+            if n.crashed || n.corrupted || n.failstop || m.status != MemberStatus::Active {
+                self.violate(format!(
+                    "shard {shard} is owned by node {} at the end: crashed {} corrupted {} status {:?}",
+                    e.owner, n.crashed, n.corrupted, m.status
+                ));
+                return;
+            }
+            let served = self.shard_servers.get(&shard).copied();
+            if served != Some((e.owner, e.epoch)) {
+                self.violate(format!(
+                    "shard {shard} is owned by node {} at epoch {} but served by {served:?} at the end \
+                     (owner's map v{}, committed v{})",
+                    e.owner, e.epoch, n.map.version, self.state.shards.version
+                ));
+                return;
             }
         }
     }
@@ -1116,9 +1338,13 @@ impl Sim {
                 ));
             }
             Ev::Links(what) => self.trace.push(format!("{} {what}", self.now)),
+            Ev::HandoverDone(id) => self.nodes.get_mut(&id).expect("node").wakes += 1,
             Ev::End => {
                 self.trace.push(format!("{} end", self.now));
                 self.check_end();
+                // Who serves what right now, before judging it.
+                self.check();
+                self.check_shards_end();
                 self.ended = true;
             }
             Ev::Tick => {
@@ -1506,14 +1732,39 @@ impl Sim {
                 if !may_ack {
                     return;
                 }
-                self.send(to, from, Msg::HeartbeatAck { epoch, sent });
+                let shards = self.state.shards.version;
+                self.send(
+                    to,
+                    from,
+                    Msg::HeartbeatAck {
+                        epoch,
+                        sent,
+                        shards,
+                    },
+                );
             }
-            Msg::HeartbeatAck { epoch, sent } => {
+            Msg::HeartbeatAck {
+                epoch,
+                sent,
+                shards,
+            } => {
                 let n = self.nodes.get_mut(&to).expect("node");
                 if epoch == n.epoch && !n.fenced {
                     n.last_acked = Some(n.last_acked.map_or(sent, |a| a.max(sent)));
+                    n.seen_shards = n.seen_shards.max(shards);
+                    // Address cache: a newer shard map exists; fetch it.
+                    if shards > n.map.version {
+                        self.send(to, from, Msg::FetchShards);
+                    }
                 }
             }
+            Msg::FetchShards => {
+                if self.leader == Some(to) {
+                    let map = Box::new(self.state.shards.clone());
+                    self.send(to, from, Msg::ShardMap(map));
+                }
+            }
+            Msg::ShardMap(map) => self.adopt_shards(to, *map),
             Msg::HeartbeatRefused { epoch, reason } => self.refused(to, epoch, &reason),
             Msg::ProbeReq {
                 term,
@@ -1709,8 +1960,68 @@ impl Sim {
             n.stage = s;
             n.progress = None;
             n.waiting = None;
+            if s == Stage::ADDRESSED {
+                // Priming the address cache fetched the cluster state.
+                let map = self.state.shards.clone();
+                self.adopt_shards(id, map);
+            }
         }
         self.report(id);
+    }
+
+    /// `id`'s process replaces its shard-map copy with `map` if it is newer.
+    fn adopt_shards(&mut self, id: NodeId, map: ShardMap) {
+        let n = self.nodes.get_mut(&id).expect("node");
+        if map.version <= n.map.version {
+            return;
+        }
+        let owned: BTreeMap<ShardId, u64> = map
+            .entries
+            .iter()
+            .filter(|(_, e)| e.owner == id)
+            .map(|(s, e)| (*s, e.epoch))
+            .collect();
+        let now = self.now;
+        let mut fresh = false;
+        n.held_since = owned
+            .iter()
+            .map(|(s, e)| {
+                let since = match n.owned.get(s) {
+                    Some(old) if old == e => n.held_since.get(s).copied().unwrap_or(now),
+                    _ => {
+                        fresh = true;
+                        now
+                    }
+                };
+                (*s, since)
+            })
+            .collect();
+        n.owned = owned;
+        n.map = map;
+        if fresh && self.cfg.shard_handover {
+            let d = self.cfg.membership.self_fence_after_ms;
+            self.schedule(d, Ev::HandoverDone(id));
+        }
+    }
+
+    /// The shards `id`'s process serves now, with their ownership epochs.
+    fn serves(&self, id: NodeId) -> BTreeMap<ShardId, u64> {
+        let n = &self.nodes[&id];
+        if !n.serving {
+            return BTreeMap::new();
+        }
+        if !self.cfg.shard_handover {
+            return n.owned.clone();
+        }
+        if n.seen_shards > n.map.version {
+            return BTreeMap::new();
+        }
+        let fence = self.cfg.membership.self_fence_after_ms;
+        n.owned
+            .iter()
+            .filter(|(s, _)| n.held_since.get(s).is_some_and(|t| t + fence <= self.now))
+            .map(|(s, e)| (*s, *e))
+            .collect()
     }
 }
 

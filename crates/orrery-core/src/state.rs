@@ -137,6 +137,9 @@ pub struct Member {
     pub health: MemberHealth,
     /// How many times the failure detector removed this node (for backoff).
     pub removals: u32,
+    /// Asked to hand all its shards off (and take none) until undrained.
+    #[serde(default)]
+    pub draining: bool,
     pub last_removed_at: Millis,
 }
 
@@ -159,6 +162,7 @@ pub enum EventKind {
     ShardsDeclared,
     ShardsMoved,
     Deadlock,
+    NodeDraining,
 }
 
 /// One entry in the replicated event list.
@@ -259,6 +263,13 @@ pub enum Command {
     MoveShards {
         moves: Vec<Move>,
         reason: String,
+        at: Millis,
+    },
+    /// An operator drains `node` (it hands all its shards off and takes
+    /// none) or undrains it.
+    Drain {
+        node: NodeId,
+        drain: bool,
         at: Millis,
     },
     /// A node detected a wait cycle between shards; one event with it.
@@ -478,6 +489,28 @@ impl ClusterState {
                     clip(format!(
                         "{changed} shard(s) moved ({reason}); shard map version {version}"
                     )),
+                );
+                Response::Ok
+            }
+            Command::Drain { node, drain, at } => {
+                let Some(m) = self.members.get_mut(&node) else {
+                    return reject(format!("node {node} is not in the cluster configuration"));
+                };
+                if m.draining == drain {
+                    return reject("no change");
+                }
+                m.draining = drain;
+                let what = if drain {
+                    "draining: it hands all its shards off"
+                } else {
+                    "no longer draining"
+                };
+                self.event(
+                    index,
+                    at,
+                    EventKind::NodeDraining,
+                    Some(node),
+                    format!("node {node} {what}"),
                 );
                 Response::Ok
             }
@@ -965,6 +998,7 @@ impl Member {
             },
             removals: 0,
             last_removed_at: 0,
+            draining: false,
         }
     }
 

@@ -340,6 +340,24 @@ impl Node {
             .await
     }
 
+    /// Drains (or undrains) `node`: it hands all its shards off and takes
+    /// none until undrained. Goes through the control plane.
+    pub async fn drain(&self, node: NodeId, drain: bool) -> Result<(), String> {
+        match self
+            .inner
+            .propose(Command::Drain {
+                node,
+                drain,
+                at: now_ms(),
+            })
+            .await?
+        {
+            Response::Ok => Ok(()),
+            Response::Rejected { reason } => Err(reason),
+            other => Err(format!("unexpected response {other:?}")),
+        }
+    }
+
     /// The shard map this node routes by, and what it hosts.
     pub fn shards(&self) -> (Arc<ShardMap>, crate::shards::HostedShards) {
         (self.inner.shards.map(), self.inner.shards.status())
