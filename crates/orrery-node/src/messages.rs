@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
     /// An opaque openraft RPC for orrery-control (voters only).
-    Raft(Vec<u8>),
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Propose a command to the control plane (leader only; others say who leads).
     Propose(Command),
     /// May `node` (process `epoch`) start work on stage `next`? Also the
@@ -58,6 +58,8 @@ pub enum Request {
         /// The ownership epoch the caller believes current, if known.
         epoch: Option<u64>,
         call: String,
+        /// Bytes on the wire as one block (not element by element).
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         /// Milliseconds left until the caller's deadline.
         deadline_ms: u32,
