@@ -478,3 +478,96 @@ fn a_minority_split_self_fences_removes_nobody_and_heals() {
         }
     }
 }
+
+// ---- Shards: placement, the address cache, single service ----
+
+/// The sweep's shard count.
+const SHARDS: u64 = 200;
+
+#[test]
+fn shards_200_seeded_fault_schedules_never_double_served() {
+    let mut bad = vec![];
+    for seed in 0..200 {
+        let n = nodes_for(seed);
+        let mut cfg = random_schedule(seed, n);
+        cfg.shards = SHARDS;
+        let faults = format!("{:?}", cfg.faults);
+        let out = run(cfg);
+        if let Some(v) = &out.violation {
+            bad.push(format!(
+                "{v}\n    faults {faults}\n    replay: let mut cfg = orrery_core::sim::random_schedule({seed}, {n}); cfg.shards = {SHARDS}; orrery_core::sim::run(cfg)"
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of 200 seeded fault schedules with {SHARDS} shards broke an invariant:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn a_crashed_owner_s_shards_are_served_elsewhere_quickly() {
+    for seed in 0..4 {
+        let node = 9;
+        let mut cfg = SimConfig::new(12, seed);
+        cfg.faults_from_ready = true;
+        cfg.run_after_ready = Some(8_000);
+        cfg.faults = vec![Fault::Crash { node, at: 1_000 }];
+        cfg.shards = SHARDS;
+        let out = run(cfg);
+        no_violation(&out, &format!("seed {seed}"));
+        let crash = out.faults_at.expect("fault injected");
+        let owned = out.shards_served_at(node, crash - 1);
+        assert!(
+            !owned.is_empty(),
+            "seed {seed}: node {node} served no shard"
+        );
+        let took = owned
+            .iter()
+            .map(|s| {
+                out.shard_log
+                    .iter()
+                    .find(|e| e.shard == *s && e.serving && e.node != node && e.at >= crash)
+                    .map(|e| e.at - crash)
+                    .unwrap_or_else(|| panic!("seed {seed}: shard {s} never served again"))
+            })
+            .max()
+            .expect("non-empty");
+        eprintln!(
+            "seed {seed}: the {} shards of crashed node {node} all served elsewhere {took} ms after the crash",
+            owned.len()
+        );
+        assert!(took < 5_000, "seed {seed}: took {took} ms");
+    }
+}
+
+/// Seeds of the sweep where a shard moved between two live nodes is served
+/// by both: the new owner fetches the map and serves while the old owner's
+/// copy (and fresh lease) still names it, until its next heartbeat ack.
+const DOUBLE_SERVE_SEEDS: [u64; 5] = [182, 184, 187, 194, 199];
+
+#[test]
+fn the_hand_over_rule_closes_the_double_serve() {
+    // These seeds once showed a shard served by two live nodes: the new
+    // owner served while the old owner's copy (and fresh lease) still named
+    // it. The node runtime's hand-over rule (ShardHost: serve nothing while
+    // an ack announced a map not fetched yet; serve a newly assigned shard
+    // only self_fence_after_ms after learning of it) closes it; without the
+    // rule the sim still finds the double serve.
+    for seed in DOUBLE_SERVE_SEEDS {
+        let n = nodes_for(seed);
+        let mut cfg = random_schedule(seed, n);
+        cfg.shards = SHARDS;
+        let out = run(cfg.clone());
+        no_violation(&out, &format!("seed {seed} n {n}"));
+    }
+    let mut cfg = random_schedule(184, nodes_for(184));
+    cfg.shards = SHARDS;
+    cfg.shard_handover = false;
+    assert!(
+        run(cfg).violation.is_some(),
+        "without the hand-over rule seed 184 double-serves"
+    );
+}

@@ -33,6 +33,9 @@ pub struct Coordinator {
     /// Last contact per node: (epoch it ran under, when).
     contacts: BTreeMap<NodeId, (Epoch, Millis)>,
     detector: Detector,
+    /// (shard map version, hosts, ready) for which the last plan was empty:
+    /// nothing changed since, so there is nothing to plan.
+    settled: Option<(u64, Vec<NodeId>, bool)>,
 }
 
 impl Coordinator {
@@ -47,6 +50,7 @@ impl Coordinator {
             announced: false,
             contacts,
             detector: Detector::default(),
+            settled: None,
         }
     }
 
@@ -288,7 +292,7 @@ impl Coordinator {
     /// whole cluster) everything is placed at once; afterwards moves between
     /// live owners are rate-limited, while orphans (shards of removed nodes)
     /// are placed at once: a shard is unavailable until it has an owner.
-    fn place(&self, now: Millis, state: &ClusterState, out: &mut Vec<Command>) {
+    fn place(&mut self, now: Millis, state: &ClusterState, out: &mut Vec<Command>) {
         if state.shards.kinds.is_empty() || state.stage < Stage::RUNNING {
             return;
         }
@@ -317,6 +321,14 @@ impl Coordinator {
         if hosts.is_empty() {
             return;
         }
+        let key = (
+            state.shards.version,
+            hosts.iter().map(|h| h.node).collect::<Vec<_>>(),
+            ready,
+        );
+        if self.settled.as_ref() == Some(&key) {
+            return;
+        }
         let p = &state.config.placement;
         let cfg = PlacementConfig {
             max_moves_per_step: if ready {
@@ -328,7 +340,9 @@ impl Coordinator {
             load_slack: f64::from(p.load_slack_percent) / 100.0,
         };
         let moves = plan(&state.shards, &hosts, &cfg);
-        if !moves.is_empty() {
+        if moves.is_empty() {
+            self.settled = Some(key);
+        } else {
             let orphans = moves
                 .iter()
                 .filter(|m| m.from.is_none_or(|f| !hosts.iter().any(|h| h.node == f)))

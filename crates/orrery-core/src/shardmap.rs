@@ -79,6 +79,11 @@ pub struct ShardEntry {
     pub epoch: u64,
     /// When the current owner got the shard (the proposer's clock).
     pub since: Millis,
+    /// The owner before this one, if any: a shard taken over from a node
+    /// that may still be serving it needs a hand-over delay; a shard placed
+    /// for the first time does not.
+    #[serde(default)]
+    pub previous: Option<NodeId>,
 }
 
 /// Why [`ShardMap::declare`] refused a declaration (the map is unchanged).
@@ -203,6 +208,7 @@ impl ShardMap {
                     owner: m.to,
                     epoch: self.last_epoch,
                     since: at,
+                    previous: current,
                 },
             );
             changed += 1;
@@ -819,7 +825,8 @@ mod tests {
             Some(&ShardEntry {
                 owner: 7,
                 epoch: 1,
-                since: 50
+                since: 50,
+                previous: None,
             })
         );
         assert_eq!(map.owner(ally).unwrap().epoch, 2);

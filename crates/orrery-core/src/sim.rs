@@ -25,6 +25,12 @@
 //! a node serves only at stage 0 under an unrevoked epoch and while its
 //! last *acknowledged* heartbeat was sent at most `self_fence_after_ms` ago.
 //!
+//! With [`SimConfig::shards`], one shard kind is declared after `Configure`;
+//! the coordinator places it, each node keeps a copy of the shard map (primed
+//! at stage -2, refetched from the leader when a heartbeat ack reports a newer
+//! version) and serves the shards its copy says it owns while it serves at
+//! all; no shard may be served by two processes at once.
+//!
 //! After every event the run checks its invariants (see [`Violation`]) and
 //! stops at the first one broken, so a test can print the seed.
 //!
@@ -135,8 +141,8 @@ pub struct SimConfig {
     /// Keys `0..shards` of one shard kind, [`SHARD_KIND`], declared right
     /// after `Configure` (0: no shards, nothing declared).
     pub shards: u64,
-    /// Model a hand-over rule in the node's serving decision (not what the
-    /// runtime does today): a node serves nothing from its shard-map copy
+    /// The hand-over rule the node runtime follows (on by default; turn it
+    /// off only to show the double-serve it prevents): a node serves nothing from its shard-map copy
     /// while a heartbeat ack told it of a newer map it has not fetched yet,
     /// and serves a shard newly assigned to it only `self_fence_after_ms`
     /// after its copy first named it owner under that ownership epoch (by
@@ -173,7 +179,7 @@ impl SimConfig {
             run_after_ready: None,
             max_time: 300_000,
             shards: 0,
-            shard_handover: false,
+            shard_handover: true,
         }
     }
 }
@@ -2019,7 +2025,11 @@ impl Sim {
         let fence = self.cfg.membership.self_fence_after_ms;
         n.owned
             .iter()
-            .filter(|(s, _)| n.held_since.get(s).is_some_and(|t| t + fence <= self.now))
+            .filter(|(s, _)| {
+                // A first placement has no previous owner to wait for.
+                n.map.entries.get(s).is_some_and(|e| e.previous.is_none())
+                    || n.held_since.get(s).is_some_and(|t| t + fence <= self.now)
+            })
             .map(|(s, e)| (*s, *e))
             .collect()
     }

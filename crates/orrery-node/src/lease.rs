@@ -141,8 +141,7 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
                 view,
                 shards_version,
             }) => {
-                node.latest_shards_version
-                    .fetch_max(shards_version, Ordering::Relaxed);
+                node.shards.announce(shards_version);
                 if node.epoch.load(Ordering::Relaxed) == epoch && !node.lease.is_fenced() {
                     node.lease
                         .last_acked_send

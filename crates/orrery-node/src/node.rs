@@ -138,8 +138,6 @@ pub(crate) struct Inner {
     cache: Mutex<Option<Arc<ClusterState>>>,
     services: Vec<Arc<dyn Service>>,
     pub(crate) shards: Arc<ShardHost>,
-    /// The shard map version the leader last told us about.
-    pub(crate) latest_shards_version: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     pub(crate) health: HealthHandle,
     pub(crate) lease: Lease,
@@ -264,12 +262,13 @@ impl Node {
         let shards = Arc::new(ShardHost::new(
             cfg.node_id,
             cfg.shards.clone(),
+            Duration::from_millis(cfg.membership.self_fence_after_ms),
             services.shards.clone(),
         ));
         let services = services.stages;
         let inner = Arc::new(Inner {
             shards,
-            latest_shards_version: AtomicU64::new(0),
+
             stats,
             control,
             control_net: net.sibling(),
@@ -1408,7 +1407,7 @@ async fn sync_shards(node: Arc<Inner>) {
             _ = node.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let latest = node.latest_shards_version.load(Ordering::Relaxed);
+        let latest = node.shards.announced();
         if node.epoch.load(Ordering::Relaxed) == 0 || latest <= node.shards.map().version {
             continue;
         }

@@ -220,6 +220,15 @@ pub struct HostedShards {
 pub struct ShardHost {
     me: NodeId,
     cfg: ShardsConfig,
+    /// Hand-over delay: a newly assigned shard is served only this long
+    /// after this node first saw the assignment (the node's
+    /// `self_fence_after_ms`), by when the previous owner has either heard
+    /// of the move or fenced itself. Never two owners serving at once.
+    handover: Duration,
+    /// When this node first saw each shard assigned to it, by epoch.
+    assigned_at: Mutex<BTreeMap<ShardId, (u64, Instant)>>,
+    /// The newest map version the leader announced (heartbeat acks).
+    announced: std::sync::atomic::AtomicU64,
     service: Option<Arc<dyn ShardService>>,
     slots: Mutex<BTreeMap<ShardId, Slot>>,
     loading: Mutex<BTreeMap<ShardId, u64>>,
@@ -228,10 +237,18 @@ pub struct ShardHost {
 }
 
 impl ShardHost {
-    pub fn new(me: NodeId, cfg: ShardsConfig, service: Option<Arc<dyn ShardService>>) -> Self {
+    pub fn new(
+        me: NodeId,
+        cfg: ShardsConfig,
+        handover: Duration,
+        service: Option<Arc<dyn ShardService>>,
+    ) -> Self {
         ShardHost {
             me,
             cfg,
+            handover,
+            assigned_at: Mutex::new(BTreeMap::new()),
+            announced: std::sync::atomic::AtomicU64::new(0),
             service,
             slots: Mutex::new(BTreeMap::new()),
             loading: Mutex::new(BTreeMap::new()),
@@ -266,6 +283,18 @@ impl ShardHost {
         }
     }
 
+    /// The leader holds map version `v`: until this node has it too, it
+    /// serves no shard (it may have lost some).
+    pub fn announce(&self, v: u64) {
+        self.announced
+            .fetch_max(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The newest map version the leader announced.
+    pub fn announced(&self) -> u64 {
+        self.announced.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits until the map version is at least `v` (bounded by `deadline`).
     pub async fn wait_version(&self, v: u64, deadline: Instant) -> bool {
         loop {
@@ -290,6 +319,18 @@ impl ShardHost {
             *cur = map.clone();
         }
         self.changed.notify_waiters();
+        {
+            let now = Instant::now();
+            let mut at = self.assigned_at.lock().unwrap_or_else(|e| e.into_inner());
+            at.retain(|id, (epoch, _)| {
+                map.entries
+                    .get(id)
+                    .is_some_and(|e| e.owner == self.me && e.epoch == *epoch)
+            });
+            for (id, e) in map.entries.iter().filter(|(_, e)| e.owner == self.me) {
+                at.entry(*id).or_insert((e.epoch, now));
+            }
+        }
         // Unload what we no longer own (at the epoch we hold it under).
         {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -409,6 +450,11 @@ impl ShardHost {
             return Err(CallError::Deadlock { cycle });
         }
         let map = self.map();
+        let announced = self.announced();
+        if announced > map.version {
+            // A newer map exists: this node may have lost the shard.
+            return Err(CallError::Moved { version: announced });
+        }
         let Some(entry) = map.entries.get(&shard) else {
             return Err(CallError::UnknownShard {
                 kind: shard.kind,
@@ -424,6 +470,22 @@ impl ShardHost {
         let load_deadline = ctx
             .deadline
             .min(Instant::now() + Duration::from_millis(self.cfg.load_wait_ms));
+        let serve_from = self
+            .assigned_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .filter(|(e, _)| *e == entry.epoch && entry.previous.is_some())
+            .map(|(_, at)| *at + self.handover);
+        if let Some(t) = serve_from {
+            if t > load_deadline {
+                return Err(CallError::Unavailable(format!(
+                    "shard {}:{} is being handed over to node {}",
+                    shard.kind, shard.key, self.me
+                )));
+            }
+            tokio::time::sleep_until(t).await;
+        }
         let tx = loop {
             let notified = self.changed.notified();
             if let Some(slot) = self
