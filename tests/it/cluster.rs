@@ -183,9 +183,15 @@ impl TestCluster {
 
     /// Runs the real `orrery status` against this cluster.
     pub fn status_command(&self) -> String {
+        self.status_command_with(&[])
+    }
+
+    /// `orrery status` with extra arguments (e.g. `--shards`).
+    pub fn status_command_with(&self, args: &[&str]) -> String {
         let out = Command::new(BIN)
             .args(["status", "--data-dir"])
             .arg(self.dir.path())
+            .args(args)
             .output()
             .expect("run orrery status");
         assert!(

@@ -22,6 +22,20 @@ fn five_processes_reach_stage_zero_and_status_shows_timings() {
     for st in ["-4:", "-3:", "-2:", "-1:", "0:"] {
         assert!(out.contains(st), "no timing for stage {st}: {out}");
     }
+    let shards = c.status_command_with(&["--shards"]);
+    assert!(
+        shards.contains("shard map version") && shards.contains("64 shards"),
+        "{shards}"
+    );
+    let hosted: u64 = shards
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() == 5 && cols[0].parse::<u64>().is_ok())
+                .then(|| cols[2].parse::<u64>().unwrap_or(0))
+        })
+        .sum();
+    assert_eq!(hosted, 64, "every shard loaded somewhere: {shards}");
     let rows: Vec<&str> = out.lines().filter(|l| l.contains("127.0.0.1")).collect();
     assert_eq!(rows.len(), 5, "{out}");
     for r in rows {
