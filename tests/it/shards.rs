@@ -352,3 +352,41 @@ async fn drained_and_impaired_nodes_hand_their_shards_off() {
     }
     c.shutdown().await;
 }
+
+/// A caller that gives up cancels the call on the owner (and whatever it
+/// waits on): the shard is free again at once, not when the handler's own
+/// deadline passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_propagates_to_the_owner() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path(), 5, 32).await;
+    let s = c.state().await.unwrap();
+    let key = s
+        .shards
+        .entries
+        .iter()
+        .find(|(_, e)| e.owner == 5)
+        .map(|(id, _)| id.key)
+        .unwrap();
+    let ten_s = 10_000u64.to_le_bytes().to_vec();
+    let slow = c.nodes[&1].call(demo(key), "sleep", ten_s, Duration::from_secs(20));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), slow)
+            .await
+            .is_err(),
+        "the sleep cannot finish"
+    );
+    // The single-threaded shard would be busy for 10 s had the call not been cancelled.
+    let t = tokio::time::Instant::now();
+    c.nodes[&2]
+        .call(demo(key), "ping", vec![1], Duration::from_secs(5))
+        .await
+        .expect("shard free again");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the cancelled handler kept the shard busy for {:?}",
+        t.elapsed()
+    );
+    c.shutdown().await;
+}

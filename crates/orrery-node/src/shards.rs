@@ -557,34 +557,37 @@ async fn run_actor(
     slow_ms: u64,
 ) {
     while let Some(env) = rx.recv().await {
-        if env.reply.is_closed() || Instant::now() >= env.ctx.deadline {
-            let _ = env.reply.send(Err(CallError::Timeout));
+        let Envelope {
+            call,
+            payload,
+            ctx,
+            mut reply,
+        } = env;
+        if reply.is_closed() || Instant::now() >= ctx.deadline {
+            let _ = reply.send(Err(CallError::Timeout));
             continue;
         }
-        *busy.lock().unwrap_or_else(|e| e.into_inner()) = Some(env.ctx.chain.clone());
+        *busy.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.chain.clone());
         let started = Instant::now();
-        let deadline = env.ctx.deadline;
-        let mut ctx = env.ctx;
-        let hop = Hop {
+        let deadline = ctx.deadline;
+        let mut ctx = ctx;
+        ctx.chain.push(Hop {
             node: me,
             shard: id,
-            call: env.call.clone(),
-        };
-        ctx.chain.push(hop);
-        let result = match tokio::time::timeout_at(
-            deadline,
-            actor.handle(&env.call, env.payload, ctx),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout),
+            call: call.clone(),
+        });
+        // The caller giving up cancels the handler (and so its nested calls).
+        let result = tokio::select! {
+            r = tokio::time::timeout_at(deadline, actor.handle(&call, payload, ctx)) => {
+                r.unwrap_or(Err(CallError::Timeout))
+            }
+            _ = reply.closed() => Err(CallError::Timeout),
         };
         let took = started.elapsed();
         if took.as_millis() as u64 > slow_ms {
-            warn!(target: LOG, shard = ?id, call = %env.call, "slow handler: {} ms (threshold {slow_ms} ms)", took.as_millis());
+            warn!(target: LOG, shard = ?id, call = %call, "slow handler: {} ms (threshold {slow_ms} ms)", took.as_millis());
         }
         *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let _ = env.reply.send(result);
+        let _ = reply.send(result);
     }
 }

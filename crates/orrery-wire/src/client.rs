@@ -256,9 +256,13 @@ impl<Req: Message, Resp: Message> Channel<Req, Resp> {
             }
             None => return Err(CallError::Closed),
         }
+        let cancel = encode(&Envelope::<Req, Resp>::Cancel { id })
+            .ok()
+            .map(|f| (&inner.tx, f));
         let _forget = ForgetOnDrop {
             shared: &inner.shared,
             id,
+            cancel,
         };
 
         let exchange = async {
@@ -315,12 +319,22 @@ impl<Req, Resp> Channel<Req, Resp> {
 struct ForgetOnDrop<'a, Resp> {
     shared: &'a Shared<Resp>,
     id: u64,
+    /// Set when the caller gave up (dropped or timed out) before an answer
+    /// came: the server is told to drop the handler.
+    cancel: Option<(&'a mpsc::Sender<Bytes>, Bytes)>,
 }
 
 impl<Resp> Drop for ForgetOnDrop<'_, Resp> {
     fn drop(&mut self) {
-        if let Some(pending) = self.shared.lock().as_mut() {
-            pending.remove(&self.id);
+        let unanswered = match self.shared.lock().as_mut() {
+            Some(pending) => pending.remove(&self.id).is_some(),
+            None => false,
+        };
+        if unanswered {
+            if let Some((tx, frame)) = self.cancel.take() {
+                // Best effort and never blocking: a full queue drops it.
+                let _ = tx.try_send(frame);
+            }
         }
     }
 }
@@ -350,7 +364,7 @@ async fn reader_loop<Req: Message, Resp: Message>(
         match decode::<Envelope<Req, Resp>>(&bytes) {
             Ok(Envelope::Response { id, body }) => shared.complete(id, Ok(body)),
             Ok(Envelope::Failure { id, error }) => shared.complete(id, Err(error)),
-            Ok(Envelope::Request { .. }) => {
+            Ok(Envelope::Request { .. }) | Ok(Envelope::Cancel { .. }) => {
                 close_bad_input(
                     &stats,
                     &who,

@@ -158,6 +158,12 @@ pub enum Envelope<Req, Resp> {
         /// Why.
         error: RemoteError,
     },
+    /// Client -> server: the caller of request `id` gave up; drop its
+    /// handler (cancellation propagates to whatever it was waiting on).
+    Cancel {
+        /// Request id to cancel.
+        id: u64,
+    },
 }
 
 /// Encode a message with postcard.

@@ -172,6 +172,9 @@ async fn connection<Req, Resp, H>(
     let mut writer = tokio::spawn(crate::frame::writer_loop(sink, rx));
     let inflight = Arc::new(Semaphore::new(cfg.max_inflight_per_connection));
     let mut tasks = JoinSet::new();
+    // Running requests by id, so a Cancel can abort one.
+    let mut running: std::collections::BTreeMap<u64, tokio::task::AbortHandle> =
+        std::collections::BTreeMap::new();
 
     loop {
         let frame = tokio::select! {
@@ -201,6 +204,12 @@ async fn connection<Req, Resp, H>(
                 timeout_ms,
                 body,
             }) => (id, timeout_ms, body),
+            Ok(Envelope::Cancel { id }) => {
+                if let Some(task) = running.remove(&id) {
+                    task.abort();
+                }
+                continue;
+            }
             Ok(_) => {
                 let err = FrameError::Malformed("client sent a Response/Failure frame".into());
                 close_bad_input(&stats, &who, &err);
@@ -213,7 +222,10 @@ async fn connection<Req, Resp, H>(
         };
         match inflight.clone().try_acquire_owned() {
             Ok(permit) => {
-                tasks.spawn(run_request::<Req, Resp, H>(
+                while let Some(Ok((task, ()))) = tasks.try_join_next_with_id() {
+                    running.retain(|_, h| h.id() != task);
+                }
+                let task = tasks.spawn(run_request::<Req, Resp, H>(
                     handler.clone(),
                     peer.clone(),
                     id,
@@ -223,7 +235,8 @@ async fn connection<Req, Resp, H>(
                     permit,
                     max_frame,
                 ));
-                while tasks.try_join_next().is_some() {}
+                // Bounded by max_inflight_per_connection (the permit above).
+                running.insert(id, task);
             }
             Err(_) => {
                 WireStats::bump(&stats.requests_overloaded);

@@ -571,6 +571,28 @@ async fn call_timeout_cancels_the_remote_handler() {
 }
 
 #[tokio::test]
+async fn a_caller_that_gives_up_cancels_the_remote_handler_long_before_its_deadline() {
+    let server = start_server().await;
+    let chan = connect::<Req, Resp>(&server.addr, Arc::new(cfg(1)), Arc::new(WireStats::new()))
+        .await
+        .unwrap();
+    // A 60 s deadline, but the caller drops the call once the handler runs.
+    let call = chan.call(Req::Gated, Duration::from_secs(60));
+    tokio::select! {
+        _ = call => panic!("the gated call cannot complete"),
+        _ = server.handler.wait_started(1) => {}
+    }
+    // The server hears the Cancel and drops the handler: not at 60 s.
+    let cancelled = server.handler.cancelled.clone();
+    eventually("handler cancelled by the caller", || {
+        cancelled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(chan.pending_calls(), 0);
+    assert_eq!(chan.call(Req::Echo(4), CALL).await, Ok(Resp::Echo(4)));
+}
+
+#[tokio::test]
 async fn handler_panic_is_a_remote_error() {
     let server = start_server().await;
     let chan = client(&server, cfg(1)).await.unwrap();
