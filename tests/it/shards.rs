@@ -405,3 +405,42 @@ async fn cancellation_propagates_to_the_owner() {
     );
     c.shutdown().await;
 }
+
+/// Capacity weights: a node of weight 3 hosts about three times the shards
+/// of a node of weight 1 (within the stated load bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_weights_shape_the_placement() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = Plan::new(4, 3, dir.path());
+    plan.placement.weights = vec![(4, 3)];
+    plan.demo = (1..=4)
+        .map(|id| {
+            (
+                id,
+                orrery_node::config::DemoConfig {
+                    shards: 600,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let mut c = InProcCluster::plan(&plan, 9).expect("plan");
+    c.start_all().await.unwrap();
+    let s = c
+        .wait_for(T, ready)
+        .await
+        .unwrap_or_else(|s| panic!("{}", show(s)));
+    let load = s.shards.load();
+    // Weights 1,1,1,3 over 600 shards: shares 100,100,100,300; bound +-10 %.
+    for n in 1..=3 {
+        let l = load[&n];
+        assert!((90..=110).contains(&l), "node {n} hosts {l}: {load:?}");
+    }
+    assert!(
+        (270..=330).contains(&load[&4]),
+        "node 4 hosts {}: {load:?}",
+        load[&4]
+    );
+    c.shutdown().await;
+}

@@ -115,6 +115,20 @@ pub struct PlacementSettings {
     /// Allowed load above or below a host's weighted even share, in percent.
     /// Default 10.
     pub load_slack_percent: u32,
+    /// Capacity weights, as `[node, weight]` pairs: a node of weight 2 gets
+    /// about twice the shards of one of weight 1. Unlisted nodes weigh 1;
+    /// weight 0 hosts nothing.
+    pub weights: Vec<(NodeId, u32)>,
+}
+
+impl PlacementSettings {
+    /// The capacity weight of `node`.
+    pub fn weight(&self, node: NodeId) -> u32 {
+        self.weights
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map_or(1, |(_, w)| *w)
+    }
 }
 
 impl Default for PlacementSettings {
@@ -122,6 +136,7 @@ impl Default for PlacementSettings {
         PlacementSettings {
             max_moves_per_step: 64,
             load_slack_percent: 10,
+            weights: vec![],
         }
     }
 }

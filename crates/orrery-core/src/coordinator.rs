@@ -315,8 +315,9 @@ impl Coordinator {
             })
             .map(|(id, _)| Host {
                 node: *id,
-                weight: 1,
+                weight: state.config.placement.weight(*id),
             })
+            .filter(|h| h.weight > 0)
             .collect();
         if hosts.is_empty() {
             return;

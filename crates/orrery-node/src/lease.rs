@@ -141,6 +141,9 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
                 view,
                 shards_version,
             }) => {
+                // Only the leader acknowledges heartbeats: remember it (the
+                // accusations and other leader-only requests go there).
+                node.leader_hint.store(target, Ordering::Relaxed);
                 node.shards.announce(shards_version);
                 if node.epoch.load(Ordering::Relaxed) == epoch && !node.lease.is_fenced() {
                     node.lease

@@ -648,9 +648,12 @@ impl Inner {
                     return not_voter();
                 };
                 if !c.is_leader() {
-                    return Reply::NotLeader {
-                        leader: c.current_leader(),
+                    let req = Request::Accuse {
+                        suspect,
+                        epoch: suspect_epoch,
+                        detail,
                     };
+                    return self.forward(from, c.current_leader(), req).await;
                 }
                 if let Some(co) = self
                     .coordinator
