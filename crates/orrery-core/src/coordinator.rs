@@ -454,35 +454,15 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ClusterConfig, NodeSpec, Role};
+
     use crate::state::{Response, Wait};
 
-    fn configured(n: u64, policy: StuckPolicy) -> ClusterState {
-        let mut c = ClusterConfig {
-            stage_deadline_ms: 1000,
-            stuck_policy: policy,
-            ..Default::default()
-        };
-        for id in 1..=n {
-            c.nodes.insert(
-                id,
-                NodeSpec {
-                    addr: String::new(),
-                    admin_addr: String::new(),
-                    role: if id <= 3 { Role::Voter } else { Role::Worker },
-                },
-            );
-        }
-        let mut s = ClusterState::default();
-        s.apply(1, Command::Configure { config: c, at: 0 });
-        s
-    }
+    use crate::testkit::{config, run};
 
-    fn run(s: &mut ClusterState, cmds: Vec<Command>) {
-        for c in cmds {
-            let i = s.applied_index + 1;
-            s.apply(i, c);
-        }
+    fn configured(n: u64, policy: StuckPolicy) -> ClusterState {
+        let mut c = config(n);
+        c.stuck_policy = policy;
+        crate::testkit::configured(c, [])
     }
 
     #[test]
@@ -650,33 +630,13 @@ mod tests {
 #[cfg(test)]
 mod culprit_tests {
     use super::*;
-    use crate::config::{ClusterConfig, NodeSpec, Role};
+
     use crate::state::Wait;
 
     /// One silent node, four live nodes waiting on it: only it is blamed.
     #[test]
     fn the_silent_node_not_its_victims_is_the_culprit() {
-        let mut c = ClusterConfig {
-            stage_deadline_ms: 1000,
-            ..Default::default()
-        };
-        for id in 1..=5 {
-            let role = if id <= 3 { Role::Voter } else { Role::Worker };
-            c.nodes.insert(
-                id,
-                NodeSpec {
-                    addr: String::new(),
-                    admin_addr: String::new(),
-                    role,
-                },
-            );
-        }
-        let mut s = ClusterState::default();
-        s.apply(1, Command::Configure { config: c, at: 0 });
-        for n in 1..=5 {
-            let i = s.applied_index + 1;
-            s.apply(i, Command::Join { node: n, at: 0 });
-        }
+        let mut s = crate::testkit::configured(crate::testkit::config(5), 1..=5);
         let mut co = Coordinator::new(1, 1, 0);
         let out = co.tick(1, &s);
         for cmd in out {

@@ -486,34 +486,16 @@ impl Detector {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{ClusterConfig, NodeSpec, Role};
+    use crate::config::ClusterConfig;
     use crate::state::{ClusterState, Command, MemberStatus, Response};
     use crate::{Coordinator, EventKind, Health, NodeId, Stage};
 
     /// A ready 5-node cluster whose coordinator is node 1.
     fn ready_cluster() -> (ClusterState, Coordinator) {
-        let mut c = ClusterConfig::default();
-        for id in 1..=5 {
-            let role = if id <= 3 { Role::Voter } else { Role::Worker };
-            c.nodes.insert(
-                id,
-                NodeSpec {
-                    addr: String::new(),
-                    admin_addr: String::new(),
-                    role,
-                },
-            );
-        }
-        let mut s = ClusterState::default();
-        let mut i = 0;
-        let mut apply = |s: &mut ClusterState, cmd: Command| {
-            i += 1;
-            s.apply(i, cmd)
-        };
-        apply(&mut s, Command::Configure { config: c, at: 0 });
-        for n in 1..=5 {
-            apply(&mut s, Command::Join { node: n, at: 0 });
-        }
+        use crate::testkit::apply;
+        let mut c = crate::testkit::config(5);
+        c.stage_deadline_ms = ClusterConfig::default().stage_deadline_ms;
+        let mut s = crate::testkit::configured(c, 1..=5);
         for st in Stage::ALL.iter().skip(1) {
             let from = s.stage;
             apply(
@@ -553,12 +535,7 @@ mod tests {
         (s, Coordinator::new(1, 1, 0))
     }
 
-    fn run(s: &mut ClusterState, cmds: Vec<Command>) {
-        for c in cmds {
-            let i = s.applied_index + 1;
-            s.apply(i, c);
-        }
-    }
+    use crate::testkit::run;
 
     fn beat(c: &mut Coordinator, s: &ClusterState, now: u64, nodes: &[NodeId]) {
         for n in nodes {

@@ -24,6 +24,8 @@ pub mod shardmap;
 pub mod sim;
 pub mod stage;
 pub mod state;
+#[cfg(test)]
+mod testkit;
 
 pub use config::{ClusterConfig, MembershipConfig, NodeSpec, PlacementSettings, Role, StuckPolicy};
 pub use coordinator::{Coordinator, ProbeRequest};
