@@ -34,6 +34,16 @@ async fn cluster(dir: &std::path::Path, nodes: u64, shards: u64) -> InProcCluste
     c
 }
 
+/// The lowest key of a demo shard owned by `node`.
+fn first_on(s: &orrery_core::ClusterState, node: NodeId) -> u64 {
+    s.shards
+        .entries
+        .iter()
+        .find(|(_, e)| e.owner == node)
+        .map(|(id, _)| id.key)
+        .unwrap_or_else(|| panic!("node {node} owns no shard"))
+}
+
 fn demo(key: u64) -> ShardId {
     ShardId { kind: 0, key }
 }
@@ -144,20 +154,8 @@ async fn a_wait_cycle_fails_with_the_whole_cycle_and_is_recorded() {
     let c = cluster(dir.path(), 5, 64).await;
     let s = c.state().await.unwrap();
     // A and B on different nodes, like a system and its alliance.
-    let a = s
-        .shards
-        .entries
-        .iter()
-        .find(|(_, e)| e.owner == 4)
-        .map(|(id, _)| id.key)
-        .unwrap();
-    let b = s
-        .shards
-        .entries
-        .iter()
-        .find(|(_, e)| e.owner == 5)
-        .map(|(id, _)| id.key)
-        .unwrap();
+    let a = first_on(&s, 4);
+    let b = first_on(&s, 5);
     let route = postcard::to_stdvec(&vec![b, a]).unwrap();
     let t = tokio::time::Instant::now();
     let err = c.nodes[&1]
@@ -264,13 +262,7 @@ async fn a_partitioned_former_owner_refuses_once_its_lease_lapses() {
     let c = cluster(dir.path(), 5, 64).await;
     let s = c.state().await.unwrap();
     let x: NodeId = 5;
-    let key = s
-        .shards
-        .entries
-        .iter()
-        .find(|(_, e)| e.owner == x)
-        .map(|(id, _)| id.key)
-        .unwrap();
+    let key = first_on(&s, x);
     let epoch = s.shards.entries[&demo(key)].epoch;
     // Cut node 5 off from the voters (both ways); node 4 still reaches it.
     c.net.set_faults(|f| {
@@ -377,13 +369,7 @@ async fn cancellation_propagates_to_the_owner() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(dir.path(), 5, 32).await;
     let s = c.state().await.unwrap();
-    let key = s
-        .shards
-        .entries
-        .iter()
-        .find(|(_, e)| e.owner == 5)
-        .map(|(id, _)| id.key)
-        .unwrap();
+    let key = first_on(&s, 5);
     let ten_s = 10_000u64.to_le_bytes().to_vec();
     let slow = c.nodes[&1].call(demo(key), "sleep", ten_s, Duration::from_secs(20));
     assert!(
