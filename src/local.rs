@@ -12,9 +12,10 @@ use orrery_core::{
     ClusterState, MembershipConfig, NodeId, PlacementSettings, Role, Stage, StuckPolicy,
 };
 use orrery_node::config::{
-    DemoConfig, NodeConfig, NodeEntry, RaftTiming, RpcConfig, StartupConfig,
+    AdminConfig, DemoConfig, NodeConfig, NodeEntry, RaftTiming, RpcConfig, StartupConfig,
 };
 use orrery_node::health::{HealthConfig, HealthFaults};
+use orrery_node::watchdog::WatchdogConfig;
 use orrery_node::NodeStatus;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,12 @@ pub struct Plan {
     pub membership: MembershipConfig,
     pub health: HealthConfig,
     pub placement: PlacementSettings,
+    /// Logging channels of every node.
+    pub log: orrery_log::LogConfig,
+    /// Allow the console's `fault ...` commands (tests).
+    pub fault_commands: bool,
+    /// The event-loop watchdog of every node.
+    pub watchdog: WatchdogConfig,
 }
 
 impl Plan {
@@ -77,6 +84,9 @@ impl Plan {
             membership: MembershipConfig::default(),
             health: HealthConfig::default(),
             placement: PlacementSettings::default(),
+            log: orrery_node::config::default_log(),
+            fault_commands: false,
+            watchdog: WatchdogConfig::default(),
         }
     }
 }
@@ -103,6 +113,11 @@ impl Manifest {
         })?;
         toml::from_str(&text)
             .with_context(|| format!("{} is not a valid cluster manifest", p.display()))
+    }
+
+    /// The admin token of a local cluster (readable by its owner only).
+    pub fn token_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("admin.token")
     }
 
     pub fn node_config_path(data_dir: &Path, id: NodeId) -> PathBuf {
@@ -183,6 +198,8 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
         })
         .collect();
     let secret = random_secret();
+    let token = random_secret();
+    write_private(&Manifest::token_path(&plan.data_dir), &token)?;
     let manifest = Manifest {
         cluster_id: format!("orrery-local-{}", &secret[..8]),
         nodes: nodes.clone(),
@@ -220,6 +237,13 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
                 .find(|(id, _)| *id == n.id)
                 .map(|(_, f)| f.clone())
                 .unwrap_or_default(),
+            admin: AdminConfig {
+                token: Some(token.clone()),
+                fault_commands: plan.fault_commands,
+                ..Default::default()
+            },
+            log: plan.log.clone(),
+            watchdog: plan.watchdog.clone(),
             nodes: nodes.clone(),
         };
         cfg.validate()?;
@@ -230,6 +254,21 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
     }
     std::fs::write(Manifest::path(&plan.data_dir), toml::to_string(&manifest)?)?;
     Ok(manifest)
+}
+
+/// Writes a file only its owner may read (the admin token).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// Talks to a local cluster's admin endpoints.

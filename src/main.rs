@@ -6,10 +6,12 @@
 #![allow(clippy::disallowed_methods)]
 
 mod bench;
+mod bench_logging;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use orrery::exec;
 use orrery::local::{self, AdminClient, Manifest, Plan};
 use orrery_core::{Stage, StuckPolicy};
 use orrery_node::clock::now_ms;
@@ -79,6 +81,45 @@ enum Cmd {
         #[arg(long)]
         shards: bool,
     },
+    /// Run one console command on many nodes in parallel and print a table:
+    /// node, ok/error/timeout, result. E.g. `orrery exec --nodes all -- log stats`.
+    Exec {
+        /// `all`, ids (`1,2,5`) or `role=voter|worker|arbiter`.
+        #[arg(long, default_value = "all")]
+        nodes: String,
+        /// Per-node deadline, e.g. `5s`, `500ms`.
+        #[arg(long, default_value = "5s")]
+        timeout: String,
+        #[command(flatten)]
+        target: ClusterTarget,
+        /// Print the answers as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments (after `--`); `help` lists them.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Interactive console: line editing, history, completion; every line is
+    /// run on the chosen nodes as with `exec` (`:nodes SPEC` changes them).
+    Console {
+        #[arg(long, default_value = "all")]
+        nodes: String,
+        #[arg(long, default_value = "5s")]
+        timeout: String,
+        #[command(flatten)]
+        target: ClusterTarget,
+    },
+    /// The cluster's decisions as a post-mortem timeline.
+    Timeline {
+        /// Only events since: an RFC 3339 time, a duration ago (`10m`), or ms.
+        #[arg(long)]
+        since: Option<String>,
+        /// `md` (a table for a post-mortem) or `json`.
+        #[arg(long, default_value = "md")]
+        format: String,
+        #[command(flatten)]
+        target: ClusterTarget,
+    },
     /// Benchmarks that print numbers.
     Bench {
         #[command(subcommand)]
@@ -86,8 +127,56 @@ enum Cmd {
     },
 }
 
+/// Which cluster a console command goes to, and with which token.
+#[derive(clap::Args)]
+struct ClusterTarget {
+    /// A local cluster's data directory (its manifest lists the nodes).
+    #[arg(long, default_value = "orrery-data")]
+    data_dir: PathBuf,
+    /// Instead: any node's admin address; the nodes are read from it.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Admin token (else ORRERY_ADMIN_TOKEN, else DATA_DIR/admin.token).
+    #[arg(long)]
+    token: Option<String>,
+}
+
+impl ClusterTarget {
+    fn fleet(&self, timeout: Duration) -> Result<exec::Fleet> {
+        match &self.admin {
+            Some(a) => exec::Fleet::discover(a, timeout),
+            None => exec::Fleet::local(&self.data_dir),
+        }
+    }
+
+    fn token(&self) -> Option<String> {
+        exec::find_token(self.token.clone(), &self.data_dir)
+    }
+}
+
+fn parse_timeout(s: &str) -> Result<Duration> {
+    let d = humantime::parse_duration(s)
+        .with_context(|| format!("--timeout {s:?}: expected a duration such as 5s or 500ms"))?;
+    if d.is_zero() || d > Duration::from_secs(600) {
+        bail!("--timeout must be between 1ms and 10m");
+    }
+    Ok(d)
+}
+
 #[derive(Subcommand)]
 enum Bench {
+    /// Logging: orrery-log vs tracing-appender (lossy, lossless): file
+    /// throughput from several threads, and event-loop lag while the sink
+    /// is stalled.
+    Logging {
+        #[arg(long, default_value_t = 200_000)]
+        lines: u64,
+        #[arg(long, default_value_t = 2)]
+        threads: u64,
+        /// Lift the stall after this many seconds (bounds the lossless run).
+        #[arg(long, default_value_t = 3)]
+        stall_secs: u64,
+    },
     /// Failure detection with real processes: crash and pause detection
     /// times, false removals under CPU starvation and log bursts.
     Detection {
@@ -151,6 +240,59 @@ fn main() -> Result<()> {
             events,
             shards,
         } => status(data_dir, json, events, shards),
+        Cmd::Exec {
+            nodes,
+            timeout,
+            target,
+            json,
+            command,
+        } => {
+            let timeout = parse_timeout(&timeout)?;
+            let fleet = target.fleet(timeout)?;
+            let chosen = fleet.select(&nodes.parse()?)?;
+            let token = target.token();
+            if token.is_none() {
+                bail!("no admin token: pass --token, set ORRERY_ADMIN_TOKEN, or run against a local cluster whose data dir holds admin.token");
+            }
+            let out = exec::exec(&chosen, &command, token.as_deref(), timeout)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&exec::to_json(&out))?);
+            } else {
+                print!("{}", exec::render(&out));
+            }
+            if out
+                .iter()
+                .all(|o| matches!(o.outcome, exec::Outcome::Ok { .. }))
+            {
+                Ok(())
+            } else {
+                std::process::exit(2)
+            }
+        }
+        Cmd::Console {
+            nodes,
+            timeout,
+            target,
+        } => console(nodes, parse_timeout(&timeout)?, target),
+        Cmd::Timeline {
+            since,
+            format,
+            target,
+        } => {
+            let since = since
+                .as_deref()
+                .map(exec::parse_since)
+                .transpose()?
+                .unwrap_or(0);
+            let fleet = target.fleet(Duration::from_secs(3))?;
+            let events = exec::fetch_timeline(&fleet, since, Duration::from_secs(3))?;
+            match format.as_str() {
+                "md" => print!("{}", exec::timeline_markdown(&events)),
+                "json" => println!("{}", serde_json::to_string_pretty(&events)?),
+                other => bail!("--format {other:?}: expected md or json"),
+            }
+            Ok(())
+        }
         Cmd::Bench {
             which:
                 Bench::Startup {
@@ -182,18 +324,22 @@ fn main() -> Result<()> {
                     runs,
                 },
         } => bench::remap(nodes, per_node, runs),
+        Cmd::Bench {
+            which:
+                Bench::Logging {
+                    lines,
+                    threads,
+                    stall_secs,
+                },
+        } => bench_logging::logging(lines, threads, stall_secs),
     }
 }
 
 fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cfg = NodeConfig::load_with(&config, &overrides)?;
+    // Logging channels: bounded queues, never waited for (see orrery-log).
+    let log =
+        orrery_log::install(&cfg.log, Some(&cfg.data_dir)).context("cannot set up logging")?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let admin_addr = cfg.admin_listen_addr();
@@ -205,6 +351,7 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
             shards: Some(Arc::new(DemoShards::new(cfg.demo.shards))),
         };
         let node = Node::start(cfg, services).await?;
+        node.attach_log(log.clone());
         let admin_task = tokio::spawn(orrery_node::admin::serve(admin, node.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -214,6 +361,7 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
         tracing::info!("shutting down");
         node.shutdown().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
+        log.shutdown(Duration::from_secs(2));
         Ok(())
     })
 }
@@ -370,5 +518,61 @@ fn status(data_dir: PathBuf, json: bool, events: usize, shards: bool) -> Result<
         println!("latest events:");
         print!("{}", local::render_events(&state, events, now_ms()));
     }
+    Ok(())
+}
+
+/// `orrery console`: a read-eval-print loop over `exec`.
+fn console(nodes: String, timeout: Duration, target: ClusterTarget) -> Result<()> {
+    use rustyline::error::ReadlineError;
+    let fleet = target.fleet(timeout)?;
+    let Some(token) = target.token() else {
+        bail!("no admin token: pass --token, set ORRERY_ADMIN_TOKEN, or run against a local cluster whose data dir holds admin.token");
+    };
+    let mut chosen = fleet.select(&nodes.parse()?)?;
+    let config = rustyline::Config::builder()
+        .max_history_size(1000)?
+        .auto_add_history(true)
+        .build();
+    let mut rl: rustyline::Editor<exec::ConsoleHelper, rustyline::history::DefaultHistory> =
+        rustyline::Editor::with_config(config)?;
+    rl.set_helper(Some(exec::ConsoleHelper));
+    let history = target.data_dir.join(".console_history");
+    let _ = rl.load_history(&history);
+    println!(
+        "orrery console: {} nodes chosen; `help` lists commands, `:nodes all|1,2|role=worker` chooses, `:quit` leaves",
+        chosen.len()
+    );
+    loop {
+        let line = match rl.readline(&format!("orrery[{}]> ", chosen.len())) {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        match words.first().map(String::as_str) {
+            None => continue,
+            Some(":quit") | Some(":q") | Some("exit") | Some("quit") => break,
+            Some(":nodes") => {
+                match words
+                    .get(1)
+                    .ok_or_else(|| anyhow::anyhow!("usage: :nodes all|1,2|role=worker"))
+                    .and_then(|s| s.parse())
+                    .and_then(|t| fleet.select(&t))
+                {
+                    Ok(c) => {
+                        chosen = c;
+                        println!("{} nodes chosen", chosen.len());
+                    }
+                    Err(e) => println!("error: {e}"),
+                }
+            }
+            Some(_) => match exec::exec(&chosen, &words, Some(&token), timeout) {
+                Ok(out) => print!("{}", exec::render(&out)),
+                Err(e) => println!("error: {e}"),
+            },
+        }
+    }
+    let _ = rl.save_history(&history);
     Ok(())
 }

@@ -203,6 +203,53 @@ impl TestCluster {
     }
 }
 
+impl TestCluster {
+    /// Runs the real `orrery exec` against this cluster: (exit ok, stdout, stderr).
+    pub fn exec(&self, opts: &[&str], command: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .args(["exec", "--data-dir"])
+            .arg(self.dir.path())
+            .args(opts)
+            .arg("--")
+            .args(command)
+            .env_remove("ORRERY_ADMIN_TOKEN")
+            .output()
+            .expect("run orrery exec");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `orrery exec --json`: each node's answer.
+    pub fn exec_json(&self, opts: &[&str], command: &[&str]) -> Vec<serde_json::Value> {
+        let mut o = vec!["--json"];
+        o.extend_from_slice(opts);
+        let (_, out, err) = self.exec(&o, command);
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .unwrap_or_else(|e| panic!("exec --json printed no JSON ({e}): {out} {err}"))
+    }
+
+    /// The local cluster's admin token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(Manifest::token_path(self.dir.path()))
+            .expect("admin.token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn admin_addr(&self, id: NodeId) -> String {
+        self.manifest
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("node")
+            .admin_addr
+            .clone()
+    }
+}
+
 /// The details of the replicated events of one kind, oldest first.
 pub fn events(s: &ClusterState, kind: orrery_core::EventKind) -> Vec<String> {
     s.events

@@ -3,6 +3,8 @@
 //! `sim` drives the start-up state machines in the deterministic simulator;
 //! `inproc` runs the node code itself, 20 nodes in one process, on a
 //! simulated network;
+//! `operations` drives real clusters from the console, the admin API, the
+//! dashboard (headless Chromium) and the timeline;
 //! `startup` starts real `orrery node` processes on 127.0.0.1 through the
 //! harness in `cluster`.
 
@@ -13,6 +15,7 @@
 mod cluster;
 mod inproc;
 mod membership;
+mod operations;
 mod shards;
 mod sim;
 mod startup;

@@ -163,6 +163,9 @@ pub enum EventKind {
     ShardsMoved,
     Deadlock,
     NodeDraining,
+    /// A node raised an alarm about itself (event-loop lag, a blocked
+    /// handler, a stalled log sink), naming the culprit.
+    Alarm,
 }
 
 /// One entry in the replicated event list.
@@ -274,6 +277,15 @@ pub enum Command {
     },
     /// A node detected a wait cycle between shards; one event with it.
     Deadlock { cycle: Vec<String>, at: Millis },
+    /// A node reports an alarm about itself (its watchdog saw the event
+    /// loop lag or a handler block; a log sink stalled). Recorded for the
+    /// timeline only: an alarm never changes membership.
+    Alarm {
+        node: NodeId,
+        epoch: Epoch,
+        what: String,
+        at: Millis,
+    },
     /// Coordinator: `node`'s own health report changed.
     HealthChanged {
         node: NodeId,
@@ -511,6 +523,24 @@ impl ClusterState {
                     EventKind::NodeDraining,
                     Some(node),
                     format!("node {node} {what}"),
+                );
+                Response::Ok
+            }
+            Command::Alarm {
+                node,
+                epoch,
+                what,
+                at,
+            } => {
+                if self.current(node, epoch).is_none() {
+                    return reject(format!("node {node} epoch {epoch} is not current"));
+                }
+                self.event(
+                    index,
+                    at,
+                    EventKind::Alarm,
+                    Some(node),
+                    clip(format!("node {node}: {what}")),
                 );
                 Response::Ok
             }

@@ -5,6 +5,7 @@
 
 use crate::health::{HealthConfig, HealthFaults};
 use crate::shards::ShardsConfig;
+use crate::watchdog::WatchdogConfig;
 use orrery_core::{
     ClusterConfig, MembershipConfig, NodeId, NodeSpec, PlacementSettings, Role, StuckPolicy,
 };
@@ -72,8 +73,79 @@ pub struct NodeConfig {
     /// Shard placement (replicated from the bootstrapping leader's file).
     #[serde(default)]
     pub placement: PlacementSettings,
+    /// The admin console and HTTP API: token, bounds, fault commands.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Logging channels: levels, rate limits, sinks, queue bounds.
+    #[serde(default = "default_log")]
+    pub log: orrery_log::LogConfig,
+    /// The event-loop watchdog.
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
     /// Every node of the cluster.
     pub nodes: Vec<NodeEntry>,
+}
+
+/// The node's logging defaults: orrery-log's, with the Raft library's
+/// chatter at `warn`.
+pub fn default_log() -> orrery_log::LogConfig {
+    let mut log = orrery_log::LogConfig::default();
+    log.channels.insert(
+        "openraft".into(),
+        orrery_log::ChannelConfig {
+            level: Some("warn".into()),
+            ..Default::default()
+        },
+    );
+    log
+}
+
+/// `[admin]`: who may run console commands and mutate through the API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Token required (`Authorization: Bearer TOKEN`) by `POST /console`
+    /// and every admin mutation. Unset: console and mutations are refused.
+    /// At least 16 characters.
+    pub token: Option<String>,
+    /// Allow the `fault ...` console commands (tests only). Default false.
+    pub fault_commands: bool,
+    /// Bound on one console command on the node. Default 5000.
+    pub command_timeout_ms: u64,
+    /// Console commands running at once; more are refused as busy. Default 8.
+    pub max_concurrent_commands: usize,
+    /// Largest admin request body. Default 16384.
+    pub max_body_bytes: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: None,
+            fault_commands: false,
+            command_timeout_ms: 5_000,
+            max_concurrent_commands: 8,
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl AdminConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err("admin.token must be at least 16 characters".into());
+        }
+        if !(1..=600_000).contains(&self.command_timeout_ms) {
+            return Err("admin.command_timeout_ms must be in 1..=600000".into());
+        }
+        if !(1..=1024).contains(&self.max_concurrent_commands) {
+            return Err("admin.max_concurrent_commands must be in 1..=1024".into());
+        }
+        if !(256..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err("admin.max_body_bytes must be in 256..=16777216".into());
+        }
+        Ok(())
+    }
 }
 
 /// One `[[nodes]]` entry.
@@ -260,6 +332,11 @@ impl NodeConfig {
         }
         self.membership.validate().map_err(ConfigError::Invalid)?;
         self.health.validate().map_err(ConfigError::Invalid)?;
+        self.admin.validate().map_err(ConfigError::Invalid)?;
+        self.watchdog.validate().map_err(ConfigError::Invalid)?;
+        self.log
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
         let r = &self.raft;
         if !(r.heartbeat_ms < r.election_min_ms && r.election_min_ms < r.election_max_ms) {
             return bad(

@@ -49,6 +49,13 @@ impl Lease {
         at > 0 && mono.saturating_sub(at) <= self_fence_after
     }
 
+    /// How long ago (monotonic ms) the last acknowledged heartbeat was
+    /// sent, if one ever was.
+    pub fn age_ms(&self, mono: u64) -> Option<u64> {
+        let at = self.last_acked_send.load(Ordering::Relaxed);
+        (at > 0).then(|| mono.saturating_sub(at))
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Relaxed)
     }

@@ -13,13 +13,16 @@
 pub mod admin;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod health;
 mod lease;
 pub mod messages;
+mod metrics;
 pub mod node;
 pub mod service;
 pub mod shards;
 pub mod transport;
+pub mod watchdog;
 
 pub use config::NodeConfig;
 pub use node::{Node, NodeError, NodeStatus, Services};

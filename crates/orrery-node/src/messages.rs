@@ -70,6 +70,25 @@ pub enum Request {
     FetchShards,
 }
 
+impl Request {
+    /// The request's kind, for metrics and the watchdog.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Raft(_) => "raft",
+            Request::Propose(_) => "propose",
+            Request::Poll { .. } => "poll",
+            Request::FetchState => "fetch_state",
+            Request::Ping => "ping",
+            Request::Heartbeat { .. } => "heartbeat",
+            Request::Probe { .. } => "probe",
+            Request::HealthProbe { .. } => "health_probe",
+            Request::Accuse { .. } => "accuse",
+            Request::ShardCall { .. } => "shard_call",
+            Request::FetchShards => "fetch_shards",
+        }
+    }
+}
+
 /// Who is a member under which epoch, and who is fenced and why: what every
 /// node needs to refuse messages from revoked epochs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,15 +11,18 @@ use crate::config::NodeConfig;
 use crate::health::{self, HealthHandle, HealthReport};
 use crate::lease::{self, Lease};
 use crate::messages::{Reply, Request};
+use crate::metrics::RpcMetrics;
 use crate::service::{Service, StageContext};
 use crate::shards::{CallCtx, CallError, Hop, Router, ShardFuture, ShardHost, ShardService};
 use crate::transport::{Endpoint, MemNetwork, MemTransport, TcpTransport, Transport};
+use crate::watchdog::Watchdog;
 use orrery_control::{
     ControlConfig, ControlError, ControlPlane, RaftTransport, ReplicatedState, TransportError,
     TransportFuture,
 };
 use orrery_core::shardmap::{ShardId, ShardMap};
 use orrery_core::{ClusterState, Command, Coordinator, Gate, NodeId, Response, Role, Stage, Wait};
+use orrery_log::LogChannels;
 use orrery_wire::{
     BoxFuture, CancellationToken, Handler, PeerInfo, WireConfig, WireStats, WireStatsSnapshot,
 };
@@ -148,6 +151,12 @@ pub(crate) struct Inner {
     refused: AtomicU64,
     /// A handle on itself, for routers handed to shard handlers.
     me: OnceLock<std::sync::Weak<Inner>>,
+    /// Event-loop lag, handlers in flight, alarms.
+    pub(crate) watchdog: Arc<Watchdog>,
+    /// The process's logging channels, when the binary handed them over.
+    pub(crate) log: OnceLock<LogChannels>,
+    /// Requests served, by kind, and their latency.
+    pub(crate) rpc: RpcMetrics,
 }
 
 /// Carries the control plane's opaque Raft RPCs over the node's transport.
@@ -280,6 +289,9 @@ impl Node {
             fenced_notify: tokio::sync::Notify::new(),
             refused: AtomicU64::new(0),
             me: OnceLock::new(),
+            watchdog: Watchdog::new(cfg.watchdog.clone()),
+            log: OnceLock::new(),
+            rpc: RpcMetrics::default(),
             epoch: AtomicU64::new(0),
             leader_hint: AtomicU64::new(0),
             status: Mutex::new(status),
@@ -298,6 +310,8 @@ impl Node {
         }
         tokio::spawn(supervise(inner.clone()));
         tokio::spawn(watch_fail_stop(inner.clone()));
+        inner.watchdog.spawn(inner.shutdown.clone(), now_ms);
+        tokio::spawn(record_alarms(inner.clone()));
         lease::spawn_heartbeats(inner.clone(), inner.hb_net.clone());
         Ok(Node { inner })
     }
@@ -368,6 +382,26 @@ impl Node {
         self.inner.health.set_faults(faults);
     }
 
+    /// Hands the process's logging channels to the node, so the console
+    /// and the admin API can read and change them. Once per node.
+    pub fn attach_log(&self, log: LogChannels) {
+        let _ = self.inner.log.set(log);
+    }
+
+    /// The node's watchdog (lag, handlers in flight, alarms).
+    pub fn watchdog(&self) -> Arc<Watchdog> {
+        self.inner.watchdog.clone()
+    }
+
+    /// The configuration this node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.cfg
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
     /// Resolves when the node has been asked to shut down.
     pub async fn stopped(&self) {
         self.inner.shutdown.cancelled().await
@@ -422,7 +456,70 @@ impl Server {
                 return Reply::Fenced { reason };
             }
         }
-        n.handle(from, epoch, req).await
+        let kind = req.kind();
+        let what = match &req {
+            Request::ShardCall { shard, call, .. } => {
+                format!("rpc shard_call {shard} {call} from node {from}")
+            }
+            _ => format!("rpc {kind} from node {from}"),
+        };
+        let _guard = n.watchdog.begin(what);
+        let started = tokio::time::Instant::now();
+        let reply = n.handle(from, epoch, req).await;
+        n.rpc
+            .observe(kind, started.elapsed(), matches!(reply, Reply::Error(_)));
+        reply
+    }
+}
+
+/// Records the watchdog's alarms (and log sinks that drop lines) in the
+/// cluster's timeline, at most one per `watchdog.alarm_interval_ms`.
+async fn record_alarms(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dropped_before: BTreeMap<String, u64> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(log) = inner.log.get() {
+            for sink in log.stats().sinks {
+                let before = dropped_before
+                    .insert(sink.name.clone(), sink.dropped)
+                    .unwrap_or(0);
+                if sink.dropped > before {
+                    inner.watchdog.raise(
+                        now_ms(),
+                        format!(
+                            "log sink {} dropped {} lines{}",
+                            sink.name,
+                            sink.dropped - before,
+                            if sink.stalled {
+                                " (sink stalled)"
+                            } else {
+                                " (sink slower than the logging)"
+                            }
+                        ),
+                    );
+                }
+            }
+        }
+        let epoch = inner.epoch.load(Ordering::Relaxed);
+        for alarm in inner.watchdog.take_alarms() {
+            if epoch == 0 {
+                continue;
+            }
+            let cmd = Command::Alarm {
+                node: inner.cfg.node_id,
+                epoch,
+                what: alarm.what,
+                at: alarm.at_ms,
+            };
+            if let Err(e) = inner.propose(cmd).await {
+                debug!(target: LOG, "could not record an alarm: {e}");
+            }
+        }
     }
 }
 
@@ -449,7 +546,7 @@ impl Endpoint for Server {
 }
 
 impl Inner {
-    fn status_now(&self) -> NodeStatus {
+    pub(crate) fn status_now(&self) -> NodeStatus {
         let mut s = self
             .status
             .lock()
@@ -489,6 +586,16 @@ impl Inner {
     }
 
     /// Monotonic milliseconds since this process started.
+    /// The freshest cluster state this node holds without asking anyone:
+    /// a voter's own applied replica, else the address cache it fetched.
+    /// Not linearizable: for metrics and displays, never for decisions.
+    pub(crate) fn local_state(&self) -> Option<Arc<ClusterState>> {
+        if let Some(c) = &self.control {
+            return Some(Arc::new(c.state().state.0.clone()));
+        }
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub(crate) fn mono_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }

@@ -1,0 +1,653 @@
+//! The admin console: a fixed set of commands an operator runs on one node
+//! or on many at once (`orrery exec`, `orrery console`).
+//!
+//! In the post-mortem the engineers found the slow logging channel only by
+//! driving all 250 nodes from a live console. Here every node answers the
+//! same commands over its admin endpoint (`POST /console`, with the admin
+//! token), and the CLI fans one command out to the chosen nodes in
+//! parallel.
+//!
+//! This module owns the command language (parsing, with a clear error for
+//! an unknown command or a bad argument) and what each command does on a
+//! node. What it must never do: run anything that is not one of these
+//! commands (no shell, no eval, no file paths from the caller), change
+//! anything when a command is refused, or block the runtime (fault hooks
+//! that block are opt-in with `admin.fault_commands` and bounded).
+
+use crate::node::Node;
+use orrery_core::state::MAX_EVENTS;
+use orrery_core::Stage;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Longest argument list and argument accepted.
+pub const MAX_ARGS: usize = 16;
+pub const MAX_ARG_LEN: usize = 256;
+/// Most lines one `fault log-emit` may submit.
+pub const MAX_EMIT: u64 = 100_000;
+/// Longest paced `fault log-emit`, in seconds.
+pub const MAX_EMIT_SECS: u64 = 60;
+/// Longest `fault block-loop`, in ms.
+pub const MAX_BLOCK_MS: u64 = 10_000;
+
+/// Why a console command was refused. Nothing changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConsoleError {
+    #[error("empty command; try `help`")]
+    Empty,
+    #[error("unknown command `{0}`; try `help`")]
+    Unknown(String),
+    #[error("usage: {0}")]
+    Usage(&'static str),
+    #[error("bad argument: {0}")]
+    BadArgument(String),
+    #[error(
+        "too many arguments or an argument too long (at most {MAX_ARGS} of {MAX_ARG_LEN} bytes)"
+    )]
+    TooLong,
+    #[error("fault commands are disabled on this node (admin.fault_commands = false)")]
+    FaultsDisabled,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One console command, parsed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleCommand {
+    Help,
+    Status,
+    Stage,
+    Health,
+    Shards,
+    LogLevel {
+        channel: String,
+        level: String,
+    },
+    LogRate {
+        channel: String,
+        per_s: u32,
+    },
+    LogStats,
+    ConfigGet {
+        key: String,
+    },
+    Drain {
+        drain: bool,
+    },
+    Tasks,
+    Timeline {
+        last: usize,
+    },
+    /// Fault hook: block (or unblock) a log sink's writer.
+    FaultLogStall {
+        sink: String,
+        stall: bool,
+    },
+    /// Fault hook: submit `count` lines at `level` on `channel`, all at
+    /// once or paced at `per_s` lines a second.
+    FaultLogEmit {
+        channel: String,
+        count: u64,
+        level: String,
+        per_s: Option<u64>,
+    },
+    /// Fault hook: block one runtime worker for `ms` (a CPU hog in a handler).
+    FaultBlockLoop {
+        ms: u64,
+    },
+}
+
+/// Every command word with its usage, for `help` and completion.
+pub const COMMANDS: &[(&str, &str)] = &[
+    ("help", "help"),
+    ("status", "status"),
+    ("stage", "stage"),
+    ("health", "health"),
+    ("shards", "shards"),
+    (
+        "log level",
+        "log level CHANNEL trace|debug|info|warn|error|off",
+    ),
+    ("log rate", "log rate CHANNEL N/s"),
+    ("log stats", "log stats"),
+    (
+        "config get",
+        "config get KEY (dotted, e.g. startup.stage_deadline_ms)",
+    ),
+    ("drain", "drain [on|off]"),
+    ("tasks", "tasks"),
+    ("timeline", "timeline [N]"),
+    ("fault log-stall", "fault log-stall SINK on|off"),
+    (
+        "fault log-emit",
+        "fault log-emit CHANNEL COUNT [LEVEL [N/s]]",
+    ),
+    ("fault block-loop", "fault block-loop MS"),
+];
+
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+fn usage(word: &str) -> &'static str {
+    COMMANDS
+        .iter()
+        .find(|(w, _)| *w == word)
+        .map(|(_, u)| *u)
+        .unwrap_or("help")
+}
+
+fn level(s: &str) -> Result<String, ConsoleError> {
+    let l = s.to_ascii_lowercase();
+    if LEVELS.contains(&l.as_str()) {
+        Ok(l)
+    } else {
+        Err(ConsoleError::BadArgument(format!(
+            "unknown level `{s}` (one of {})",
+            LEVELS.join(", ")
+        )))
+    }
+}
+
+fn number<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, ConsoleError> {
+    s.parse()
+        .map_err(|_| ConsoleError::BadArgument(format!("{what} must be a number, got `{s}`")))
+}
+
+fn on_off(s: &str) -> Result<bool, ConsoleError> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(ConsoleError::BadArgument(format!(
+            "expected on or off, got `{s}`"
+        ))),
+    }
+}
+
+fn channel(s: &str) -> Result<String, ConsoleError> {
+    let ok = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '.' | '-'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(ConsoleError::BadArgument(format!(
+            "`{s}` is not a channel name (letters, digits, _ : . -)"
+        )))
+    }
+}
+
+impl ConsoleCommand {
+    /// Parses a command from its words (`["log", "level", "noisy", "debug"]`).
+    pub fn parse<S: AsRef<str>>(words: &[S]) -> Result<ConsoleCommand, ConsoleError> {
+        if words.len() > MAX_ARGS || words.iter().any(|w| w.as_ref().len() > MAX_ARG_LEN) {
+            return Err(ConsoleError::TooLong);
+        }
+        let w: Vec<&str> = words.iter().map(|w| w.as_ref()).collect();
+        let Some(first) = w.first() else {
+            return Err(ConsoleError::Empty);
+        };
+        let exact = |n: usize, word: &str| {
+            if w.len() == n {
+                Ok(())
+            } else {
+                Err(ConsoleError::Usage(usage(word)))
+            }
+        };
+        use ConsoleCommand as C;
+        Ok(match *first {
+            "help" => C::Help,
+            "status" => exact(1, "status").map(|_| C::Status)?,
+            "stage" => exact(1, "stage").map(|_| C::Stage)?,
+            "health" => exact(1, "health").map(|_| C::Health)?,
+            "shards" => exact(1, "shards").map(|_| C::Shards)?,
+            "tasks" => exact(1, "tasks").map(|_| C::Tasks)?,
+            "timeline" => match w.len() {
+                1 => C::Timeline { last: 20 },
+                2 => C::Timeline {
+                    last: number::<usize>(w[1], "N")?.clamp(1, MAX_EVENTS),
+                },
+                _ => return Err(ConsoleError::Usage(usage("timeline"))),
+            },
+            "drain" => match w.len() {
+                1 => C::Drain { drain: true },
+                2 => C::Drain {
+                    drain: on_off(w[1])?,
+                },
+                _ => return Err(ConsoleError::Usage(usage("drain"))),
+            },
+            "log" => match w.get(1).copied() {
+                Some("level") => {
+                    exact(4, "log level")?;
+                    C::LogLevel {
+                        channel: channel(w[2])?,
+                        level: level(w[3])?,
+                    }
+                }
+                Some("rate") => {
+                    exact(4, "log rate")?;
+                    let n = w[3].strip_suffix("/s").unwrap_or(w[3]);
+                    let per_s: u32 = number(n, "rate")?;
+                    if per_s == 0 {
+                        return Err(ConsoleError::BadArgument(
+                            "rate must be at least 1/s (use `log level CHANNEL off` to silence)"
+                                .into(),
+                        ));
+                    }
+                    C::LogRate {
+                        channel: channel(w[2])?,
+                        per_s,
+                    }
+                }
+                Some("stats") => exact(2, "log stats").map(|_| C::LogStats)?,
+                _ => return Err(ConsoleError::Usage("log level|rate|stats ...")),
+            },
+            "config" => match w.get(1).copied() {
+                Some("get") => {
+                    exact(3, "config get")?;
+                    C::ConfigGet {
+                        key: w[2].to_string(),
+                    }
+                }
+                _ => return Err(ConsoleError::Usage(usage("config get"))),
+            },
+            "fault" => match w.get(1).copied() {
+                Some("log-stall") => {
+                    exact(4, "fault log-stall")?;
+                    C::FaultLogStall {
+                        sink: channel(w[2])?,
+                        stall: on_off(w[3])?,
+                    }
+                }
+                Some("log-emit") => {
+                    if !(4..=6).contains(&w.len()) {
+                        return Err(ConsoleError::Usage(usage("fault log-emit")));
+                    }
+                    let count: u64 = number(w[3], "COUNT")?;
+                    if count > MAX_EMIT {
+                        return Err(ConsoleError::BadArgument(format!(
+                            "COUNT must be at most {MAX_EMIT}"
+                        )));
+                    }
+                    let per_s = match w.get(5) {
+                        None => None,
+                        Some(r) => {
+                            let n: u64 = number(r.strip_suffix("/s").unwrap_or(r), "rate")?;
+                            if n == 0 || count / n > MAX_EMIT_SECS {
+                                return Err(ConsoleError::BadArgument(format!(
+                                    "the rate must be positive and the emission last at most {MAX_EMIT_SECS} s"
+                                )));
+                            }
+                            Some(n)
+                        }
+                    };
+                    C::FaultLogEmit {
+                        channel: channel(w[2])?,
+                        count,
+                        level: level(w.get(4).copied().unwrap_or("warn"))?,
+                        per_s,
+                    }
+                }
+                Some("block-loop") => {
+                    exact(3, "fault block-loop")?;
+                    let ms: u64 = number(w[2], "MS")?;
+                    if ms > MAX_BLOCK_MS {
+                        return Err(ConsoleError::BadArgument(format!(
+                            "MS must be at most {MAX_BLOCK_MS}"
+                        )));
+                    }
+                    C::FaultBlockLoop { ms }
+                }
+                _ => {
+                    return Err(ConsoleError::Usage(
+                        "fault log-stall|log-emit|block-loop ...",
+                    ))
+                }
+            },
+            other => return Err(ConsoleError::Unknown(other.to_string())),
+        })
+    }
+
+    /// Whether the command changes anything on the node or the cluster.
+    pub fn is_mutation(&self) -> bool {
+        use ConsoleCommand as C;
+        matches!(
+            self,
+            C::LogLevel { .. }
+                | C::LogRate { .. }
+                | C::Drain { .. }
+                | C::FaultLogStall { .. }
+                | C::FaultLogEmit { .. }
+                | C::FaultBlockLoop { .. }
+        )
+    }
+
+    fn is_fault(&self) -> bool {
+        use ConsoleCommand as C;
+        matches!(
+            self,
+            C::FaultLogStall { .. } | C::FaultLogEmit { .. } | C::FaultBlockLoop { .. }
+        )
+    }
+
+    /// A short name for the watchdog's registry.
+    pub fn name(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// A command's answer: a line for a table, and the data behind it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ConsoleReply {
+    /// One line, for `orrery exec`'s table.
+    pub summary: String,
+    /// Everything, as JSON.
+    pub data: serde_json::Value,
+}
+
+fn reply<T: Serialize>(summary: String, data: &T) -> Result<ConsoleReply, ConsoleError> {
+    Ok(ConsoleReply {
+        summary,
+        data: serde_json::to_value(data).map_err(|e| ConsoleError::Failed(e.to_string()))?,
+    })
+}
+
+/// `config get`: the value at a dotted key of the node's configuration;
+/// secrets are never shown.
+pub fn config_value(cfg: &crate::NodeConfig, key: &str) -> Result<serde_json::Value, ConsoleError> {
+    if key == "secret" || key == "admin.token" {
+        return Ok(serde_json::Value::String("<redacted>".into()));
+    }
+    let mut v = serde_json::to_value(cfg).map_err(|e| ConsoleError::Failed(e.to_string()))?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("secret".into(), "<redacted>".into());
+        if let Some(a) = o.get_mut("admin").and_then(|a| a.as_object_mut()) {
+            a.insert("token".into(), "<redacted>".into());
+        }
+    }
+    let mut at = &v;
+    for part in key.split('.') {
+        at = match at {
+            serde_json::Value::Object(o) => o.get(part),
+            serde_json::Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
+        }
+        .ok_or_else(|| ConsoleError::BadArgument(format!("no config key `{key}`")))?;
+    }
+    Ok(at.clone())
+}
+
+impl Node {
+    /// Runs one console command on this node.
+    pub async fn console(&self, cmd: ConsoleCommand) -> Result<ConsoleReply, ConsoleError> {
+        use ConsoleCommand as C;
+        let inner = self.inner();
+        if cmd.is_fault() && !inner.cfg.admin.fault_commands {
+            return Err(ConsoleError::FaultsDisabled);
+        }
+        let _guard = inner.watchdog.begin(format!("console: {}", cmd.name()));
+        let log = || {
+            inner.log.get().ok_or_else(|| {
+                ConsoleError::Failed(
+                    "this node's logging channels are not managed by orrery (embedded node)".into(),
+                )
+            })
+        };
+        match cmd {
+            C::Help => {
+                let lines: Vec<&str> = COMMANDS.iter().map(|(_, u)| *u).collect();
+                reply(format!("{} commands", lines.len()), &lines)
+            }
+            C::Status => {
+                let s = self.status();
+                reply(
+                    format!(
+                        "stage {} epoch {} {}{}",
+                        s.stage,
+                        s.epoch,
+                        if s.serving { "serving" } else { "not serving" },
+                        if s.is_leader { ", leader" } else { "" }
+                    ),
+                    &s,
+                )
+            }
+            C::Stage => {
+                let s = self.status();
+                let name = Stage::from_number(s.stage)
+                    .map(|st| st.name())
+                    .unwrap_or("?");
+                let waiting = s.waiting.as_ref().map(|w| w.to_string());
+                reply(
+                    match &waiting {
+                        Some(w) => format!("stage {} ({name}); waiting: {w}", s.stage),
+                        None => format!("stage {} ({name})", s.stage),
+                    },
+                    &serde_json::json!({
+                        "stage": s.stage, "name": name, "since_ms": s.stage_since_ms,
+                        "waiting": s.waiting, "progress": s.progress,
+                    }),
+                )
+            }
+            C::Health => {
+                let h = inner.health.report();
+                reply(format!("{:?}, lag {} ms", h.state, h.lag_ms), &h)
+            }
+            C::Shards => {
+                let (_, h) = self.shards();
+                reply(
+                    format!(
+                        "{} assigned, {} loaded, {} loading (map v{})",
+                        h.assigned, h.loaded, h.loading, h.map_version
+                    ),
+                    &h,
+                )
+            }
+            C::LogLevel { channel, level } => {
+                log()?
+                    .set_level(&channel, &level)
+                    .map_err(|e| ConsoleError::BadArgument(e.to_string()))?;
+                reply(
+                    format!("{channel} = {level}"),
+                    &serde_json::json!({"channel": channel, "level": level}),
+                )
+            }
+            C::LogRate { channel, per_s } => {
+                log()?
+                    .set_rate(&channel, per_s)
+                    .map_err(|e| ConsoleError::BadArgument(e.to_string()))?;
+                reply(
+                    format!("{channel} at most {per_s}/s"),
+                    &serde_json::json!({"channel": channel, "rate_per_s": per_s}),
+                )
+            }
+            C::LogStats => {
+                let st = log()?.stats();
+                let dropped: u64 = st
+                    .channels
+                    .iter()
+                    .map(|c| c.dropped_queue_full + c.dropped_rate_limited)
+                    .sum();
+                let written: u64 = st.channels.iter().map(|c| c.written).sum();
+                let stalled: Vec<&str> = st
+                    .sinks
+                    .iter()
+                    .filter(|s| s.stalled)
+                    .map(|s| s.name.as_str())
+                    .collect();
+                let mut summary = format!("{written} written, {dropped} dropped");
+                if let Some(worst) = st
+                    .channels
+                    .iter()
+                    .max_by_key(|c| c.dropped_queue_full + c.dropped_rate_limited)
+                    .filter(|c| c.dropped_queue_full + c.dropped_rate_limited > 0)
+                {
+                    summary.push_str(&format!(
+                        " (most on {}: {})",
+                        worst.channel,
+                        worst.dropped_queue_full + worst.dropped_rate_limited
+                    ));
+                }
+                if !stalled.is_empty() {
+                    summary.push_str(&format!("; stalled sinks: {}", stalled.join(", ")));
+                }
+                reply(summary, &st)
+            }
+            C::ConfigGet { key } => {
+                let v = config_value(&inner.cfg, &key)?;
+                reply(format!("{key} = {v}"), &v)
+            }
+            C::Drain { drain } => {
+                let me = inner.cfg.node_id;
+                self.drain(me, drain).await.map_err(ConsoleError::Failed)?;
+                reply(
+                    format!("node {me} {}", if drain { "draining" } else { "undrained" }),
+                    &serde_json::json!({"node": me, "draining": drain}),
+                )
+            }
+            C::Tasks => {
+                let r = inner.watchdog.report();
+                let oldest = r
+                    .in_flight
+                    .first()
+                    .map(|h| format!("; oldest: {} ({} ms)", h.what, h.for_ms))
+                    .unwrap_or_default();
+                reply(
+                    format!(
+                        "lag p99 {:.1} ms, max {:.1} ms; {} in flight{oldest}",
+                        r.lag_p99_ms, r.lag_max_ms, r.in_flight_total
+                    ),
+                    &r,
+                )
+            }
+            C::Timeline { last } => {
+                let s = self.cluster_state().await.map_err(ConsoleError::Failed)?;
+                let events: Vec<_> = s.events.iter().rev().take(last).rev().cloned().collect();
+                reply(format!("{} events", events.len()), &events)
+            }
+            C::FaultLogStall { sink, stall } => {
+                log()?
+                    .stall_sink(&sink, stall)
+                    .map_err(|e| ConsoleError::BadArgument(e.to_string()))?;
+                reply(
+                    format!("sink {sink} {}", if stall { "stalled" } else { "released" }),
+                    &serde_json::json!({"sink": sink, "stalled": stall}),
+                )
+            }
+            C::FaultLogEmit {
+                channel,
+                count,
+                level,
+                per_s,
+            } => {
+                let l = log()?;
+                let lvl: tracing::Level = level
+                    .parse()
+                    .map_err(|_| ConsoleError::BadArgument(format!("level `{level}`")))?;
+                // On the event loop, like any handler that logs: submitting
+                // never waits, whatever the sink does. Paced, it submits a
+                // batch every 10 ms.
+                let batch = per_s.map(|r| (r / 100).max(1)).unwrap_or(count.max(1));
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                let mut i = 0;
+                while i < count {
+                    tick.tick().await;
+                    for _ in 0..batch.min(count - i) {
+                        l.submit(&channel, lvl, format!("fault log-emit line {i} of {count}"));
+                        i += 1;
+                    }
+                }
+                reply(
+                    format!("{count} lines submitted on {channel}"),
+                    &serde_json::json!({"channel": channel, "count": count}),
+                )
+            }
+            C::FaultBlockLoop { ms } => {
+                // Deliberately blocks this runtime worker: a CPU hog inside a
+                // handler, for the watchdog to name.
+                std::thread::sleep(Duration::from_millis(ms));
+                reply(
+                    format!("blocked a worker for {ms} ms"),
+                    &serde_json::json!({"ms": ms}),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<ConsoleCommand, ConsoleError> {
+        ConsoleCommand::parse(&s.split_whitespace().collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn parses_every_command() {
+        use ConsoleCommand as C;
+        assert_eq!(p("status"), Ok(C::Status));
+        assert_eq!(
+            p("log level noisy DEBUG"),
+            Ok(C::LogLevel {
+                channel: "noisy".into(),
+                level: "debug".into()
+            })
+        );
+        assert_eq!(
+            p("log rate orrery_node::lease 50/s"),
+            Ok(C::LogRate {
+                channel: "orrery_node::lease".into(),
+                per_s: 50
+            })
+        );
+        assert_eq!(p("drain off"), Ok(C::Drain { drain: false }));
+        assert_eq!(p("timeline 5"), Ok(C::Timeline { last: 5 }));
+        assert_eq!(
+            p("fault log-emit noisy 500"),
+            Ok(C::FaultLogEmit {
+                channel: "noisy".into(),
+                count: 500,
+                level: "warn".into(),
+                per_s: None,
+            })
+        );
+        assert!(p("log level noisy debug").unwrap().is_mutation());
+        assert!(!p("log stats").unwrap().is_mutation());
+        assert!(p("config get startup.stage_deadline_ms").is_ok());
+    }
+
+    #[test]
+    fn refuses_bad_input_with_a_clear_error() {
+        assert_eq!(p(""), Err(ConsoleError::Empty));
+        assert_eq!(p("rm -rf /"), Err(ConsoleError::Unknown("rm".into())));
+        assert!(
+            matches!(p("log level noisy loud"), Err(ConsoleError::BadArgument(m)) if m.contains("loud"))
+        );
+        assert!(matches!(
+            p("log rate noisy 0/s"),
+            Err(ConsoleError::BadArgument(_))
+        ));
+        assert!(matches!(
+            p("log rate noisy many"),
+            Err(ConsoleError::BadArgument(_))
+        ));
+        assert!(matches!(
+            p("log level a;b debug"),
+            Err(ConsoleError::BadArgument(_))
+        ));
+        assert!(matches!(
+            p("status now"),
+            Err(ConsoleError::Usage("status"))
+        ));
+        assert!(matches!(
+            p("fault block-loop 999999"),
+            Err(ConsoleError::BadArgument(_))
+        ));
+        let long = "x".repeat(MAX_ARG_LEN + 1);
+        assert_eq!(
+            ConsoleCommand::parse(&["log", "level", &long, "info"]),
+            Err(ConsoleError::TooLong)
+        );
+        for (word, _) in COMMANDS {
+            assert!(!word.is_empty());
+        }
+    }
+}

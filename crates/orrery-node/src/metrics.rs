@@ -1,0 +1,392 @@
+//! The node's Prometheus metrics (`GET /metrics`, text exposition format).
+//!
+//! Counters that must be counted as things happen (RPCs served and their
+//! latency) live here as prometheus-client families; everything else is read
+//! at scrape time from where it is already kept (the node's status, the
+//! cached cluster state, the watchdog, the logging channels, the wire
+//! counters), so there is one source of truth per number. The exposition
+//! format is prometheus-client's, never hand-written.
+//!
+//! What it must never do: block a request path (observing is a few atomic
+//! operations), or create labels from unbounded input (RPC kinds are a fixed
+//! set; log channels are bounded by `log.max_channels`).
+
+use crate::node::Inner;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabel {
+    channel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabel {
+    channel: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabel {
+    sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabel {
+    quantile: String,
+}
+
+type LatencyFamily = Family<KindLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~13 s.
+    Histogram::new(exponential_buckets(0.000_05, 4.0, 10))
+}
+
+/// RPCs this node served, by request kind.
+#[derive(Clone)]
+pub(crate) struct RpcMetrics {
+    requests: Family<KindLabel, Counter>,
+    errors: Family<KindLabel, Counter>,
+    latency: LatencyFamily,
+}
+
+impl Default for RpcMetrics {
+    fn default() -> Self {
+        RpcMetrics {
+            requests: Family::default(),
+            errors: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+impl RpcMetrics {
+    pub(crate) fn observe(&self, kind: &'static str, took: Duration, error: bool) {
+        let l = KindLabel { kind: kind.into() };
+        self.requests.get_or_create(&l).inc();
+        if error {
+            self.errors.get_or_create(&l).inc();
+        }
+        self.latency.get_or_create(&l).observe(took.as_secs_f64());
+    }
+}
+
+fn gauge(reg: &mut Registry, name: &str, help: &str, v: i64) {
+    let g: Gauge = Gauge::default();
+    g.set(v);
+    reg.register(name, help, g);
+}
+
+fn gauge_f(reg: &mut Registry, name: &str, help: &str, v: f64) {
+    let g: Gauge<f64, AtomicU64> = Gauge::default();
+    g.set(v);
+    reg.register(name, help, g);
+}
+
+fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(v);
+    reg.register(name, help, c);
+}
+
+/// The node's metrics in the Prometheus text format.
+pub(crate) fn render(inner: &Inner) -> String {
+    let mut reg = Registry::with_prefix("orrery");
+    let st = inner.status_now();
+    gauge(
+        &mut reg,
+        "node_stage",
+        "Last start-up stage this node completed (-5 not started .. 0 running)",
+        i64::from(st.stage),
+    );
+    gauge(
+        &mut reg,
+        "node_epoch",
+        "Epoch of this node process (0: not joined)",
+        st.epoch as i64,
+    );
+    gauge(
+        &mut reg,
+        "node_serving",
+        "1 while the node serves: running, not fenced, lease fresh",
+        i64::from(st.serving),
+    );
+    gauge(
+        &mut reg,
+        "node_is_leader",
+        "1 while this node leads the control plane",
+        i64::from(st.is_leader),
+    );
+    gauge(
+        &mut reg,
+        "node_fenced",
+        "1 while this node is fenced",
+        i64::from(st.fenced.is_some()),
+    );
+    gauge(
+        &mut reg,
+        "membership_view_version",
+        "Version of the membership view this node enforces",
+        st.membership_version as i64,
+    );
+    let healthy = st.health.as_ref().is_some_and(|h| h.state.is_healthy());
+    gauge(
+        &mut reg,
+        "node_healthy",
+        "1 while this node passes its self-checks",
+        i64::from(healthy),
+    );
+    match inner.lease.age_ms(inner.mono_ms()) {
+        Some(age) => gauge_f(
+            &mut reg,
+            "lease_age_seconds",
+            "Time since the last acknowledged heartbeat was sent",
+            age as f64 / 1000.0,
+        ),
+        None => gauge_f(
+            &mut reg,
+            "lease_age_seconds",
+            "Time since the last acknowledged heartbeat was sent (-1: none yet)",
+            -1.0,
+        ),
+    }
+    gauge(
+        &mut reg,
+        "lease_fresh",
+        "1 while this node's lease is fresh",
+        i64::from(
+            inner
+                .lease
+                .fresh(inner.mono_ms(), inner.cfg.membership.self_fence_after_ms),
+        ),
+    );
+    if let Some(state) = inner.local_state() {
+        gauge(
+            &mut reg,
+            "cluster_stage",
+            "Last stage every participant completed, as this node's replica or cache has it",
+            i64::from(state.stage.number()),
+        );
+        let members: Family<StatusLabel, Gauge> = Family::default();
+        for status in ["active", "excluded", "removed"] {
+            let _ = members.get_or_create(&StatusLabel {
+                status: status.into(),
+            });
+        }
+        for m in state.members.values() {
+            let status = match m.status {
+                orrery_core::MemberStatus::Active => "active",
+                orrery_core::MemberStatus::Excluded { .. } => "excluded",
+                orrery_core::MemberStatus::Removed { .. } => "removed",
+            };
+            members
+                .get_or_create(&StatusLabel {
+                    status: status.into(),
+                })
+                .inc();
+        }
+        reg.register(
+            "cluster_members",
+            "Members by status, as this node last saw the cluster",
+            members,
+        );
+    }
+    let (_, hosted) = (inner.shards.map(), inner.shards.status());
+    gauge(
+        &mut reg,
+        "shards_assigned",
+        "Shards the map assigns to this node",
+        hosted.assigned as i64,
+    );
+    gauge(
+        &mut reg,
+        "shards_loaded",
+        "Shards loaded and serving on this node",
+        hosted.loaded as i64,
+    );
+    gauge(
+        &mut reg,
+        "shards_loading",
+        "Shards moving to this node",
+        hosted.loading as i64,
+    );
+    let w = st.wire;
+    counter(
+        &mut reg,
+        "wire_connections_accepted",
+        "TCP connections accepted",
+        w.connections_accepted,
+    );
+    counter(
+        &mut reg,
+        "wire_handshakes_ok",
+        "Handshakes completed",
+        w.handshakes_ok,
+    );
+    counter(
+        &mut reg,
+        "wire_handshakes_refused",
+        "Handshakes refused (wrong secret or other)",
+        w.handshakes_refused_wrong_secret + w.handshakes_refused_other,
+    );
+    counter(
+        &mut reg,
+        "wire_frames_malformed",
+        "Frames that did not decode",
+        w.frames_malformed + w.frames_oversized,
+    );
+    counter(
+        &mut reg,
+        "wire_requests_overloaded",
+        "Requests shed at the in-flight bound",
+        w.requests_overloaded,
+    );
+    counter(
+        &mut reg,
+        "wire_calls_timed_out",
+        "Client calls that hit their deadline",
+        w.calls_timed_out,
+    );
+    counter(
+        &mut reg,
+        "rpc_refused_fenced",
+        "Requests refused because the sender's epoch was revoked",
+        st.refused_fenced,
+    );
+    reg.register(
+        "rpc_requests",
+        "Requests served, by kind",
+        inner.rpc.requests.clone(),
+    );
+    reg.register(
+        "rpc_errors",
+        "Requests answered with an error, by kind",
+        inner.rpc.errors.clone(),
+    );
+    reg.register(
+        "rpc_latency_seconds",
+        "Time to serve a request, by kind",
+        inner.rpc.latency.clone(),
+    );
+    let r = inner.watchdog.report();
+    let lag: Family<QuantileLabel, Gauge<f64, AtomicU64>> = Family::default();
+    lag.get_or_create(&QuantileLabel {
+        quantile: "0.5".into(),
+    })
+    .set(r.lag_p50_ms / 1000.0);
+    lag.get_or_create(&QuantileLabel {
+        quantile: "0.99".into(),
+    })
+    .set(r.lag_p99_ms / 1000.0);
+    lag.get_or_create(&QuantileLabel {
+        quantile: "1".into(),
+    })
+    .set(r.lag_max_ms / 1000.0);
+    reg.register(
+        "event_loop_lag_seconds",
+        "Event-loop lag over the watchdog's window (quantile 1: the maximum since start)",
+        lag,
+    );
+    counter(
+        &mut reg,
+        "event_loop_late_ticks",
+        "Watchdog ticks later than watchdog.lag_alarm_ms",
+        r.late_ticks,
+    );
+    gauge(
+        &mut reg,
+        "handlers_in_flight",
+        "Handlers running now",
+        r.in_flight_total as i64,
+    );
+    gauge_f(
+        &mut reg,
+        "handler_oldest_seconds",
+        "How long the oldest handler in flight has run",
+        r.in_flight
+            .first()
+            .map(|h| h.for_ms as f64 / 1000.0)
+            .unwrap_or(0.0),
+    );
+    counter(&mut reg, "alarms", "Alarms this node raised", r.alarms);
+    if let Some(log) = inner.log.get() {
+        let s = log.stats();
+        let written: Family<ChannelLabel, Counter> = Family::default();
+        let dropped: Family<DropLabel, Counter> = Family::default();
+        for c in &s.channels {
+            written
+                .get_or_create(&ChannelLabel {
+                    channel: c.channel.clone(),
+                })
+                .inc_by(c.written);
+            dropped
+                .get_or_create(&DropLabel {
+                    channel: c.channel.clone(),
+                    reason: "queue_full".into(),
+                })
+                .inc_by(c.dropped_queue_full);
+            dropped
+                .get_or_create(&DropLabel {
+                    channel: c.channel.clone(),
+                    reason: "rate_limited".into(),
+                })
+                .inc_by(c.dropped_rate_limited);
+        }
+        reg.register(
+            "log_lines_written",
+            "Log lines written, by channel",
+            written,
+        );
+        reg.register(
+            "log_lines_dropped",
+            "Log lines dropped (never waited for), by channel and reason",
+            dropped,
+        );
+        let queued: Family<SinkLabel, Gauge> = Family::default();
+        let stalled: Family<SinkLabel, Gauge> = Family::default();
+        for k in &s.sinks {
+            queued
+                .get_or_create(&SinkLabel {
+                    sink: k.name.clone(),
+                })
+                .set(k.queued as i64);
+            stalled
+                .get_or_create(&SinkLabel {
+                    sink: k.name.clone(),
+                })
+                .set(i64::from(k.stalled));
+        }
+        reg.register(
+            "log_sink_queued",
+            "Records waiting in a sink's queue",
+            queued,
+        );
+        reg.register(
+            "log_sink_stalled",
+            "1 while a sink is stalled (fault hook)",
+            stalled,
+        );
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
+        out = format!("# metrics encoding failed: {e}\n");
+    }
+    out
+}

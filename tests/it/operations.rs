@@ -1,0 +1,554 @@
+//! Operating a cluster (issue: operations): the post-mortem's logging
+//! experiment, the console fanned out with `orrery exec`, the admin token,
+//! Prometheus metrics, the watchdog, the dashboard in headless Chromium and
+//! the post-mortem timeline. Real `orrery node` processes throughout.
+
+use crate::cluster::{show, TestCluster};
+use orrery_core::{EventKind, MemberStatus, Stage};
+use orrery_node::admin::ConsoleAnswer;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+fn ready(s: &orrery_core::ClusterState) -> bool {
+    s.stage == Stage::READY && s.laggards(Stage::READY).is_empty()
+}
+
+fn no_one_suspected_or_removed(s: &orrery_core::ClusterState) -> bool {
+    !s.events
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::NodeSuspected | EventKind::NodeRemoved))
+}
+
+/// Runs one console command on one node over the admin API, as `orrery
+/// exec` does: (how long it took, the answer).
+fn console(
+    agent: &ureq::Agent,
+    addr: &str,
+    token: Option<&str>,
+    args: &[&str],
+) -> (Duration, Result<ConsoleAnswer, String>) {
+    let t0 = Instant::now();
+    let mut req = agent.post(&format!("http://{addr}/console"));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let body = serde_json::json!({ "args": args });
+    let r = match req.send_json(body) {
+        Ok(r) => r.into_json::<ConsoleAnswer>().map_err(|e| e.to_string()),
+        Err(ureq::Error::Status(code, r)) => match r.into_json::<ConsoleAnswer>() {
+            Ok(a) => Ok(a),
+            Err(e) => Err(format!("HTTP {code}: {e}")),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    (t0.elapsed(), r)
+}
+
+/// Asks every node a console command over and over until stopped; records
+/// the slowest answer per node.
+struct ConsoleProbe {
+    stop: Arc<AtomicBool>,
+    worst: Arc<Mutex<Vec<(u64, Duration, u64)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConsoleProbe {
+    fn start(c: &TestCluster) -> ConsoleProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let nodes: Vec<(u64, String)> = c.manifest.admin_addrs();
+        let worst = Arc::new(Mutex::new(
+            nodes
+                .iter()
+                .map(|(id, _)| (*id, Duration::ZERO, 0u64))
+                .collect::<Vec<_>>(),
+        ));
+        let token = c.token();
+        let (s, w) = (stop.clone(), worst.clone());
+        let thread = std::thread::spawn(move || {
+            let agent = ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(5))
+                .build();
+            while !s.load(Ordering::Relaxed) {
+                for (i, (_, addr)) in nodes.iter().enumerate() {
+                    let (took, r) = console(&agent, addr, Some(&token), &["stage"]);
+                    let ok = r.map(|a| a.ok).unwrap_or(false);
+                    let mut w = w.lock().unwrap();
+                    w[i].1 = w[i].1.max(if ok { took } else { Duration::MAX });
+                    w[i].2 += 1;
+                }
+            }
+        });
+        ConsoleProbe {
+            stop,
+            worst,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops probing: (node, slowest answer, answers) per node.
+    fn finish(mut self) -> Vec<(u64, Duration, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("probe thread");
+        }
+        self.worst.lock().unwrap().clone()
+    }
+}
+
+fn log_stats(c: &TestCluster) -> Vec<(u64, orrery_node::admin::ConsoleAnswer)> {
+    let agent = ureq::agent();
+    c.manifest
+        .admin_addrs()
+        .into_iter()
+        .map(|(id, addr)| {
+            let (_, r) = console(&agent, &addr, Some(&c.token()), &["log", "stats"]);
+            (id, r.expect("log stats answers"))
+        })
+        .collect()
+}
+
+fn channel<'a>(stats: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    stats["channels"]
+        .as_array()?
+        .iter()
+        .find(|c| c["channel"] == name)
+}
+
+fn count(stats: &serde_json::Value, name: &str, field: &str) -> u64 {
+    channel(stats, name)
+        .and_then(|c| c[field].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until `pred` holds for every node's `log stats`.
+fn wait_log_stats(c: &TestCluster, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + T;
+    loop {
+        let all = log_stats(c);
+        if all.iter().all(|(_, a)| pred(&a.data)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {all:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_stalled_log_sink_drops_and_counts_lines_and_slows_no_node() {
+    let mut c = TestCluster::new(3, 3, |p| {
+        p.fault_commands = true;
+        p.log.queue_capacity = 256;
+        for (name, sink) in [("noisy", "file"), ("calm", "stdout")] {
+            p.log.channels.insert(
+                name.into(),
+                orrery_log::ChannelConfig {
+                    sinks: Some(vec![sink.into()]),
+                    ..Default::default()
+                },
+            );
+        }
+    });
+    c.start_all();
+    c.wait_for("stage 0", T, ready);
+    let probe = ConsoleProbe::start(&c);
+
+    // The post-mortem's experiment on every node: the noisy channel's sink
+    // stalls, and 500 warnings go to it; a healthy channel logs beside it.
+    let (ok, out, err) = c.exec(&[], &["fault", "log-stall", "file", "on"]);
+    assert!(ok, "{out}{err}");
+    // 500 lines in 100 ms on each channel, both at once.
+    let calm = std::thread::scope(|scope| {
+        let calm =
+            scope.spawn(|| c.exec(&[], &["fault", "log-emit", "calm", "500", "warn", "5000/s"]));
+        let (ok, out, err) = c.exec(
+            &[],
+            &["fault", "log-emit", "noisy", "500", "warn", "5000/s"],
+        );
+        assert!(ok && out.contains("3 of 3 nodes ok"), "{out}{err}");
+        calm.join().unwrap()
+    });
+    assert!(calm.0, "{}{}", calm.1, calm.2);
+
+    // Every node notices its own stalled sink and says so in the timeline.
+    let s = c.wait_for("an alarm from every node about its stalled sink", T, |s| {
+        c.manifest.nodes.iter().all(|n| {
+            s.events.iter().any(|e| {
+                e.kind == EventKind::Alarm
+                    && e.node == Some(n.id)
+                    && e.detail.contains("log sink file")
+            })
+        })
+    });
+    // The healthy channel's lines all arrive.
+    wait_log_stats(&c, "500 calm lines written on every node", |st| {
+        count(st, "calm", "written") == 500
+    });
+    let worst = probe.finish();
+    eprintln!("slowest console answer per node (node, slowest, answers): {worst:?}");
+    for (id, slowest, answers) in &worst {
+        assert!(*answers > 0, "node {id} was never asked");
+        assert!(
+            *slowest < Duration::from_millis(100),
+            "node {id}: a console command took {slowest:?} while its sink was stalled"
+        );
+    }
+    assert!(no_one_suspected_or_removed(&s), "{}", show(Some(s.clone())));
+    assert!(s.members.values().all(|m| m.status == MemberStatus::Active));
+
+    // What could not be written is counted as dropped on that channel.
+    for (id, a) in log_stats(&c) {
+        let dropped = count(&a.data, "noisy", "dropped_queue_full");
+        assert!(
+            dropped >= 500 - 256,
+            "node {id}: {dropped} noisy lines counted as dropped: {a:?}"
+        );
+        assert_eq!(count(&a.data, "calm", "dropped_queue_full"), 0, "node {id}");
+        assert!(
+            a.summary.contains("most on noisy") && a.summary.contains("stalled sinks: file"),
+            "node {id}: {}",
+            a.summary
+        );
+        let lines = c
+            .log(id)
+            .lines()
+            .filter(|l| l.contains("calm: fault log-emit line"))
+            .count();
+        assert_eq!(lines, 500, "node {id}'s stdout has every calm line");
+    }
+    let (_, out, _) = c.exec(&[], &["log", "stats"]);
+    assert!(out.contains("most on noisy"), "{out}");
+
+    // Released, the sink writes what its queue held; nothing else waited.
+    let (ok, out, err) = c.exec(&[], &["fault", "log-stall", "file", "off"]);
+    assert!(ok, "{out}{err}");
+    wait_log_stats(&c, "the noisy queue written after the stall", |st| {
+        count(st, "noisy", "written") + count(st, "noisy", "dropped_queue_full") == 500
+    });
+    c.stop_all();
+}
+
+fn metric_names(text: &str) -> Vec<String> {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    scrape.samples.into_iter().map(|s| s.metric).collect()
+}
+
+#[test]
+fn exec_console_token_metrics_and_watchdog() {
+    let mut c = TestCluster::new(3, 3, |p| {
+        p.fault_commands = true;
+    });
+    c.start_all();
+    c.wait_for("stage 0", T, ready);
+    let agent = ureq::agent();
+    let debug_lines = |c: &TestCluster| -> Vec<u64> {
+        let agent = ureq::agent();
+        c.manifest
+            .admin_addrs()
+            .iter()
+            .map(|(_, addr)| {
+                let (_, r) = console(
+                    &agent,
+                    addr,
+                    Some(&c.token()),
+                    &["fault", "log-emit", "probe", "1", "debug"],
+                );
+                assert!(r.unwrap().ok);
+                let (_, r) = console(&agent, addr, Some(&c.token()), &["log", "stats"]);
+                count(&r.unwrap().data, "probe", "emitted")
+            })
+            .collect()
+    };
+    assert_eq!(debug_lines(&c), vec![0, 0, 0], "debug is off by default");
+
+    // One command changes the level on every node.
+    let (ok, out, err) = c.exec(&["--nodes", "all"], &["log", "level", "probe", "debug"]);
+    assert!(ok && out.contains("3 of 3 nodes ok"), "{out}{err}");
+    assert_eq!(
+        debug_lines(&c),
+        vec![1, 1, 1],
+        "debug lines now pass everywhere"
+    );
+
+    // A node that does not answer is reported as such; the others answer.
+    c.signal(3, "STOP");
+    let t0 = Instant::now();
+    let rows = c.exec_json(&["--timeout", "1s"], &["log", "level", "probe", "info"]);
+    let took = t0.elapsed();
+    c.signal(3, "CONT");
+    let outcome = |id: u64| {
+        rows.iter()
+            .find(|r| r["node"] == id)
+            .map(|r| r["outcome"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(outcome(1), "ok", "{rows:#?}");
+    assert_eq!(outcome(2), "ok", "{rows:#?}");
+    assert_eq!(outcome(3), "timeout", "{rows:#?}");
+    assert!(took < Duration::from_secs(5), "exec took {took:?}");
+
+    // Without the token nothing runs and nothing changes.
+    let (ok, out, _) = c.exec(
+        &["--token", "not-the-admin-token-at-all"],
+        &["log", "level", "probe", "trace"],
+    );
+    assert!(
+        !ok && out.contains("admin token refused") && out.contains("0 of 3 nodes ok"),
+        "{out}"
+    );
+    let addr = c.admin_addr(1);
+    let (_, r) = console(&agent, &addr, None, &["drain"]);
+    let a = r.unwrap();
+    assert!(!a.ok && a.error.unwrap().contains("admin token required"));
+    let (_, r) = console(&agent, &addr, Some(&c.token()), &["log", "stats"]);
+    let level = channel(&r.unwrap().data, "probe").map(|ch| ch["level"].clone());
+    assert_ne!(
+        level,
+        Some(serde_json::json!("trace")),
+        "the refused change did not happen"
+    );
+    // Bad commands are refused with a clear error and change nothing.
+    let (_, r) = console(
+        &agent,
+        &addr,
+        Some(&c.token()),
+        &["log", "level", "probe", "loud"],
+    );
+    assert!(r.unwrap().error.unwrap().contains("unknown level `loud`"));
+    let (_, r) = console(&agent, &addr, Some(&c.token()), &["sh", "-c", "true"]);
+    assert!(r.unwrap().error.unwrap().contains("unknown command `sh`"));
+
+    // Metrics: Prometheus text with the metrics operators need.
+    let text = agent
+        .get(&format!("http://{addr}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .unwrap();
+    let names = metric_names(&text);
+    for m in [
+        "orrery_node_stage",
+        "orrery_cluster_stage",
+        "orrery_cluster_members",
+        "orrery_lease_age_seconds",
+        "orrery_rpc_requests_total",
+        "orrery_rpc_latency_seconds_count",
+        "orrery_log_lines_written_total",
+        "orrery_log_lines_dropped_total",
+        "orrery_event_loop_lag_seconds",
+        "orrery_handlers_in_flight",
+    ] {
+        assert!(names.iter().any(|n| n == m), "no {m} in /metrics:\n{text}");
+    }
+
+    // The watchdog names a handler that blocks the event loop.
+    let addr2 = c.admin_addr(2);
+    let (_, r) = console(
+        &agent,
+        &addr2,
+        Some(&c.token()),
+        &["fault", "block-loop", "1500"],
+    );
+    assert!(r.unwrap().ok);
+    let (_, r) = console(&agent, &addr2, Some(&c.token()), &["tasks"]);
+    let tasks = r.unwrap().data;
+    let alarm = tasks["last_alarm"]["what"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        alarm.contains("FaultBlockLoop"),
+        "the culprit is named: {tasks:#}"
+    );
+    c.wait_for("the alarm in the timeline", T, |s| {
+        s.events.iter().any(|e| {
+            e.kind == EventKind::Alarm && e.node == Some(2) && e.detail.contains("FaultBlockLoop")
+        })
+    });
+    let s = c.state().unwrap();
+    assert!(
+        !s.events.iter().any(|e| e.kind == EventKind::NodeRemoved),
+        "{}",
+        show(Some(s.clone()))
+    );
+    c.stop_all();
+}
+
+/// Debian's chromium, if installed.
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser"].iter().find_map(|b| {
+        Command::new("which")
+            .arg(b)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    })
+}
+
+/// Loads `url` in headless Chromium; returns the DOM after the page's first
+/// polls. Bounded: Chromium is killed after 60 s.
+fn chromium_run(bin: &PathBuf, url: &str, extra: &[&str]) -> String {
+    let mut child = Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--virtual-time-budget=4000",
+        ])
+        .args(extra)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().expect("chromium").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("chromium output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The node cells of the dashboard: (node, stage, status).
+fn node_cells(dom: &str) -> Vec<(u64, String, String)> {
+    let attr = |tag: &str, name: &str| -> String {
+        let key = format!("{name}=\"");
+        tag.find(&key)
+            .map(|i| {
+                let rest = &tag[i + key.len()..];
+                rest[..rest.find('"').unwrap_or(0)].to_string()
+            })
+            .unwrap_or_default()
+    };
+    dom.match_indices("<div class=\"node\"")
+        .filter_map(|(i, _)| {
+            let tag = &dom[i..i + dom[i..].find('>')?];
+            Some((
+                attr(tag, "data-node").parse().ok()?,
+                attr(tag, "data-stage"),
+                attr(tag, "data-status"),
+            ))
+        })
+        .collect()
+}
+
+fn artifacts() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).expect("artifacts dir");
+    dir
+}
+
+#[test]
+fn dashboard_and_timeline_tell_the_story_of_a_killed_node() {
+    let mut c = TestCluster::new(4, 3, |_| {});
+    c.start_all();
+    c.wait_for("stage 0 with shards on node 4", T, |s| {
+        ready(s) && s.shards.load().get(&4).copied().unwrap_or(0) > 0
+    });
+    let url = format!("http://{}/", c.admin_addr(1));
+    let chromium = chromium();
+    if chromium.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have chromium (Debian's package); .ci/run installs it"
+        );
+        eprintln!(
+            "SKIPPED the dashboard part: no chromium on this machine (apt-get install chromium)"
+        );
+    }
+    if let Some(bin) = &chromium {
+        let dom = chromium_run(bin, &url, &["--dump-dom"]);
+        let cells = node_cells(&dom);
+        assert!(
+            dom.contains("data-loaded=\"true\""),
+            "the page rendered: {dom}"
+        );
+        assert_eq!(cells.len(), 4, "one cell per node: {cells:?}");
+        for (id, stage, status) in &cells {
+            assert_eq!(
+                (stage.as_str(), status.as_str()),
+                ("0", "active"),
+                "node {id}"
+            );
+        }
+        let shot = artifacts().join("dashboard.png");
+        let shot_arg = format!("--screenshot={}", shot.display());
+        chromium_run(bin, &url, &[&shot_arg, "--window-size=1400,900"]);
+        assert!(
+            std::fs::metadata(&shot)
+                .map(|m| m.len() > 10_000)
+                .unwrap_or(false),
+            "screenshot saved at {}",
+            shot.display()
+        );
+    }
+
+    c.kill(4);
+    let s = c.wait_for("node 4 removed and its shards moved", T, |s| {
+        matches!(s.members[&4].status, MemberStatus::Removed { .. })
+            && s.shards.entries.values().all(|e| e.owner != 4)
+    });
+    if let Some(bin) = &chromium {
+        let dom = chromium_run(bin, &url, &["--dump-dom"]);
+        let cells = node_cells(&dom);
+        assert!(
+            cells.iter().any(|(id, _, st)| *id == 4 && st == "removed"),
+            "node 4 shows as removed: {cells:?}"
+        );
+        let shot = artifacts().join("dashboard-after-kill.png");
+        let shot_arg = format!("--screenshot={}", shot.display());
+        chromium_run(bin, &url, &[&shot_arg, "--window-size=1400,900"]);
+    }
+
+    // The post-mortem timeline, in order: detection, removal with its
+    // reason, the shard moves.
+    let out = Command::new(crate::cluster::BIN)
+        .args(["timeline", "--format", "md", "--data-dir"])
+        .arg(c.dir.path())
+        .output()
+        .expect("orrery timeline");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = String::from_utf8_lossy(&out.stdout).into_owned();
+    std::fs::write(artifacts().join("timeline.md"), &md).unwrap();
+    let line_of = |pred: &dyn Fn(&str) -> bool| md.lines().position(pred);
+    let suspected = line_of(&|l| l.contains("| NodeSuspected |") && l.contains("node 4"));
+    let removed = line_of(&|l| l.contains("| NodeRemoved |") && l.contains("node 4 removed"));
+    let moved = removed.and_then(|r| {
+        md.lines()
+            .skip(r)
+            .position(|l| l.contains("| ShardsMoved |"))
+            .map(|p| p + r)
+    });
+    assert!(
+        suspected.is_some() && suspected < removed && removed < moved,
+        "detection, removal, moves in order:\n{md}\n{}",
+        show(Some(s))
+    );
+    let removal = md.lines().nth(removed.unwrap()).unwrap();
+    assert!(
+        removal.contains("revoked:"),
+        "the removal says why: {removal}"
+    );
+    c.stop_all();
+}
