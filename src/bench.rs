@@ -142,11 +142,11 @@ impl BenchCluster {
     fn start(nodes: u64, tweak: impl FnOnce(&mut Plan)) -> Result<BenchCluster> {
         let dir = tempfile::tempdir()?;
         let mut plan = Plan::new(nodes, 3, dir.path());
+        plan.log.level = "warn".into();
         tweak(&mut plan);
         let manifest = local::prepare(&plan)?;
         let exe = std::env::current_exe().context("cannot find the orrery binary")?;
         let mut procs = NodeProcs::new(exe, dir.path());
-        procs.env("RUST_LOG", "warn");
         procs.start_all(&manifest)?;
         let c = BenchCluster {
             _dir: dir,

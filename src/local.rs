@@ -15,6 +15,7 @@ use orrery_node::config::{
     AdminConfig, DemoConfig, NodeConfig, NodeEntry, RaftTiming, RpcConfig, StartupConfig,
 };
 use orrery_node::health::{HealthConfig, HealthFaults};
+use orrery_node::logfwd::ForwardConfig;
 use orrery_node::watchdog::WatchdogConfig;
 use orrery_node::NodeStatus;
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,8 @@ pub struct Plan {
     pub fault_commands: bool,
     /// The event-loop watchdog of every node.
     pub watchdog: WatchdogConfig,
+    /// Where every node forwards its warnings.
+    pub log_forward: ForwardConfig,
 }
 
 impl Plan {
@@ -87,6 +90,10 @@ impl Plan {
             log: orrery_node::config::default_log(),
             fault_commands: false,
             watchdog: WatchdogConfig::default(),
+            log_forward: ForwardConfig {
+                collector: Some(1),
+                ..Default::default()
+            },
         }
     }
 }
@@ -244,6 +251,7 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
             },
             log: plan.log.clone(),
             watchdog: plan.watchdog.clone(),
+            log_forward: plan.log_forward.clone(),
             nodes: nodes.clone(),
         };
         cfg.validate()?;

@@ -379,6 +379,13 @@ fn up(plan: Plan, exit_when_ready: bool, ready_timeout: Duration) -> Result<()> 
         plan.voters,
         plan.data_dir.display()
     );
+    if let Some(first) = manifest.nodes.first() {
+        println!(
+            "orrery: dashboard at http://{}/ (every node serves it); console: `orrery console --data-dir {}`",
+            first.admin_addr,
+            plan.data_dir.display()
+        );
+    }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook_consts::SIGINT, signal_hook_consts::SIGTERM] {
         let _ = register_stop(sig, stop.clone());

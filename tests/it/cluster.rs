@@ -35,8 +35,7 @@ impl TestCluster {
         let mut plan = Plan::new(nodes, voters, dir.path());
         tweak(&mut plan);
         let manifest = local::prepare(&plan).expect("prepare cluster");
-        let mut procs = NodeProcs::new(BIN, dir.path());
-        procs.env("RUST_LOG", "info,openraft=warn");
+        let procs = NodeProcs::new(BIN, dir.path());
         TestCluster {
             _serial: serial,
             dir,

@@ -326,6 +326,32 @@ fn exec_console_token_metrics_and_watchdog() {
     let (_, r) = console(&agent, &addr, Some(&c.token()), &["sh", "-c", "true"]);
     assert!(r.unwrap().error.unwrap().contains("unknown command `sh`"));
 
+    // Every node's warnings reach the collector (node 1): the cluster-wide log.
+    let (ok, out, err) = c.exec(&[], &["fault", "log-emit", "fwd", "3", "warn"]);
+    assert!(ok, "{out}{err}");
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, r) = console(&agent, &addr, Some(&c.token()), &["log", "tail", "1000"]);
+        let lines = r.unwrap().data;
+        let from: std::collections::BTreeSet<u64> = lines
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["channel"] == "fwd")
+            .filter_map(|l| l["node"].as_u64())
+            .collect();
+        if from.len() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forwarded lines from {from:?} only: {lines:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, r) = console(&agent, &c.admin_addr(2), Some(&c.token()), &["log", "tail"]);
+    assert!(r.unwrap().error.unwrap().contains("does not collect"));
+
     // Metrics: Prometheus text with the metrics operators need.
     let text = agent
         .get(&format!("http://{addr}/metrics"))

@@ -49,37 +49,53 @@ impl<S: Subscriber> Layer<S> for ChannelLayer {
     }
 }
 
-/// Collects `message` (Display) then ` key=value` pairs (Debug).
+/// Collects ` key=value` pairs (Debug) and the `message` (Display) into one
+/// buffer (one allocation); `finish` moves the message to the front.
 #[derive(Default)]
 struct MessageVisitor {
-    message: String,
-    fields: String,
+    buf: String,
+    /// Where the message starts and ends in `buf`, once recorded.
+    message: Option<(usize, usize)>,
 }
 
 impl MessageVisitor {
-    fn finish(mut self) -> String {
-        if self.message.is_empty() {
-            return self.fields.trim_start().to_string();
+    fn record_message(&mut self, value: fmt::Arguments<'_>) {
+        let start = self.buf.len();
+        let _ = self.buf.write_fmt(value);
+        self.message = Some((start, self.buf.len()));
+    }
+
+    fn finish(self) -> String {
+        match self.message {
+            None => self.buf.trim_start().to_string(),
+            Some((0, _)) => self.buf,
+            Some((start, end)) => {
+                // Fields came first: rotate "<fields><message><fields>" into
+                // "<message><fields><fields>". Both parts are whole strings,
+                // so the bytes stay valid UTF-8.
+                let mut bytes = self.buf.into_bytes();
+                bytes[..end].rotate_left(start);
+                String::from_utf8(bytes)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+            }
         }
-        self.message.push_str(&self.fields);
-        self.message
     }
 }
 
 impl Visit for MessageVisitor {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.message.push_str(value);
+            self.record_message(format_args!("{value}"));
         } else {
-            let _ = write!(self.fields, " {}={value:?}", field.name());
+            let _ = write!(self.buf, " {}={value:?}", field.name());
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if field.name() == "message" {
-            let _ = write!(self.message, "{value:?}");
+            self.record_message(format_args!("{value:?}"));
         } else {
-            let _ = write!(self.fields, " {}={value:?}", field.name());
+            let _ = write!(self.buf, " {}={value:?}", field.name());
         }
     }
 }
@@ -115,6 +131,8 @@ mod tests {
             tracing::warn!(target: "noisy", peer = 7, reason = "slow", "lease lapsed after {} ms", 1500);
             tracing::debug!(target: "noisy", "hidden");
             tracing::info!(target: "noisy", count = 3);
+            tracing::info!(target: "noisy", "ünïcode {}", "é");
+            tracing::info!(target: "noisy", a = "é", "x");
             tracing::info_span!("ignored").in_scope(|| {});
             ch.set_level("noisy", "debug").unwrap();
             tracing::debug!(target: "noisy", "now shown");
@@ -127,6 +145,8 @@ mod tests {
             [
                 "WARN noisy lease lapsed after 1500 ms peer=7 reason=\"slow\"",
                 "INFO noisy count=3",
+                "INFO noisy ünïcode é",
+                "INFO noisy x a=\"é\"",
                 "DEBUG noisy now shown",
             ]
         );

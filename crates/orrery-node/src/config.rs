@@ -4,6 +4,7 @@
 //! anything. A wrong file is refused whole with an error that names the key.
 
 use crate::health::{HealthConfig, HealthFaults};
+use crate::logfwd::ForwardConfig;
 use crate::shards::ShardsConfig;
 use crate::watchdog::WatchdogConfig;
 use orrery_core::{
@@ -79,6 +80,9 @@ pub struct NodeConfig {
     /// Logging channels: levels, rate limits, sinks, queue bounds.
     #[serde(default = "default_log")]
     pub log: orrery_log::LogConfig,
+    /// Forwarding warnings to a collector node (the cluster-wide log).
+    #[serde(default)]
+    pub log_forward: ForwardConfig,
     /// The event-loop watchdog.
     #[serde(default)]
     pub watchdog: WatchdogConfig,
@@ -334,6 +338,14 @@ impl NodeConfig {
         self.health.validate().map_err(ConfigError::Invalid)?;
         self.admin.validate().map_err(ConfigError::Invalid)?;
         self.watchdog.validate().map_err(ConfigError::Invalid)?;
+        self.log_forward.validate().map_err(ConfigError::Invalid)?;
+        if let Some(c) = self.log_forward.collector {
+            if !ids.contains_key(&c) {
+                return bad(format!(
+                    "log_forward.collector {c} is not listed in [[nodes]]"
+                ));
+            }
+        }
         self.log
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;

@@ -25,6 +25,8 @@ pub const MAX_ARGS: usize = 16;
 pub const MAX_ARG_LEN: usize = 256;
 /// Most lines one `fault log-emit` may submit.
 pub const MAX_EMIT: u64 = 100_000;
+/// Most lines `log tail` returns.
+pub const MAX_TAIL: usize = 10_000;
 /// Longest paced `fault log-emit`, in seconds.
 pub const MAX_EMIT_SECS: u64 = 60;
 /// Longest `fault block-loop`, in ms.
@@ -68,6 +70,10 @@ pub enum ConsoleCommand {
         per_s: u32,
     },
     LogStats,
+    /// The latest lines of the cluster-wide log (on the collector).
+    LogTail {
+        lines: usize,
+    },
     ConfigGet {
         key: String,
     },
@@ -110,6 +116,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ),
     ("log rate", "log rate CHANNEL N/s"),
     ("log stats", "log stats"),
+    ("log tail", "log tail [N] (on the collector node)"),
     (
         "config get",
         "config get KEY (dotted, e.g. startup.stage_deadline_ms)",
@@ -238,7 +245,14 @@ impl ConsoleCommand {
                     }
                 }
                 Some("stats") => exact(2, "log stats").map(|_| C::LogStats)?,
-                _ => return Err(ConsoleError::Usage("log level|rate|stats ...")),
+                Some("tail") => match w.len() {
+                    2 => C::LogTail { lines: 20 },
+                    3 => C::LogTail {
+                        lines: number::<usize>(w[2], "N")?.clamp(1, MAX_TAIL),
+                    },
+                    _ => return Err(ConsoleError::Usage(usage("log tail"))),
+                },
+                _ => return Err(ConsoleError::Usage("log level|rate|stats|tail ...")),
             },
             "config" => match w.get(1).copied() {
                 Some("get") => {
@@ -489,6 +503,25 @@ impl Node {
                     summary.push_str(&format!("; stalled sinks: {}", stalled.join(", ")));
                 }
                 reply(summary, &st)
+            }
+            C::LogTail { lines } => {
+                let Some(cl) = self.cluster_log() else {
+                    return Err(ConsoleError::Failed(format!(
+                        "node {} does not collect the cluster's logs (log_forward.collector = {:?})",
+                        inner.cfg.node_id, inner.cfg.log_forward.collector
+                    )));
+                };
+                let tail = cl.tail(lines);
+                let last = tail
+                    .last()
+                    .map(|l| {
+                        format!(
+                            "; last: [node {}] {} {}: {}",
+                            l.node, l.level, l.channel, l.message
+                        )
+                    })
+                    .unwrap_or_default();
+                reply(format!("{} lines{last}", tail.len()), &tail)
             }
             C::ConfigGet { key } => {
                 let v = config_value(&inner.cfg, &key)?;

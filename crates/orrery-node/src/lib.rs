@@ -16,6 +16,7 @@ pub mod config;
 pub mod console;
 pub mod health;
 mod lease;
+pub mod logfwd;
 pub mod messages;
 mod metrics;
 pub mod node;

@@ -68,6 +68,8 @@ pub enum Request {
     },
     /// The current shard map (leader only).
     FetchShards,
+    /// Log lines for the collector node (the cluster-wide log view).
+    Logs(Vec<crate::logfwd::LogLine>),
 }
 
 impl Request {
@@ -85,6 +87,7 @@ impl Request {
             Request::Accuse { .. } => "accuse",
             Request::ShardCall { .. } => "shard_call",
             Request::FetchShards => "fetch_shards",
+            Request::Logs(_) => "logs",
         }
     }
 }
@@ -168,4 +171,6 @@ pub enum Reply {
     HealthProof(HealthProof),
     ShardReply(Result<Vec<u8>, CallError>),
     Shards(Box<ShardMap>),
+    /// Done (log lines taken in).
+    Ok,
 }

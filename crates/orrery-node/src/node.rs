@@ -10,6 +10,7 @@ use crate::clock::now_ms;
 use crate::config::NodeConfig;
 use crate::health::{self, HealthHandle, HealthReport};
 use crate::lease::{self, Lease};
+use crate::logfwd::{ClusterLog, Destination, ForwardSink};
 use crate::messages::{Reply, Request};
 use crate::metrics::RpcMetrics;
 use crate::service::{Service, StageContext};
@@ -155,6 +156,8 @@ pub(crate) struct Inner {
     pub(crate) watchdog: Arc<Watchdog>,
     /// The process's logging channels, when the binary handed them over.
     pub(crate) log: OnceLock<LogChannels>,
+    /// The cluster-wide log, if this node is the collector.
+    pub(crate) cluster_log: OnceLock<Arc<ClusterLog>>,
     /// Requests served, by kind, and their latency.
     pub(crate) rpc: RpcMetrics,
 }
@@ -291,6 +294,7 @@ impl Node {
             me: OnceLock::new(),
             watchdog: Watchdog::new(cfg.watchdog.clone()),
             log: OnceLock::new(),
+            cluster_log: OnceLock::new(),
             rpc: RpcMetrics::default(),
             epoch: AtomicU64::new(0),
             leader_hint: AtomicU64::new(0),
@@ -302,6 +306,14 @@ impl Node {
             shutdown,
             cfg,
         });
+        if inner.cfg.log_forward.collector == Some(inner.cfg.node_id) {
+            match ClusterLog::open(&inner.cfg.data_dir, &inner.cfg.log_forward) {
+                Ok(l) => {
+                    let _ = inner.cluster_log.set(Arc::new(l));
+                }
+                Err(e) => warn!(target: LOG, "cannot collect the cluster's logs: {e}"),
+            }
+        }
         let _ = server.node.set(inner.clone());
         let _ = inner.me.set(Arc::downgrade(&inner));
         tokio::spawn(sync_shards(inner.clone()));
@@ -384,8 +396,51 @@ impl Node {
 
     /// Hands the process's logging channels to the node, so the console
     /// and the admin API can read and change them. Once per node.
+    /// With `log_forward.collector` set, it also adds the `collector` sink
+    /// (this node's warnings to the collector node); call it from within
+    /// the node's runtime.
     pub fn attach_log(&self, log: LogChannels) {
-        let _ = self.inner.log.set(log);
+        let inner = &self.inner;
+        let fwd = &inner.cfg.log_forward;
+        if let Some(collector) = fwd.collector {
+            let to = if collector == inner.cfg.node_id {
+                inner.cluster_log.get().cloned().map(Destination::Local)
+            } else {
+                tokio::runtime::Handle::try_current()
+                    .ok()
+                    .map(|runtime| Destination::Remote {
+                        collector,
+                        net: inner.net.sibling(),
+                        runtime,
+                    })
+            };
+            let min_level = orrery_log::parse_level(&fwd.min_level)
+                .unwrap_or(tracing::level_filters::LevelFilter::WARN);
+            match to {
+                Some(to) => {
+                    let sink = ForwardSink {
+                        me: inner.cfg.node_id,
+                        to,
+                        min_level,
+                        batch_max: fwd.batch_max,
+                        timeout: Duration::from_millis(fwd.timeout_ms),
+                        batch: Vec::new(),
+                    };
+                    if let Err(e) = log.add_sink("collector", Box::new(sink)) {
+                        warn!(target: LOG, "cannot forward logs to node {collector}: {e}");
+                    }
+                }
+                None => {
+                    warn!(target: LOG, "cannot forward logs to node {collector}: no runtime or no cluster log")
+                }
+            }
+        }
+        let _ = inner.log.set(log);
+    }
+
+    /// The cluster-wide log, if this node collects it.
+    pub fn cluster_log(&self) -> Option<Arc<ClusterLog>> {
+        self.inner.cluster_log.get().cloned()
     }
 
     /// The node's watchdog (lag, handlers in flight, alarms).
@@ -734,6 +789,16 @@ impl Inner {
                         .await,
                 )
             }
+            Request::Logs(lines) => match self.cluster_log.get() {
+                Some(log) => {
+                    log.accept(lines);
+                    Reply::Ok
+                }
+                None => Reply::Error(format!(
+                    "node {} is not the log collector",
+                    self.cfg.node_id
+                )),
+            },
             Request::FetchShards => {
                 let Some(c) = &self.control else {
                     return not_voter();
