@@ -326,6 +326,35 @@ fn exec_console_token_metrics_and_watchdog() {
     let (_, r) = console(&agent, &addr, Some(&c.token()), &["sh", "-c", "true"]);
     assert!(r.unwrap().error.unwrap().contains("unknown command `sh`"));
 
+    // The interactive console: the same commands, line by line.
+    let mut child = Command::new(crate::cluster::BIN)
+        .args(["console", "--data-dir"])
+        .arg(c.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("orrery console");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"status\n:nodes 2\nlog stats\nfrobnicate now\n:nodes 9\n:quit\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "3 of 3 nodes ok",
+        "1 nodes chosen",
+        "1 of 1 nodes ok",
+        "unknown command `frobnicate`",
+        "unknown node 9",
+    ] {
+        assert!(text.contains(want), "console output lacks {want:?}:\n{text}");
+    }
+
     // Every node's warnings reach the collector (node 1): the cluster-wide log.
     let (ok, out, err) = c.exec(&[], &["fault", "log-emit", "fwd", "3", "warn"]);
     assert!(ok, "{out}{err}");
