@@ -426,7 +426,10 @@ mod tests {
     #[test]
     fn completion_offers_the_next_word() {
         assert_eq!(complete_words("lo"), vec!["log"]);
-        assert_eq!(complete_words("log "), vec!["level", "rate", "stats"]);
+        assert_eq!(
+            complete_words("log "),
+            vec!["level", "rate", "stats", "tail"]
+        );
         assert_eq!(complete_words("log s"), vec!["stats"]);
         assert!(complete_words("t").contains(&"tasks".to_string()));
         assert!(complete_words("zz").is_empty());

@@ -344,7 +344,11 @@ fn exec_console_token_metrics_and_watchdog() {
     }
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for want in [
         "3 of 3 nodes ok",
         "1 nodes chosen",
@@ -352,7 +356,10 @@ fn exec_console_token_metrics_and_watchdog() {
         "unknown command `frobnicate`",
         "unknown node 9",
     ] {
-        assert!(text.contains(want), "console output lacks {want:?}:\n{text}");
+        assert!(
+            text.contains(want),
+            "console output lacks {want:?}:\n{text}"
+        );
     }
 
     // Every node's warnings reach the collector (node 1): the cluster-wide log.

@@ -1040,10 +1040,20 @@ async fn coordinate(node: Arc<Inner>) {
     let control = node.control.clone().expect("voters only");
     let mut tick = tokio::time::interval(Inner::interval(node.cfg.startup.coordinator_tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut doing = "";
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        let now_doing = if control.is_leader() {
+            "leading: start-up barrier, failure detection, shard placement"
+        } else {
+            "following the leader"
+        };
+        if now_doing != doing {
+            node.watchdog.set_doing("coordinator", now_doing);
+            doing = now_doing;
         }
         if !control.is_leader() {
             node.coordinator
@@ -1147,7 +1157,11 @@ async fn coordinate(node: Arc<Inner>) {
 async fn supervise(node: Arc<Inner>) {
     let mut rejoins = 0u32;
     loop {
+        node.watchdog
+            .set_doing("supervisor", "starting up (stages -4 .. 0)");
         start_up(node.clone()).await;
+        node.watchdog
+            .set_doing("supervisor", "running; watching for a fence");
         loop {
             if node.shutdown.is_cancelled() {
                 return;
@@ -1169,6 +1183,8 @@ async fn supervise(node: Arc<Inner>) {
         let pause = Duration::from_millis((100u64 << rejoins.min(6)).min(5_000));
         rejoins += 1;
         warn!(target: LOG, "fenced ({reason}); rejoining under a new epoch in {pause:?}");
+        node.watchdog
+            .set_doing("supervisor", format!("fenced ({reason}); rejoining"));
         node.set_epoch(0);
         node.activity.clear();
         node.update_status(|s| {
@@ -1505,6 +1521,9 @@ impl Router for NodeRouter {
                     continue;
                 };
                 let result = if entry.owner == node.cfg.node_id {
+                    let _handler = node
+                        .watchdog
+                        .begin(format!("shard {shard} call {call} (local caller)"));
                     node.serve_shard(
                         shard,
                         Some(entry.epoch),
