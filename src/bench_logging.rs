@@ -70,7 +70,10 @@ pub fn logging(lines: u64, threads: u64, stall_secs: u64) -> Result<()> {
         "", "", "", "", "", "", ""
     );
     lag_baseline(run_for)?.print();
-    let (orrery_lag, rate_limited, queue_full) = lag_orrery(dir.path(), stall_secs, run_for)?;
+    lag_orrery(dir.path(), stall_secs, run_for, false)?
+        .0
+        .print();
+    let (orrery_lag, rate_limited, queue_full) = lag_orrery(dir.path(), stall_secs, run_for, true)?;
     orrery_lag.print();
     lag_appender(stall_secs, run_for, true)?.print();
     lag_appender(stall_secs, run_for, false)?.print();
@@ -322,7 +325,12 @@ fn release_after(
 }
 
 /// The lag, and the drops over the rate limit and on the full queue.
-fn lag_orrery(dir: &Path, stall_secs: u64, run_for: Duration) -> Result<(Lag, u64, u64)> {
+fn lag_orrery(
+    dir: &Path,
+    stall_secs: u64,
+    run_for: Duration,
+    stall: bool,
+) -> Result<(Lag, u64, u64)> {
     let cfg = LogConfig {
         queue_capacity: STALL_QUEUE as u64,
         stdout: false,
@@ -333,7 +341,7 @@ fn lag_orrery(dir: &Path, stall_secs: u64, run_for: Duration) -> Result<(Lag, u6
         "file",
         Box::new(RotatingFile::open(dir, "stalled.log", 1 << 40, 0)?),
     )?;
-    channels.stall_sink("file", true)?;
+    channels.stall_sink("file", stall)?;
     let releaser = {
         let channels = channels.clone();
         release_after(Duration::from_secs(stall_secs), move || {
@@ -349,7 +357,11 @@ fn lag_orrery(dir: &Path, stall_secs: u64, run_for: Duration) -> Result<(Lag, u6
     let (rate_limited, queue_full) = (ch.dropped_rate_limited, ch.dropped_queue_full);
     channels.shutdown(Duration::from_secs(5));
     let lag = Lag {
-        name: "orrery-log, stalled",
+        name: if stall {
+            "orrery-log, stalled"
+        } else {
+            "orrery-log, sink healthy"
+        },
         lags,
         emitted,
         dropped: rate_limited + queue_full,
