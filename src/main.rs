@@ -120,11 +120,36 @@ enum Cmd {
         #[command(flatten)]
         target: ClusterTarget,
     },
+    /// The universe example: generate or check a universe file.
+    Universe {
+        #[command(subcommand)]
+        which: UniverseCmd,
+    },
     /// Benchmarks that print numbers.
     Bench {
         #[command(subcommand)]
         which: Bench,
     },
+}
+
+#[derive(Subcommand)]
+enum UniverseCmd {
+    /// Generate a universe (regions, constellations, systems with jump
+    /// links, alliances with capitals, campaigns, market orders,
+    /// characters) and write it as JSON; the same seed gives the same universe.
+    Generate {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 5000)]
+        systems: usize,
+        /// Campaigns (default: about 300 per 5,000 systems).
+        #[arg(long)]
+        campaigns: Option<usize>,
+        #[arg(long, default_value = "universe.json")]
+        out: PathBuf,
+    },
+    /// Validate a universe file: every broken row is named and the file refused.
+    Check { file: PathBuf },
 }
 
 /// Which cluster a console command goes to, and with which token.
@@ -291,6 +316,48 @@ fn main() -> Result<()> {
                 "json" => println!("{}", serde_json::to_string_pretty(&events)?),
                 other => bail!("--format {other:?}: expected md or json"),
             }
+            Ok(())
+        }
+        Cmd::Universe {
+            which:
+                UniverseCmd::Generate {
+                    seed,
+                    systems,
+                    campaigns,
+                    out,
+                },
+        } => {
+            let mut sizes = orrery_universe::Sizes::for_systems(systems);
+            if let Some(c) = campaigns {
+                sizes.campaigns = c;
+            }
+            let u = orrery_universe::generate(seed, sizes)?;
+            u.save(&out)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "universe {seed}: {} regions, {} constellations, {} systems, {} jump links, {} alliances, {} campaigns, {} market orders, {} characters -> {}",
+                u.regions.len(),
+                u.constellations.len(),
+                u.systems.len(),
+                u.systems.iter().map(|s| s.jumps.len()).sum::<usize>() / 2,
+                u.alliances.len(),
+                u.campaigns.len(),
+                u.market_orders.len(),
+                u.characters.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Universe {
+            which: UniverseCmd::Check { file },
+        } => {
+            let u = orrery_universe::Universe::load(&file)?;
+            println!(
+                "{}: valid ({} systems, {} campaigns)",
+                file.display(),
+                u.systems.len(),
+                u.campaigns.len()
+            );
             Ok(())
         }
         Cmd::Bench {
