@@ -4,7 +4,9 @@
 //! It owns the decisions that move a boot forward: advance the barrier when
 //! every participant has completed the current stage, declare laggards stuck
 //! past the stage deadline (with their own diagnosis), exclude them when the
-//! policy says so, tell a lone rejoining node from a cluster-wide restart.
+//! policy says so, tell a lone rejoining node from a cluster-wide restart;
+//! once ready, grant each declared job's current period to an eligible node
+//! and take it over from a fenced or impaired holder (`jobs::plan`).
 //! Its only memory besides the replicated state is who contacted it recently
 //! (liveness), which a new leader rebuilds within one liveness window; all
 //! that matters across leaders lives in [`ClusterState`], so a leader that
@@ -158,6 +160,7 @@ impl Coordinator {
         };
         out.extend(self.detector.tick(&view));
         self.place(now, state, &mut out);
+        self.run_jobs(now, state, &mut out);
         if state.stage == Stage::READY {
             self.after_ready(now, state, &mut out);
             return out;
@@ -358,6 +361,24 @@ impl Coordinator {
                 at: now,
             });
         }
+    }
+
+    /// Per-period singleton jobs (see `jobs::plan`): a holder must
+    /// also be heard from recently, not be on its way out, and not report
+    /// itself unhealthy in its latest heartbeat. A period is reported
+    /// unassigned only after one liveness window of leadership, so a new
+    /// leader does not mistake "not heard yet" for "nobody eligible".
+    fn run_jobs(&self, now: Millis, state: &ClusterState, out: &mut Vec<Command>) {
+        if state.jobs.jobs.is_empty() {
+            return;
+        }
+        let may_hold = |node: NodeId, epoch: Epoch| {
+            self.is_live(state, now, node)
+                && self.detector.may_ack(node, epoch)
+                && !self.detector.reports_unhealthy(node, epoch)
+        };
+        let judge_absence = now.saturating_sub(self.leader_since) > state.config.liveness_window_ms;
+        crate::jobs::plan(state, now, may_hold, judge_absence, out);
     }
 
     /// The cluster is ready: nodes that joined since are either lone

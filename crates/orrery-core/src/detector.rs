@@ -155,6 +155,12 @@ impl Detector {
         self.no_ack.get(&node).is_none_or(|(e, _)| *e != epoch)
     }
 
+    /// Did `node`'s latest heartbeat under `epoch` say it is not healthy
+    /// (news the replicated record may not carry yet)?
+    pub fn reports_unhealthy(&self, node: NodeId, epoch: Epoch) -> bool {
+        self.reported(node, epoch).is_some_and(|h| !h.is_healthy())
+    }
+
     pub fn take_probes(&mut self) -> Vec<ProbeRequest> {
         std::mem::take(&mut self.outbox)
     }
@@ -180,12 +186,10 @@ impl Detector {
         {
             return false;
         }
-        if !m.health.healthy || self.reported(p, m.epoch).is_some_and(|h| !h.is_healthy()) {
+        if self.reports_unhealthy(p, m.epoch) {
             return false;
         }
-        let window_ok = v.now.saturating_sub(m.health.since) >= v.cfg().eligibility_window_ms
-            || v.state.ready_at().is_some_and(|r| m.health.since <= r);
-        window_ok && v.lease_live(p)
+        v.state.has_perfect_record(p, v.now) && v.lease_live(p)
     }
 
     fn open(

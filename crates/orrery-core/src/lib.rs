@@ -3,8 +3,9 @@
 //! This crate owns *what the cluster decides*: the replicated [`ClusterState`]
 //! and how each [`Command`] changes it, the start-up [`Coordinator`] that the
 //! Raft leader runs (stage barrier, stuck-node diagnosis, exclusion, new
-//! boots), and the stage gate each node consults before starting the next
-//! stage's work. It also holds [`sim`], an in-process discrete-event
+//! boots), the stage gate each node consults before starting the next
+//! stage's work, and per-period singleton [`jobs`] (which healthy node runs
+//! which period, under which fencing token). It also holds [`sim`], an in-process discrete-event
 //! simulator that drives exactly these state machines for hundreds of nodes
 //! with a seeded network (delay, loss, partitions, crashes).
 //!
@@ -20,6 +21,7 @@ pub mod config;
 pub mod coordinator;
 mod detector;
 pub mod health;
+pub mod jobs;
 pub mod shardmap;
 pub mod sim;
 pub mod stage;
@@ -30,6 +32,7 @@ mod testkit;
 pub use config::{ClusterConfig, MembershipConfig, NodeSpec, PlacementSettings, Role, StuckPolicy};
 pub use coordinator::{Coordinator, ProbeRequest};
 pub use health::Health;
+pub use jobs::{JobCommit, JobLease, JobSpec, JobState, Jobs};
 pub use stage::Stage;
 pub use state::{
     ClusterState, Command, Event, EventKind, Gate, Member, MemberHealth, MemberStatus, Progress,

@@ -7,11 +7,15 @@
 //! lost leadership, or a node process whose epoch was superseded, gets a
 //! `Rejected` response and changes nothing.
 //!
+//! Job commands (`DeclareJobs`, `GrantJob`, `CommitJob`, `JobUnassigned`,
+//! `JobOverdue`) are validated in [`crate::jobs`].
+//!
 //! What it must never do: read a clock (timestamps travel inside commands),
 //! trust a command's claim without checking it against the state, or grow
 //! without bound (the event list is a ring of [`MAX_EVENTS`]).
 
 use crate::config::{ClusterConfig, Role};
+use crate::jobs::{JobSpec, Jobs};
 use crate::shardmap::{KindSpec, Move, ShardMap};
 use crate::{Epoch, Millis, NodeId, Stage};
 use serde::{Deserialize, Serialize};
@@ -166,6 +170,17 @@ pub enum EventKind {
     /// A node raised an alarm about itself (event-loop lag, a blocked
     /// handler, a stalled log sink), naming the culprit.
     Alarm,
+    /// The services declared their per-period jobs.
+    JobsDeclared,
+    /// A node was granted a job's period (a lease epoch), possibly taking
+    /// it over from a holder that was fenced or impaired.
+    JobGranted,
+    /// A job's period was committed under its current lease.
+    JobCommitted,
+    /// No node may run a job's period (none eligible).
+    JobUnassigned,
+    /// A job's period was not committed by its deadline.
+    JobOverdue,
 }
 
 /// One entry in the replicated event list.
@@ -294,6 +309,45 @@ pub enum Command {
         reason: Option<String>,
         at: Millis,
     },
+    /// The per-period singleton jobs the services declare (replaces the
+    /// declared set; see [`crate::jobs`]).
+    DeclareJobs { jobs: Vec<JobSpec>, at: Millis },
+    /// Coordinator: `holder` (process `holder_epoch`) runs `period` of `job`
+    /// under `lease_epoch`, the job's next lease epoch. Refused while the
+    /// period's current lease still binds.
+    GrantJob {
+        job: String,
+        period: u64,
+        lease_epoch: u64,
+        holder: NodeId,
+        holder_epoch: Epoch,
+        at: Millis,
+    },
+    /// A holder commits its period's output, presenting its token; accepted
+    /// only under the job's current lease, from a current, healthy holder,
+    /// once per period.
+    CommitJob {
+        job: String,
+        period: u64,
+        lease_epoch: u64,
+        holder: NodeId,
+        holder_epoch: Epoch,
+        summary: String,
+        at: Millis,
+    },
+    /// Coordinator: no node may run the current period of `job`.
+    JobUnassigned {
+        job: String,
+        period: u64,
+        reason: String,
+        at: Millis,
+    },
+    /// Coordinator: the current period of `job` passed its deadline uncommitted.
+    JobOverdue {
+        job: String,
+        period: u64,
+        at: Millis,
+    },
 }
 
 /// The result of applying a command.
@@ -347,6 +401,9 @@ pub struct ClusterState {
     pub leader: Option<NodeId>,
     /// Which node owns which shard, under which ownership epoch.
     pub shards: ShardMap,
+    /// Per-period singleton jobs: declared jobs, leases, committed periods.
+    #[serde(default)]
+    pub jobs: Jobs,
 }
 
 impl Default for Stage {
@@ -355,9 +412,14 @@ impl Default for Stage {
     }
 }
 
-fn clip(mut s: String) -> String {
-    if s.len() > MAX_TEXT {
-        let mut cut = MAX_TEXT;
+fn clip(s: String) -> String {
+    clip_to(s, MAX_TEXT)
+}
+
+/// `s`, cut to at most `max` bytes on a character boundary.
+pub(crate) fn clip_to(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -654,6 +716,40 @@ impl ClusterState {
                 self.event(index, at, kind, Some(node), clip(detail));
                 Response::Ok
             }
+            Command::DeclareJobs { jobs, at } => self.declare_jobs(index, jobs, at),
+            Command::GrantJob {
+                job,
+                period,
+                lease_epoch,
+                holder,
+                holder_epoch,
+                at,
+            } => self.grant_job(index, job, period, lease_epoch, holder, holder_epoch, at),
+            Command::CommitJob {
+                job,
+                period,
+                lease_epoch,
+                holder,
+                holder_epoch,
+                summary,
+                at,
+            } => self.commit_job(
+                index,
+                job,
+                period,
+                lease_epoch,
+                holder,
+                holder_epoch,
+                summary,
+                at,
+            ),
+            Command::JobUnassigned {
+                job,
+                period,
+                reason,
+                at,
+            } => self.job_unassigned(index, job, period, reason, at),
+            Command::JobOverdue { job, period, at } => self.job_overdue(index, job, period, at),
             Command::LeaderChanged { leader, term, at } => {
                 self.leader = Some(leader);
                 self.event(
@@ -901,7 +997,7 @@ impl ClusterState {
         Response::Ok
     }
 
-    fn event(
+    pub(crate) fn event(
         &mut self,
         index: u64,
         at: Millis,
@@ -998,6 +1094,18 @@ impl ClusterState {
         m.fenced_reason(node, epoch)
     }
 
+    /// Has `node` a perfect health record at `now`: healthy, and so for at
+    /// least the eligibility window or since the cluster became ready? Only
+    /// such nodes probe, vote, accuse (the failure detector) and run jobs.
+    pub fn has_perfect_record(&self, node: NodeId, now: Millis) -> bool {
+        let Some(m) = self.members.get(&node) else {
+            return false;
+        };
+        m.health.healthy
+            && (now.saturating_sub(m.health.since) >= self.config.membership.eligibility_window_ms
+                || self.ready_at().is_some_and(|r| m.health.since <= r))
+    }
+
     /// When the cluster became ready in this boot.
     pub fn ready_at(&self) -> Option<Millis> {
         self.stage_reached_at.get(&Stage::READY.number()).copied()
@@ -1032,7 +1140,7 @@ impl Member {
         }
     }
 
-    fn fenced_reason(&self, node: NodeId, epoch: Epoch) -> Option<String> {
+    pub(crate) fn fenced_reason(&self, node: NodeId, epoch: Epoch) -> Option<String> {
         if epoch != self.epoch {
             return Some(format!(
                 "node {node} epoch {epoch} is superseded: the current epoch is {}",
@@ -1051,7 +1159,7 @@ impl Member {
     }
 }
 
-fn reject(reason: impl Into<String>) -> Response {
+pub(crate) fn reject(reason: impl Into<String>) -> Response {
     Response::Rejected {
         reason: reason.into(),
     }

@@ -3,7 +3,7 @@
 
 use crate::config::{ClusterConfig, NodeSpec, Role};
 use crate::state::{ClusterState, Command, Response};
-use crate::NodeId;
+use crate::{NodeId, Stage};
 
 /// Nodes `1..=n`; the first three (or all, if fewer) are voters.
 pub fn config(n: u64) -> ClusterConfig {
@@ -46,5 +46,42 @@ pub fn configured(config: ClusterConfig, joined: impl IntoIterator<Item = NodeId
     for node in joined {
         apply(&mut s, Command::Join { node, at: 0 });
     }
+    s
+}
+
+/// A state configured with `config`, every configured node joined, and the
+/// cluster walked to stage 0 (ready) at time 0.
+pub fn ready(config: ClusterConfig) -> ClusterState {
+    let nodes: Vec<NodeId> = config.nodes.keys().copied().collect();
+    let mut s = configured(config, nodes.iter().copied());
+    for stage in Stage::ALL.iter().skip(1) {
+        let (boot, from) = (s.boot, s.stage);
+        assert_eq!(
+            apply(&mut s, Command::Advance { boot, from, at: 0 }),
+            Response::Ok
+        );
+        for &node in &nodes {
+            let epoch = s.members[&node].epoch;
+            let r = apply(
+                &mut s,
+                Command::Report {
+                    node,
+                    epoch,
+                    stage: *stage,
+                    waiting: None,
+                    progress: None,
+                    unreachable: vec![],
+                    at: 0,
+                },
+            );
+            assert_eq!(r, Response::Ok);
+        }
+    }
+    let (boot, from) = (s.boot, s.stage);
+    assert_eq!(
+        apply(&mut s, Command::Advance { boot, from, at: 0 }),
+        Response::Ok
+    );
+    assert_eq!(s.stage, Stage::READY);
     s
 }
