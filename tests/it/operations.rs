@@ -464,6 +464,7 @@ fn chromium_run(bin: &PathBuf, url: &str, extra: &[&str]) -> String {
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",
             "--hide-scrollbars",
             "--virtual-time-budget=4000",
         ])
