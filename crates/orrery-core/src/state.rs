@@ -24,6 +24,10 @@ use std::fmt;
 
 /// How many events the replicated state keeps (oldest dropped first).
 pub const MAX_EVENTS: usize = 1024;
+/// Alarms recorded per window, cluster-wide; more are refused (the
+/// raising node still logs them).
+pub const MAX_ALARMS_PER_WINDOW: u32 = 30;
+pub const ALARM_WINDOW_MS: Millis = 60_000;
 /// Longest free-text field (diagnosis, reason) the state stores, in bytes.
 pub const MAX_TEXT: usize = 512;
 
@@ -404,6 +408,9 @@ pub struct ClusterState {
     /// Per-period singleton jobs: declared jobs, leases, committed periods.
     #[serde(default)]
     pub jobs: Jobs,
+    /// (window start, alarms recorded in it): see [`MAX_ALARMS_PER_WINDOW`].
+    #[serde(default)]
+    pub alarm_window: (Millis, u32),
 }
 
 impl Default for Stage {
@@ -597,6 +604,22 @@ impl ClusterState {
                 if self.current(node, epoch).is_none() {
                     return reject(format!("node {node} epoch {epoch} is not current"));
                 }
+                // A cluster-wide bound, so alarms from many nodes cannot
+                // push membership decisions out of the bounded event list.
+                let (start, count) = self.alarm_window;
+                let (start, count) = if at.saturating_sub(start) >= ALARM_WINDOW_MS {
+                    (at, 0)
+                } else {
+                    (start, count)
+                };
+                if count >= MAX_ALARMS_PER_WINDOW {
+                    self.alarm_window = (start, count);
+                    return reject(format!(
+                        "more than {MAX_ALARMS_PER_WINDOW} alarms in {} s: recorded in the node's log only",
+                        ALARM_WINDOW_MS / 1000
+                    ));
+                }
+                self.alarm_window = (start, count + 1);
                 self.event(
                     index,
                     at,
@@ -1373,6 +1396,40 @@ mod tests {
         assert_eq!(l.s.members[&1].report.stage, Stage::RUNNING);
         assert_eq!(l.s.members[&2].report.stage, Stage::NOT_STARTED);
         assert!(matches!(l.advance(), Response::Rejected { .. }));
+    }
+
+    #[test]
+    fn alarms_are_bounded_cluster_wide() {
+        let mut l = Log::new(3);
+        let e = l.join(1);
+        let alarm = |at| Command::Alarm {
+            node: 1,
+            epoch: e,
+            what: "event loop stalled".into(),
+            at,
+        };
+        for i in 0..MAX_ALARMS_PER_WINDOW {
+            assert_eq!(l.apply(alarm(1_000 + u64::from(i))), Response::Ok);
+        }
+        assert!(matches!(l.apply(alarm(2_000)), Response::Rejected { .. }));
+        let recorded = |l: &Log| {
+            l.s.events
+                .iter()
+                .filter(|e| e.kind == EventKind::Alarm)
+                .count()
+        };
+        assert_eq!(recorded(&l), MAX_ALARMS_PER_WINDOW as usize);
+        // A new window takes alarms again.
+        assert_eq!(l.apply(alarm(1_000 + ALARM_WINDOW_MS)), Response::Ok);
+        assert_eq!(recorded(&l), MAX_ALARMS_PER_WINDOW as usize + 1);
+        // From an epoch that is not current: refused.
+        let stale = Command::Alarm {
+            node: 1,
+            epoch: e + 7,
+            what: "x".into(),
+            at: 1_000 + ALARM_WINDOW_MS,
+        };
+        assert!(matches!(l.apply(stale), Response::Rejected { .. }));
     }
 
     #[test]
