@@ -62,6 +62,7 @@ impl InProcCluster {
         let services = Services {
             stages: vec![Arc::new(DemoService::new(cfg.demo.clone())) as Arc<dyn Service>],
             shards: Some(Arc::new(DemoShards::new(cfg.demo.shards))),
+            ..Default::default()
         };
         let node = Node::start_in(cfg, services, self.net.clone()).await?;
         self.nodes.insert(id, node);

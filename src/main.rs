@@ -416,6 +416,7 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
         let services = Services {
             stages: vec![Arc::new(DemoService::new(cfg.demo.clone())) as Arc<dyn Service>],
             shards: Some(Arc::new(DemoShards::new(cfg.demo.shards))),
+            ..Default::default()
         };
         let node = Node::start(cfg, services).await?;
         node.attach_log(log.clone());

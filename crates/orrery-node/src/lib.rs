@@ -27,5 +27,8 @@ pub mod watchdog;
 
 pub use config::NodeConfig;
 pub use node::{Node, NodeError, NodeStatus, Services};
-pub use service::{DemoService, DemoShards, Service, ServiceError, ServiceFuture, StageContext};
+pub use service::{
+    BoxedFuture, ConsoleExtension, DemoService, DemoShards, JobOutput, JobRun, PeriodicJob,
+    Service, ServiceError, ServiceFuture, StageContext,
+};
 pub use transport::{MemFaults, MemNetwork, Transport};

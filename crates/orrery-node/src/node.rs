@@ -13,7 +13,7 @@ use crate::lease::{self, Lease};
 use crate::logfwd::{ClusterLog, Destination, ForwardSink};
 use crate::messages::{Reply, Request};
 use crate::metrics::RpcMetrics;
-use crate::service::{Service, StageContext};
+use crate::service::{ConsoleExtension, PeriodicJob, Service, StageContext};
 use crate::shards::{CallCtx, CallError, Hop, Router, ShardFuture, ShardHost, ShardService};
 use crate::transport::{Endpoint, MemNetwork, MemTransport, TcpTransport, Transport};
 use crate::watchdog::Watchdog;
@@ -107,13 +107,19 @@ pub struct NodeStatus {
 pub struct Services {
     pub stages: Vec<Arc<dyn Service>>,
     pub shards: Option<Arc<dyn ShardService>>,
+    /// Per-period singleton jobs.
+    pub jobs: Vec<Arc<dyn PeriodicJob>>,
+    /// Where application data and job output are stored (fenced).
+    pub store: Option<Arc<dyn orrery_store::Store>>,
+    /// Console commands the services add.
+    pub console: Vec<Arc<dyn ConsoleExtension>>,
 }
 
 impl From<Vec<Arc<dyn Service>>> for Services {
     fn from(stages: Vec<Arc<dyn Service>>) -> Self {
         Services {
             stages,
-            shards: None,
+            ..Default::default()
         }
     }
 }

@@ -38,6 +38,61 @@ pub trait Service: Send + Sync + 'static {
     fn on_stage<'a>(&'a self, stage: Stage, ctx: &'a StageContext) -> ServiceFuture<'a>;
 }
 
+/// Boxed future of the job and console extension traits.
+pub type BoxedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A job that must run exactly once per period on one healthy node (see
+/// `orrery_core::jobs`): the coordinator grants each period's lease to one
+/// eligible node, which runs it and commits its output with the token.
+pub trait PeriodicJob: Send + Sync + 'static {
+    /// Name, period and deadline; declared by the leader for the cluster.
+    fn spec(&self) -> orrery_core::JobSpec;
+    /// Computes the output of `run.period`. It may run again on another node
+    /// (a holder that lost its lease): only the run holding the current
+    /// token can commit, so it must not have other side effects.
+    fn run(&self, run: JobRun) -> BoxedFuture<'_, Result<JobOutput, String>>;
+}
+
+/// One period's run of a job, with its fencing token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRun {
+    pub job: String,
+    pub period: u64,
+    /// The token is (period, lease_epoch).
+    pub lease_epoch: u64,
+    /// When the period started (ms since the Unix epoch) and its length.
+    pub period_start_ms: u64,
+    pub period_ms: u64,
+    /// The node running it.
+    pub node: orrery_core::NodeId,
+}
+
+/// What a job run produced: rows committed with the token, and one line
+/// for the timeline.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobOutput {
+    pub rows: Vec<(String, Vec<u8>)>,
+    pub summary: String,
+}
+
+/// Console commands a service adds under its own first word (for example
+/// `universe campaigns 42`). They run with the same token, deadline and
+/// bounds as the built-in ones.
+pub trait ConsoleExtension: Send + Sync + 'static {
+    /// The first word it owns.
+    fn word(&self) -> &'static str;
+    /// Usage lines, for `help`.
+    fn usage(&self) -> Vec<&'static str>;
+    /// Whether `args` (after the first word) would change anything.
+    fn is_mutation(&self, args: &[String]) -> bool;
+    /// Runs `args` (after the first word): (one-line summary, data), or an
+    /// error message for the operator (nothing changed).
+    fn run<'a>(
+        &'a self,
+        args: &'a [String],
+    ) -> BoxedFuture<'a, Result<(String, serde_json::Value), String>>;
+}
+
 /// What a service is doing right now, shared with the node's reporter.
 #[derive(Clone, Default)]
 pub struct StageContext {

@@ -95,6 +95,10 @@ pub struct CallCtx {
     pub deadline: Instant,
     /// Callers waiting on this call, outermost first (this hop included).
     pub chain: Vec<Hop>,
+    /// The ownership epoch this node holds the shard under (set for loads
+    /// and calls served here): the token every store write for the shard
+    /// carries, so a former owner's late write is refused as stale.
+    pub owner_epoch: Option<u64>,
     router: Option<Arc<dyn Router>>,
 }
 
@@ -103,6 +107,7 @@ impl CallCtx {
         CallCtx {
             deadline,
             chain,
+            owner_epoch: None,
             router,
         }
     }
@@ -376,7 +381,8 @@ impl ShardHost {
             shard: id,
             call: "load".into(),
         };
-        let ctx = CallCtx::new(deadline, vec![hop], Some(router));
+        let mut ctx = CallCtx::new(deadline, vec![hop], Some(router));
+        ctx.owner_epoch = Some(epoch);
         let result = service.load(id, ctx).await;
         self.loading
             .lock()
@@ -509,10 +515,12 @@ impl ShardHost {
             }
         };
         let (reply, rx) = oneshot::channel();
+        let mut served = ctx.clone();
+        served.owner_epoch = Some(entry.epoch);
         let env = Envelope {
             call,
             payload,
-            ctx: ctx.clone(),
+            ctx: served,
             reply,
         };
         tx.try_send(env).map_err(|e| match e {
