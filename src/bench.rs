@@ -131,36 +131,47 @@ pub fn startup_inproc(nodes: u64, voters: u64, seed: u64, runs: u64) -> Result<(
 }
 
 /// A fresh local cluster of real processes in a temporary directory.
-struct BenchCluster {
-    _dir: tempfile::TempDir,
-    manifest: Manifest,
-    procs: NodeProcs,
-    client: AdminClient,
+pub(crate) struct BenchCluster {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) manifest: Manifest,
+    pub(crate) procs: NodeProcs,
+    pub(crate) client: AdminClient,
 }
 
 impl BenchCluster {
     fn start(nodes: u64, tweak: impl FnOnce(&mut Plan)) -> Result<BenchCluster> {
-        let dir = tempfile::tempdir()?;
-        let mut plan = Plan::new(nodes, 3, dir.path());
-        plan.log.level = "warn".into();
-        tweak(&mut plan);
-        let manifest = local::prepare(&plan)?;
-        let exe = std::env::current_exe().context("cannot find the orrery binary")?;
-        let mut procs = NodeProcs::new(exe, dir.path());
-        procs.start_all(&manifest)?;
-        let c = BenchCluster {
-            _dir: dir,
-            manifest,
-            procs,
-            client: AdminClient::default(),
-        };
+        let c = Self::launch(nodes, tweak, |_| Ok(()))?;
         c.wait(Duration::from_secs(60), "stage 0", |s| {
             s.stage == Stage::READY && s.laggards(Stage::READY).is_empty()
         })?;
         Ok(c)
     }
 
-    fn wait(
+    /// Lays the cluster out, runs `before` on its data dir, starts every
+    /// node, and returns at once.
+    pub(crate) fn launch(
+        nodes: u64,
+        tweak: impl FnOnce(&mut Plan),
+        before: impl FnOnce(&std::path::Path) -> Result<()>,
+    ) -> Result<BenchCluster> {
+        let dir = tempfile::tempdir()?;
+        let mut plan = Plan::new(nodes, 3, dir.path());
+        plan.log.level = "warn".into();
+        tweak(&mut plan);
+        let manifest = local::prepare(&plan)?;
+        before(dir.path())?;
+        let exe = std::env::current_exe().context("cannot find the orrery binary")?;
+        let mut procs = NodeProcs::new(exe, dir.path());
+        procs.start_all(&manifest)?;
+        Ok(BenchCluster {
+            dir,
+            manifest,
+            procs,
+            client: AdminClient::default(),
+        })
+    }
+
+    pub(crate) fn wait(
         &self,
         timeout: Duration,
         what: &str,
@@ -178,7 +189,7 @@ impl BenchCluster {
         bail!("timed out after {timeout:?} waiting for {what}")
     }
 
-    fn state(&self) -> Result<ClusterState> {
+    pub(crate) fn state(&self) -> Result<ClusterState> {
         self.client.cluster_state(&self.manifest)
     }
 }
@@ -195,7 +206,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn summary(name: &str, mut v: Vec<u64>) -> String {
+pub(crate) fn summary(name: &str, mut v: Vec<u64>) -> String {
     v.sort_unstable();
     format!(
         "{name:<34} n={:<3} p50 {:>5} ms  p99 {:>5} ms  max {:>5} ms",

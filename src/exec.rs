@@ -419,8 +419,9 @@ mod tests {
 
     #[test]
     fn a_bad_command_is_refused_before_anything_is_sent() {
-        let e = exec(&[], &["frobnicate".into()], None, Duration::from_secs(1)).unwrap_err();
-        assert!(e.to_string().contains("unknown command"), "{e}");
+        let args: Vec<String> = ["log", "level", "x", "loud"].map(String::from).to_vec();
+        let e = exec(&[], &args, None, Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("unknown level"), "{e}");
     }
 
     #[test]

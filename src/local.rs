@@ -47,6 +47,11 @@ pub struct Plan {
     pub watchdog: WatchdogConfig,
     /// Where every node forwards its warnings.
     pub log_forward: ForwardConfig,
+    /// The `[store]` of every node; `path` is always `DATA_DIR/store.db`,
+    /// one SQLite file shared by the whole local cluster.
+    pub store: orrery_store::StoreConfig,
+    /// Application sections of every node (`[app.universe]`).
+    pub app: toml::Table,
 }
 
 impl Plan {
@@ -94,6 +99,8 @@ impl Plan {
                 collector: Some(1),
                 ..Default::default()
             },
+            store: orrery_store::StoreConfig::default(),
+            app: toml::Table::new(),
         }
     }
 }
@@ -125,6 +132,11 @@ impl Manifest {
     /// The admin token of a local cluster (readable by its owner only).
     pub fn token_path(data_dir: &Path) -> PathBuf {
         data_dir.join("admin.token")
+    }
+
+    /// The SQLite store every node of a local cluster shares.
+    pub fn store_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("store.db")
     }
 
     pub fn node_config_path(data_dir: &Path, id: NodeId) -> PathBuf {
@@ -211,6 +223,7 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
         cluster_id: format!("orrery-local-{}", &secret[..8]),
         nodes: nodes.clone(),
     };
+    let store_path = Manifest::store_path(&plan.data_dir.canonicalize()?);
     for n in &nodes {
         let dir = plan.data_dir.join(format!("node-{}", n.id));
         std::fs::create_dir_all(&dir)?;
@@ -252,6 +265,15 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
             log: plan.log.clone(),
             watchdog: plan.watchdog.clone(),
             log_forward: plan.log_forward.clone(),
+            // One SQLite file shared by every node of the local cluster.
+            store: match plan.store.backend {
+                orrery_store::BackendKind::Sqlite => orrery_store::StoreConfig {
+                    path: Some(store_path.clone()),
+                    ..plan.store.clone()
+                },
+                orrery_store::BackendKind::Postgres => plan.store.clone(),
+            },
+            app: plan.app.clone(),
             nodes: nodes.clone(),
         };
         cfg.validate()?;
@@ -262,6 +284,23 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
     }
     std::fs::write(Manifest::path(&plan.data_dir), toml::to_string(&manifest)?)?;
     Ok(manifest)
+}
+
+/// Runs the universe on every node of the plan (`[app.universe]`).
+pub fn with_universe(plan: &mut Plan, cfg: &orrery_universe::UniverseConfig) -> Result<()> {
+    cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let value = toml::Value::try_from(cfg).context("encode the universe config")?;
+    plan.app.insert("universe".into(), value);
+    Ok(())
+}
+
+/// The universe settings node 1 of a local cluster runs with.
+pub fn universe_config(data_dir: &Path) -> Result<orrery_universe::UniverseConfig> {
+    let cfg = NodeConfig::load(&Manifest::node_config_path(data_dir, 1))?;
+    match cfg.app.get("universe") {
+        Some(v) => Ok(v.clone().try_into().context("[app.universe]")?),
+        None => bail!("{} does not run the universe", data_dir.display()),
+    }
 }
 
 /// Writes a file only its owner may read (the admin token).

@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_logging;
+mod bench_universe;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -15,7 +16,9 @@ use orrery::exec;
 use orrery::local::{self, AdminClient, Manifest, Plan};
 use orrery_core::{Stage, StuckPolicy};
 use orrery_node::clock::now_ms;
-use orrery_node::{DemoService, DemoShards, Node, NodeConfig, Service, Services};
+use orrery_node::{
+    DemoService, DemoShards, DemoStatsJob, Node, NodeConfig, PeriodicJob, Service, Services,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +69,18 @@ enum Cmd {
         /// `exclude` or `wait`, for a new cluster's config.
         #[arg(long, default_value = "exclude")]
         stuck_policy: StuckPolicy,
+        /// Run the built-in demo service instead of the universe.
+        #[arg(long)]
+        demo: bool,
+        /// Systems of the universe generated on a new cluster's first start.
+        #[arg(long, default_value_t = 1000)]
+        universe_systems: usize,
+        /// NPC operations per second started by each node.
+        #[arg(long, default_value_t = 20)]
+        npc_ops_per_s: u32,
+        /// The statistics job's period.
+        #[arg(long, default_value_t = 60_000)]
+        stats_period_ms: u64,
     },
     /// Print a table of the nodes of a local cluster.
     Status {
@@ -150,6 +165,21 @@ enum UniverseCmd {
     },
     /// Validate a universe file: every broken row is named and the file refused.
     Check { file: PathBuf },
+    /// Import a universe file into a local cluster's store (validated
+    /// first; the meta row is written last, so a cut-short import is redone).
+    Import {
+        file: PathBuf,
+        #[arg(long, default_value = "orrery-data")]
+        data_dir: PathBuf,
+    },
+    /// The latest committed statistics periods of a local cluster.
+    Stats {
+        #[arg(long, default_value = "orrery-data")]
+        data_dir: PathBuf,
+        /// How many periods.
+        #[arg(long, default_value_t = 10)]
+        last: u64,
+    },
 }
 
 /// Which cluster a console command goes to, and with which token.
@@ -190,6 +220,24 @@ fn parse_timeout(s: &str) -> Result<Duration> {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// The universe on real processes: time to stage 0 with 5,000 systems
+    /// and 300 campaigns, sustained NPC operations/s, and the singleton
+    /// job's failover beside etcd's leader election (`etcdctl elect`).
+    Universe {
+        #[arg(long, default_value_t = 10)]
+        nodes: u64,
+        #[arg(long, default_value_t = 5000)]
+        systems: usize,
+        /// NPC operations per second each node starts.
+        #[arg(long, default_value_t = 200)]
+        npc_ops_per_s: u32,
+        /// Holder kills.
+        #[arg(long, default_value_t = 5)]
+        failovers: u64,
+        /// Skip the etcd measurement.
+        #[arg(long)]
+        no_etcd: bool,
+    },
     /// Logging: orrery-log vs tracing-appender (lossy, lossless): file
     /// throughput from several threads, and event-loop lag while the sink
     /// is stalled.
@@ -252,11 +300,25 @@ fn main() -> Result<()> {
             ready_timeout_s,
             stage_deadline_ms,
             stuck_policy,
+            demo,
+            universe_systems,
+            npc_ops_per_s,
+            stats_period_ms,
         } => {
             let mut plan = Plan::new(nodes, voters, data_dir);
             plan.arbiters = arbiters;
             plan.stage_deadline_ms = stage_deadline_ms;
             plan.stuck_policy = stuck_policy;
+            if !demo {
+                let cfg = orrery_universe::UniverseConfig {
+                    npc_ops_per_s,
+                    stats_period_ms,
+                    ..Default::default()
+                };
+                local::with_universe(&mut plan, &cfg)?;
+                local::prepare(&plan)?;
+                prepare_universe(&plan.data_dir, 1, universe_systems)?;
+            }
             up(plan, exit_when_ready, Duration::from_secs(ready_timeout_s))
         }
         Cmd::Status {
@@ -349,6 +411,24 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Universe {
+            which: UniverseCmd::Import { file, data_dir },
+        } => {
+            let u = orrery_universe::Universe::load(&file)?;
+            let store = local_store(&data_dir)?;
+            let m = orrery_universe::import(&*store, &u)?;
+            println!(
+                "imported universe {} ({} systems, {} campaigns) into {}",
+                m.seed,
+                m.systems,
+                m.campaign_systems.len(),
+                Manifest::store_path(&data_dir).display()
+            );
+            Ok(())
+        }
+        Cmd::Universe {
+            which: UniverseCmd::Stats { data_dir, last },
+        } => universe_stats(&data_dir, last),
+        Cmd::Universe {
             which: UniverseCmd::Check { file },
         } => {
             let u = orrery_universe::Universe::load(&file)?;
@@ -376,6 +456,16 @@ fn main() -> Result<()> {
                 bench::startup(nodes, voters, seed, runs)
             }
         }
+        Cmd::Bench {
+            which:
+                Bench::Universe {
+                    nodes,
+                    systems,
+                    npc_ops_per_s,
+                    failovers,
+                    no_etcd,
+                },
+        } => bench_universe::universe(nodes, systems, npc_ops_per_s, failovers, !no_etcd),
         Cmd::Bench {
             which:
                 Bench::Detection {
@@ -413,12 +503,53 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
         let admin = tokio::net::TcpListener::bind(&admin_addr)
             .await
             .with_context(|| format!("cannot listen on admin address {admin_addr}"))?;
-        let services = Services {
-            stages: vec![Arc::new(DemoService::new(cfg.demo.clone())) as Arc<dyn Service>],
-            shards: Some(Arc::new(DemoShards::new(cfg.demo.shards))),
-            ..Default::default()
+        // The fenced store for application data and job output.
+        let store_cfg = cfg.store_config();
+        let store = tokio::task::spawn_blocking(move || orrery_store::open(&store_cfg))
+            .await?
+            .context("cannot open the store")?;
+        let store: Arc<dyn orrery_store::Store> = Arc::from(store);
+        // `[app.universe]` runs the universe; otherwise the built-in demo.
+        let universe = match cfg.app.get("universe") {
+            Some(v) => {
+                let ucfg: orrery_universe::UniverseConfig =
+                    v.clone().try_into().context("invalid [app.universe]")?;
+                let s = store.clone();
+                let u = tokio::task::spawn_blocking(move || {
+                    orrery_universe::UniverseService::open(ucfg, s)
+                })
+                .await?
+                .map_err(|e| anyhow::anyhow!("cannot run the universe: {e}"))?;
+                Some(u)
+            }
+            None => None,
+        };
+        let services = match &universe {
+            Some(u) => Services {
+                stages: vec![
+                    Arc::new(orrery_universe::UniverseStages(u.clone())) as Arc<dyn Service>
+                ],
+                shards: Some(u.clone()),
+                jobs: vec![Arc::new(orrery_universe::StatsJob(u.clone())) as Arc<dyn PeriodicJob>],
+                store: Some(store.clone()),
+                console: vec![Arc::new(orrery_universe::UniverseConsole(u.clone()))
+                    as Arc<dyn orrery_node::ConsoleExtension>],
+            },
+            None => Services {
+                stages: vec![Arc::new(DemoService::new(cfg.demo.clone())) as Arc<dyn Service>],
+                shards: Some(Arc::new(DemoShards::new(cfg.demo.shards))),
+                jobs: DemoStatsJob::new(&cfg.demo)
+                    .map(|j| Arc::new(j) as Arc<dyn PeriodicJob>)
+                    .into_iter()
+                    .collect(),
+                store: Some(store.clone()),
+                ..Default::default()
+            },
         };
         let node = Node::start(cfg, services).await?;
+        if let Some(u) = &universe {
+            u.attach(node.clone());
+        }
         node.attach_log(log.clone());
         let admin_task = tokio::spawn(orrery_node::admin::serve(admin, node.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -649,5 +780,78 @@ fn console(nodes: String, timeout: Duration, target: ClusterTarget) -> Result<()
         }
     }
     let _ = rl.save_history(&history);
+    Ok(())
+}
+
+/// The local cluster's shared store.
+fn local_store(data_dir: &std::path::Path) -> Result<Box<dyn orrery_store::Store>> {
+    let path = Manifest::store_path(data_dir);
+    orrery_store::open(&orrery_store::StoreConfig::sqlite(&path))
+        .with_context(|| format!("cannot open the store {}", path.display()))
+}
+
+/// On a new cluster's first start: generate a universe and import it.
+fn prepare_universe(data_dir: &std::path::Path, seed: u64, systems: usize) -> Result<()> {
+    let store = local_store(data_dir)?;
+    match orrery_universe::import::meta(&*store) {
+        Ok(m) => {
+            println!(
+                "orrery: universe {} ({} systems, {} campaigns) already in {}",
+                m.seed,
+                m.systems,
+                m.campaign_systems.len(),
+                Manifest::store_path(data_dir).display()
+            );
+            Ok(())
+        }
+        Err(orrery_universe::ImportError::Incomplete) => {
+            let t = Instant::now();
+            let u = orrery_universe::generate(seed, orrery_universe::Sizes::for_systems(systems))?;
+            u.save(&data_dir.join("universe.json"))?;
+            let m = orrery_universe::import(&*store, &u)?;
+            println!(
+                "orrery: generated and imported universe {seed}: {} systems, {} alliances, {} campaigns, {} regions in {:.1} s",
+                m.systems,
+                m.alliances,
+                m.campaign_systems.len(),
+                m.regions,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `orrery universe stats`: committed periods of the statistics job.
+fn universe_stats(data_dir: &std::path::Path, last: u64) -> Result<()> {
+    let store = local_store(data_dir)?;
+    let job = orrery_universe::service::STATS_JOB;
+    let now = orrery_node::clock::now_ms();
+    let manifest_cfg = local::universe_config(data_dir)?;
+    let current = now / manifest_cfg.stats_period_ms.max(1);
+    let rows = store.job_periods(job, current.saturating_sub(last), current + 1)?;
+    println!(
+        "{:>10}  {:>11}  {:>8}  {:>8}  {:>15}  committed",
+        "period", "lease epoch", "jumps", "trades", "campaign events"
+    );
+    for r in &rows {
+        let total: orrery_universe::service::Activity = r
+            .rows
+            .iter()
+            .find(|(k, _)| k == "total")
+            .and_then(|(_, v)| serde_json::from_slice(v).ok())
+            .unwrap_or_default();
+        println!(
+            "{:>10}  {:>11}  {:>8}  {:>8}  {:>15}  {}",
+            r.period,
+            r.lease_epoch,
+            total.jumps,
+            total.trades,
+            total.campaign_events,
+            exec::format_ms(r.committed_at_ms)
+        );
+    }
+    println!("{} committed periods", rows.len());
     Ok(())
 }

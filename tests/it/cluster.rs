@@ -61,6 +61,11 @@ impl TestCluster {
         self.procs.start_all(&self.manifest).expect("start nodes");
     }
 
+    /// Starts (or restarts, after `kill`) node `id`'s process.
+    pub fn start(&mut self, id: NodeId) {
+        self.procs.start(id).expect("start node");
+    }
+
     /// SIGKILL: the process dies without a word.
     pub fn kill(&mut self, id: NodeId) {
         self.procs.kill(id);

@@ -6,7 +6,8 @@
 //! `operations` drives real clusters from the console, the admin API, the
 //! dashboard (headless Chromium) and the timeline;
 //! `startup` starts real `orrery node` processes on 127.0.0.1 through the
-//! harness in `cluster`.
+//! harness in `cluster`; `jobs` kills per-period jobs' holders and reads
+//! the store they share.
 
 // Tests run real processes against real time; the determinism rules bind
 // decision logic, not the harness that watches it.
@@ -14,8 +15,10 @@
 
 mod cluster;
 mod inproc;
+mod jobs;
 mod membership;
 mod operations;
 mod shards;
 mod sim;
 mod startup;
+mod universe;

@@ -604,22 +604,9 @@ impl ClusterState {
                 if self.current(node, epoch).is_none() {
                     return reject(format!("node {node} epoch {epoch} is not current"));
                 }
-                // A cluster-wide bound, so alarms from many nodes cannot
-                // push membership decisions out of the bounded event list.
-                let (start, count) = self.alarm_window;
-                let (start, count) = if at.saturating_sub(start) >= ALARM_WINDOW_MS {
-                    (at, 0)
-                } else {
-                    (start, count)
-                };
-                if count >= MAX_ALARMS_PER_WINDOW {
-                    self.alarm_window = (start, count);
-                    return reject(format!(
-                        "more than {MAX_ALARMS_PER_WINDOW} alarms in {} s: recorded in the node's log only",
-                        ALARM_WINDOW_MS / 1000
-                    ));
+                if let Err(reason) = self.take_alarm_budget(at) {
+                    return reject(reason);
                 }
-                self.alarm_window = (start, count + 1);
                 self.event(
                     index,
                     at,
@@ -630,6 +617,9 @@ impl ClusterState {
                 Response::Ok
             }
             Command::Deadlock { cycle, at } => {
+                if let Err(reason) = self.take_alarm_budget(at) {
+                    return reject(reason);
+                }
                 let text = cycle.join(" -> ");
                 self.event(
                     index,
@@ -1018,6 +1008,27 @@ impl ClusterState {
                 .into(),
         );
         Response::Ok
+    }
+
+    /// A cluster-wide bound shared by alarms and deadlock reports, so a
+    /// flood from many nodes (or a load retried in a wait cycle) cannot
+    /// push membership decisions out of the bounded event list.
+    fn take_alarm_budget(&mut self, at: Millis) -> Result<(), String> {
+        let (start, count) = self.alarm_window;
+        let (start, count) = if at.saturating_sub(start) >= ALARM_WINDOW_MS {
+            (at, 0)
+        } else {
+            (start, count)
+        };
+        if count >= MAX_ALARMS_PER_WINDOW {
+            self.alarm_window = (start, count);
+            return Err(format!(
+                "more than {MAX_ALARMS_PER_WINDOW} alarms and deadlock reports in {} s: recorded in the node's log only",
+                ALARM_WINDOW_MS / 1000
+            ));
+        }
+        self.alarm_window = (start, count + 1);
+        Ok(())
     }
 
     pub(crate) fn event(

@@ -86,6 +86,14 @@ pub struct NodeConfig {
     /// The event-loop watchdog.
     #[serde(default)]
     pub watchdog: WatchdogConfig,
+    /// Where application data and per-period job output are stored
+    /// (fenced). Default: SQLite at `data_dir/store.db`.
+    #[serde(default)]
+    pub store: orrery_store::StoreConfig,
+    /// Application sections (e.g. `[app.universe]`), passed to the
+    /// services untouched; each service validates its own.
+    #[serde(default)]
+    pub app: toml::Table,
     /// Every node of the cluster.
     pub nodes: Vec<NodeEntry>,
 }
@@ -254,6 +262,32 @@ pub struct DemoConfig {
     pub log_burst_lines: u64,
     /// Shards of the demo shard kind `demo` (keys 0..shards). Default 64.
     pub shards: u64,
+    /// The demo per-period job `demo-stats`: its period (0: off). Default 0.
+    pub job_period_ms: u64,
+    /// Its deadline within the period (0: the whole period). Default 0.
+    pub job_deadline_ms: u64,
+    /// Fault hook: each run works this long before writing its row, so a
+    /// holder can be killed mid-run. Default 0.
+    pub job_work_ms: u64,
+}
+
+impl DemoConfig {
+    /// The demo job's spec, if it is enabled.
+    pub fn job_spec(&self) -> Option<orrery_core::JobSpec> {
+        if self.job_period_ms == 0 {
+            return None;
+        }
+        let deadline = if self.job_deadline_ms == 0 {
+            self.job_period_ms
+        } else {
+            self.job_deadline_ms
+        };
+        Some(orrery_core::JobSpec::new(
+            crate::service::DEMO_JOB,
+            self.job_period_ms,
+            deadline,
+        ))
+    }
 }
 
 impl Default for DemoConfig {
@@ -264,6 +298,9 @@ impl Default for DemoConfig {
             hang_at_item: 0,
             log_burst_lines: 0,
             shards: 64,
+            job_period_ms: 0,
+            job_deadline_ms: 0,
+            job_work_ms: 0,
         }
     }
 }
@@ -349,6 +386,16 @@ impl NodeConfig {
         self.log
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
+        if let Some(spec) = self.demo.job_spec() {
+            spec.validate()
+                .map_err(|e| ConfigError::Invalid(format!("demo.job_period_ms: {e}")))?;
+        }
+        if self.demo.job_work_ms > 600_000 {
+            return bad("demo.job_work_ms must be at most 600000".into());
+        }
+        self.store_config()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let r = &self.raft;
         if !(r.heartbeat_ms < r.election_min_ms && r.election_min_ms < r.election_max_ms) {
             return bad(
@@ -412,6 +459,16 @@ impl NodeConfig {
         }
     }
 
+    /// The `[store]` section with its default filled in: a SQLite store
+    /// without a `path` lives at `data_dir/store.db`.
+    pub fn store_config(&self) -> orrery_store::StoreConfig {
+        let mut s = self.store.clone();
+        if s.backend == orrery_store::BackendKind::Sqlite && s.path.is_none() && s.url.is_none() {
+            s.path = Some(self.data_dir.join("store.db"));
+        }
+        s
+    }
+
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.rpc.call_timeout_ms)
     }
@@ -470,6 +527,47 @@ role = "voter"
         c.validate().unwrap();
         assert_eq!(c.startup.stage_deadline_ms, 60_000);
         assert_eq!(c.startup.stuck_policy, StuckPolicy::Exclude);
+        assert_eq!(
+            c.store_config().validate().unwrap(),
+            orrery_store::Backend::Sqlite {
+                path: "/tmp/x/store.db".into()
+            }
+        );
+        assert!(
+            c.demo.job_spec().is_none(),
+            "the demo job is off by default"
+        );
+    }
+
+    #[test]
+    fn store_and_demo_job_keys() {
+        let text = sample().replace(
+            "[[nodes]]",
+            "[store]\npath = \"/tmp/shared.db\"\nbusy_timeout_ms = 100\n[demo]\njob_period_ms = 2000\njob_deadline_ms = 1800\n[[nodes]]",
+        );
+        let c: NodeConfig = toml::from_str(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.store_config().path, Some("/tmp/shared.db".into()));
+        assert_eq!(c.store_config().busy_timeout_ms, 100);
+        let spec = c.demo.job_spec().unwrap();
+        assert_eq!((spec.period_ms, spec.deadline_ms), (2000, 1800));
+        let mut bad = c.clone();
+        bad.demo.job_period_ms = 10;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("demo.job_period_ms"));
+        let mut bad = c.clone();
+        bad.demo.job_deadline_ms = 5000;
+        assert!(bad.validate().is_err());
+        let mut bad = c;
+        bad.store.pool_size = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("store.pool_size"));
     }
 
     #[test]

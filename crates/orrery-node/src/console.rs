@@ -101,6 +101,11 @@ pub enum ConsoleCommand {
     FaultBlockLoop {
         ms: u64,
     },
+    /// A command a service registered under its own first word (the node
+    /// refuses it if no service did).
+    Service {
+        args: Vec<String>,
+    },
 }
 
 /// Every command word with its usage, for `help` and completion.
@@ -316,6 +321,9 @@ impl ConsoleCommand {
                     ))
                 }
             },
+            other if other.chars().all(|c| c.is_ascii_lowercase() || c == '_') => C::Service {
+                args: w.iter().map(|x| x.to_string()).collect(),
+            },
             other => return Err(ConsoleError::Unknown(other.to_string())),
         })
     }
@@ -331,6 +339,7 @@ impl ConsoleCommand {
                 | C::FaultLogStall { .. }
                 | C::FaultLogEmit { .. }
                 | C::FaultBlockLoop { .. }
+                | C::Service { .. }
         )
     }
 
@@ -407,8 +416,19 @@ impl Node {
         };
         match cmd {
             C::Help => {
-                let lines: Vec<&str> = COMMANDS.iter().map(|(_, u)| *u).collect();
+                let mut lines: Vec<&str> = COMMANDS.iter().map(|(_, u)| *u).collect();
+                for ext in &inner.console_ext {
+                    lines.extend(ext.usage());
+                }
                 reply(format!("{} commands", lines.len()), &lines)
+            }
+            C::Service { args } => {
+                let word = args.first().map(String::as_str).unwrap_or_default();
+                let Some(ext) = inner.console_ext.iter().find(|e| e.word() == word) else {
+                    return Err(ConsoleError::Unknown(word.to_string()));
+                };
+                let (summary, data) = ext.run(&args[1..]).await.map_err(ConsoleError::Failed)?;
+                Ok(ConsoleReply { summary, data })
             }
             C::Status => {
                 let s = self.status();
@@ -650,7 +670,10 @@ mod tests {
     #[test]
     fn refuses_bad_input_with_a_clear_error() {
         assert_eq!(p(""), Err(ConsoleError::Empty));
-        assert_eq!(p("rm -rf /"), Err(ConsoleError::Unknown("rm".into())));
+        // Unknown words go to the node, which refuses what no service registered.
+        assert!(matches!(p("rm -rf /"), Ok(ConsoleCommand::Service { .. })));
+        assert_eq!(p("rm; -rf"), Err(ConsoleError::Unknown("rm;".into())));
+        assert_eq!(p("Rm"), Err(ConsoleError::Unknown("Rm".into())));
         assert!(
             matches!(p("log level noisy loud"), Err(ConsoleError::BadArgument(m)) if m.contains("loud"))
         );

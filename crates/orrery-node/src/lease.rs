@@ -147,6 +147,7 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
             Ok(Reply::HeartbeatAck {
                 view,
                 shards_version,
+                jobs,
             }) => {
                 // Only the leader acknowledges heartbeats: remember it (the
                 // accusations and other leader-only requests go there).
@@ -156,6 +157,9 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
                     node.lease
                         .last_acked_send
                         .store(sent.max(1), Ordering::Relaxed);
+                    // The job leases held under this epoch: the runner
+                    // starts what it has not started yet.
+                    node.jobs.offer(epoch, jobs);
                 }
                 if let Some(v) = view {
                     node.lease.set_view(*v);

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod console;
 pub mod health;
+pub mod jobs;
 mod lease;
 pub mod logfwd;
 pub mod messages;
@@ -26,9 +27,10 @@ pub mod transport;
 pub mod watchdog;
 
 pub use config::NodeConfig;
+pub use jobs::JobStats;
 pub use node::{Node, NodeError, NodeStatus, Services};
 pub use service::{
-    BoxedFuture, ConsoleExtension, DemoService, DemoShards, JobOutput, JobRun, PeriodicJob,
-    Service, ServiceError, ServiceFuture, StageContext,
+    BoxedFuture, ConsoleExtension, DemoService, DemoShards, DemoStatsJob, JobOutput, JobRun,
+    PeriodicJob, Service, ServiceError, ServiceFuture, StageContext,
 };
 pub use transport::{MemFaults, MemNetwork, Transport};

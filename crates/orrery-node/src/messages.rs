@@ -7,7 +7,7 @@
 use crate::health::HealthProof;
 use crate::shards::{CallError, Hop};
 use orrery_core::shardmap::{ShardId, ShardMap};
-use orrery_core::{ClusterState, Command, Epoch, Gate, Health, NodeId, Response, Stage};
+use orrery_core::{ClusterState, Command, Epoch, Gate, Health, JobLease, NodeId, Response, Stage};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -152,11 +152,14 @@ pub enum Reply {
     },
     Error(String),
     /// The lease was renewed; a newer membership view if the node's is
-    /// stale, and the leader's shard map version (the node refreshes its
-    /// address cache when it is behind).
+    /// stale, the leader's shard map version (the node refreshes its
+    /// address cache when it is behind), and the job leases the node holds
+    /// under the epoch it heartbeats with (uncommitted periods only; at most
+    /// one per declared job, so at most `orrery_core::jobs::MAX_JOBS`).
     HeartbeatAck {
         view: Option<Box<MembershipView>>,
         shards_version: u64,
+        jobs: Vec<JobLease>,
     },
     /// Refused: the sender's epoch is revoked or superseded (which node,
     /// which epoch, why).

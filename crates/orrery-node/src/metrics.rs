@@ -227,6 +227,16 @@ pub(crate) fn render(inner: &Inner) -> String {
         "Shards moving to this node",
         hosted.loading as i64,
     );
+    let j = &st.jobs;
+    for (name, help, v) in [
+        ("jobs_started", "Per-period job runs started (one per lease token held)", j.started),
+        ("jobs_committed", "Job runs whose output the store and the control plane accepted", j.committed),
+        ("jobs_refused_stale", "Job runs refused as a stale holder (StaleToken, AlreadyCommitted, rejected commit, lease lost)", j.refused_stale),
+        ("jobs_failed", "Job runs that failed (job error, deadline, store or control plane error)", j.failed),
+        ("jobs_skipped", "Job leases learnt after their period was over", j.skipped),
+    ] {
+        counter(&mut reg, name, help, v);
+    }
     let w = st.wire;
     counter(
         &mut reg,

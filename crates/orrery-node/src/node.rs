@@ -99,6 +99,10 @@ pub struct NodeStatus {
     pub wire: WireStatsSnapshot,
     /// Version (log index) of the address cache this node holds.
     pub address_cache_version: u64,
+    /// Per-period jobs this process ran, committed, or was refused as a
+    /// stale holder.
+    #[serde(default)]
+    pub jobs: crate::jobs::JobStats,
 }
 
 /// What application code a node runs: stage hooks and, optionally, a
@@ -147,6 +151,8 @@ pub(crate) struct Inner {
     coordinator: Mutex<Option<Coordinator>>,
     cache: Mutex<Option<Arc<ClusterState>>>,
     services: Vec<Arc<dyn Service>>,
+    /// Console commands the services add, by first word.
+    pub(crate) console_ext: Vec<Arc<dyn ConsoleExtension>>,
     pub(crate) shards: Arc<ShardHost>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) health: HealthHandle,
@@ -166,6 +172,8 @@ pub(crate) struct Inner {
     pub(crate) cluster_log: OnceLock<Arc<ClusterLog>>,
     /// Requests served, by kind, and their latency.
     pub(crate) rpc: RpcMetrics,
+    /// Per-period jobs: the leases held, the runs, their counters.
+    pub(crate) jobs: crate::jobs::JobRunner,
 }
 
 /// Carries the control plane's opaque Raft RPCs over the node's transport.
@@ -283,8 +291,11 @@ impl Node {
             Duration::from_millis(cfg.membership.self_fence_after_ms),
             services.shards.clone(),
         ));
+        let jobs = crate::jobs::JobRunner::new(services.jobs.clone(), services.store.clone());
+        let console_ext = services.console.clone();
         let services = services.stages;
         let inner = Arc::new(Inner {
+            jobs,
             shards,
 
             stats,
@@ -309,6 +320,7 @@ impl Node {
             coordinator: Mutex::new(None),
             cache: Mutex::new(None),
             services,
+            console_ext,
             shutdown,
             cfg,
         });
@@ -330,6 +342,9 @@ impl Node {
         tokio::spawn(watch_fail_stop(inner.clone()));
         inner.watchdog.spawn(inner.shutdown.clone(), now_ms);
         tokio::spawn(record_alarms(inner.clone()));
+        if inner.cfg.me().role.hosts_services() && !inner.jobs.specs().is_empty() {
+            tokio::spawn(crate::jobs::run(inner.clone()));
+        }
         lease::spawn_heartbeats(inner.clone(), inner.hb_net.clone());
         Ok(Node { inner })
     }
@@ -627,6 +642,7 @@ impl Inner {
             vec![]
         };
         s.health = Some(self.health.report());
+        s.jobs = self.jobs.stats();
         s.membership_version = self.lease.view().version;
         s.refused_fenced = self.refused.load(Ordering::Relaxed);
         s.ignored_accusations = self
@@ -672,8 +688,23 @@ impl Inner {
                 .fresh(self.mono_ms(), self.cfg.membership.self_fence_after_ms)
     }
 
+    /// Whether this node may serve shard calls: not fenced, lease fresh, and
+    /// past stage -2 (it holds the shard map). Shards load during stage -1
+    /// and call each other while loading (a campaign system asks its
+    /// alliance for the capital), so serving must not wait for stage 0;
+    /// ownership safety comes from the lease and the ownership epoch.
+    pub(crate) fn serves_shards(&self) -> bool {
+        let st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.stage >= Stage::ADDRESSED.number()
+            && st.fenced.is_none()
+            && !self.lease.is_fenced()
+            && self
+                .lease
+                .fresh(self.mono_ms(), self.cfg.membership.self_fence_after_ms)
+    }
+
     /// Serves a call for a shard that should live here: only while this node
-    /// serves at all (fresh lease, not fenced).
+    /// serves shards (fresh lease, not fenced, map held).
     async fn serve_shard(
         self: &Inner,
         shard: ShardId,
@@ -683,7 +714,7 @@ impl Inner {
         deadline: tokio::time::Instant,
         chain: Vec<Hop>,
     ) -> Result<Vec<u8>, CallError> {
-        let refused = if self.serving() {
+        let refused = if self.serves_shards() {
             None
         } else {
             Some(
@@ -894,9 +925,20 @@ impl Inner {
                     ));
                 }
                 let view = self.lease.view();
+                // The leases it holds under this very epoch: a new process of
+                // the same node must not run its predecessor's periods.
+                let jobs = state
+                    .state
+                    .0
+                    .jobs_held_by(node)
+                    .into_iter()
+                    .filter(|l| l.holder_epoch == hb_epoch)
+                    .cloned()
+                    .collect();
                 Reply::HeartbeatAck {
                     view: (view.version != view_version).then(|| Box::new((*view).clone())),
                     shards_version: state.state.0.shards.version,
+                    jobs,
                 }
             }
             Request::Raft(_) => Reply::Error("routed by Server".into()),
@@ -1013,7 +1055,7 @@ impl Inner {
         Err(format!("control plane unreachable: {last}"))
     }
 
-    async fn propose(&self, cmd: Command) -> Result<Response, String> {
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<Response, String> {
         match self.ask(Request::Propose(cmd)).await? {
             Reply::Committed { response, .. } => Ok(response),
             other => Err(format!("unexpected reply {other:?}")),
@@ -1047,6 +1089,7 @@ async fn coordinate(node: Arc<Inner>) {
     let mut tick = tokio::time::interval(Inner::interval(node.cfg.startup.coordinator_tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut doing = "";
+    let mut job_declaration_refused = false;
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -1092,6 +1135,31 @@ async fn coordinate(node: Arc<Inner>) {
                 debug!(target: LOG, "declare shards: {e}");
             }
             continue;
+        }
+        // ... and the per-period jobs they define (once: when the
+        // replicated declaration differs). A declaration the control plane
+        // would refuse is reported once and not proposed.
+        let specs = node.jobs.specs();
+        if !specs.is_empty() && state.0.jobs.specs() != specs {
+            if let Err(e) = orrery_core::jobs::validate_declaration(specs) {
+                if !job_declaration_refused {
+                    warn!(target: LOG, "the services' jobs are not declared: {e}");
+                    job_declaration_refused = true;
+                }
+            } else {
+                let cmd = Command::DeclareJobs {
+                    jobs: specs.to_vec(),
+                    at: now_ms(),
+                };
+                match control.write(cmd).await {
+                    Ok((_, Response::Rejected { reason })) => {
+                        warn!(target: LOG, "job declaration rejected: {reason}")
+                    }
+                    Ok(_) => info!(target: LOG, jobs = specs.len(), "declared the services' jobs"),
+                    Err(e) => debug!(target: LOG, "declare jobs: {e}"),
+                }
+                continue;
+            }
         }
         // The coordinator's own health counts like anyone's: an impaired
         // leader decides nothing (it must not accuse anyone).
@@ -1394,10 +1462,14 @@ async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
             if h.loading == 0 && h.loaded >= h.assigned {
                 break;
             }
-            node.activity.step(
-                "shards",
-                format!("load shards ({}/{})", h.loaded, h.assigned),
-            );
+            let what = match &h.last_failure {
+                Some(f) => format!(
+                    "load shards ({}/{}; {} failing, {f})",
+                    h.loaded, h.assigned, h.failing
+                ),
+                None => format!("load shards ({}/{})", h.loaded, h.assigned),
+            };
+            node.activity.step("shards", what);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

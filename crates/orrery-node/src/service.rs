@@ -279,3 +279,85 @@ impl ShardActor for DemoShard {
         })
     }
 }
+
+/// The demo job's name.
+pub const DEMO_JOB: &str = "demo-stats";
+
+/// The built-in demo per-period job `demo-stats` (on when
+/// `demo.job_period_ms` > 0): each run writes one row, key `run`, value the
+/// JSON `{"node", "period", "lease_epoch"}` of the run, after working
+/// `demo.job_work_ms` (the fault hook that lets a test kill a holder
+/// mid-run).
+pub struct DemoStatsJob {
+    spec: orrery_core::JobSpec,
+    work_ms: u64,
+}
+
+impl DemoStatsJob {
+    /// The demo job, if `cfg` enables it.
+    pub fn new(cfg: &DemoConfig) -> Option<Self> {
+        Some(DemoStatsJob {
+            spec: cfg.job_spec()?,
+            work_ms: cfg.job_work_ms,
+        })
+    }
+}
+
+impl PeriodicJob for DemoStatsJob {
+    fn spec(&self) -> orrery_core::JobSpec {
+        self.spec.clone()
+    }
+
+    fn run(&self, run: JobRun) -> BoxedFuture<'_, Result<JobOutput, String>> {
+        Box::pin(async move {
+            if self.work_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(self.work_ms)).await;
+            }
+            let value = serde_json::json!({
+                "node": run.node,
+                "period": run.period,
+                "lease_epoch": run.lease_epoch,
+            });
+            Ok(JobOutput {
+                rows: vec![("run".to_string(), value.to_string().into_bytes())],
+                summary: format!("1 row by node {}", run.node),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_demo_job_writes_one_row_naming_its_token() {
+        let mut cfg = DemoConfig::default();
+        assert!(DemoStatsJob::new(&cfg).is_none(), "off by default");
+        cfg.job_period_ms = 2_000;
+        cfg.job_deadline_ms = 1_800;
+        let job = DemoStatsJob::new(&cfg).expect("on");
+        assert_eq!(
+            job.spec(),
+            orrery_core::JobSpec::new(DEMO_JOB, 2_000, 1_800)
+        );
+        let out = job
+            .run(JobRun {
+                job: DEMO_JOB.into(),
+                period: 12,
+                lease_epoch: 5,
+                period_start_ms: 24_000,
+                period_ms: 2_000,
+                node: 3,
+            })
+            .await
+            .expect("runs");
+        assert_eq!(out.rows.len(), 1);
+        assert_eq!(out.rows[0].0, "run");
+        let v: serde_json::Value = serde_json::from_slice(&out.rows[0].1).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"node": 3, "period": 12, "lease_epoch": 5})
+        );
+    }
+}

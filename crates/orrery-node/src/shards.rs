@@ -181,6 +181,8 @@ pub struct ShardsConfig {
     pub load_wait_ms: u64,
     /// Largest call payload. Default 1 MiB.
     pub max_payload: usize,
+    /// A failed load is retried after 100 ms, doubling up to this. Default 5000.
+    pub load_retry_max_ms: u64,
 }
 
 impl Default for ShardsConfig {
@@ -190,6 +192,7 @@ impl Default for ShardsConfig {
             slow_handler_ms: 500,
             load_wait_ms: 2_000,
             max_payload: 1 << 20,
+            load_retry_max_ms: 5_000,
         }
     }
 }
@@ -219,6 +222,12 @@ pub struct HostedShards {
     pub loaded: usize,
     /// Moves in progress: assigned here but not loaded yet.
     pub loading: usize,
+    /// Shards whose last load failed (they are retried with backoff).
+    #[serde(default)]
+    pub failing: usize,
+    /// The latest load failure: shard and error.
+    #[serde(default)]
+    pub last_failure: Option<String>,
 }
 
 /// The shards of one node.
@@ -237,6 +246,8 @@ pub struct ShardHost {
     service: Option<Arc<dyn ShardService>>,
     slots: Mutex<BTreeMap<ShardId, Slot>>,
     loading: Mutex<BTreeMap<ShardId, u64>>,
+    /// Shards whose last load failed: attempts so far and the error.
+    failures: Mutex<BTreeMap<ShardId, (u32, String)>>,
     map: Mutex<Arc<ShardMap>>,
     changed: tokio::sync::Notify,
 }
@@ -257,6 +268,7 @@ impl ShardHost {
             service,
             slots: Mutex::new(BTreeMap::new()),
             loading: Mutex::new(BTreeMap::new()),
+            failures: Mutex::new(BTreeMap::new()),
             map: Mutex::new(Arc::new(ShardMap::default())),
             changed: tokio::sync::Notify::new(),
         }
@@ -280,11 +292,18 @@ impl ShardHost {
         let assigned = map.entries.values().filter(|e| e.owner == self.me).count();
         let loaded = self.slots.lock().unwrap_or_else(|e| e.into_inner()).len();
         let loading = self.loading.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let last_failure = failures
+            .iter()
+            .max_by_key(|(_, (attempts, _))| *attempts)
+            .map(|(id, (attempts, e))| format!("shard {id} failed {attempts} time(s): {e}"));
         HostedShards {
             map_version: map.version,
             assigned,
             loaded,
             loading,
+            failing: failures.len(),
+            last_failure,
         }
     }
 
@@ -375,15 +394,43 @@ impl ShardHost {
         epoch: u64,
         router: Arc<dyn Router>,
     ) {
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.load_wait_ms * 5);
-        let hop = Hop {
-            node: self.me,
-            shard: id,
-            call: "load".into(),
+        let mut attempt = 0u32;
+        let result = loop {
+            let deadline = Instant::now() + Duration::from_millis(self.cfg.load_wait_ms * 5);
+            let hop = Hop {
+                node: self.me,
+                shard: id,
+                call: "load".into(),
+            };
+            let mut ctx = CallCtx::new(deadline, vec![hop], Some(router.clone()));
+            ctx.owner_epoch = Some(epoch);
+            let result = service.load(id, ctx).await;
+            let still_mine = self
+                .map()
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.owner == self.me && e.epoch == epoch);
+            match &result {
+                Err(e) if still_mine => {
+                    // Retried with backoff: a callee may not serve yet, a
+                    // store may be busy. The failure stays visible.
+                    attempt += 1;
+                    warn!(target: LOG, shard = ?id, "loading failed (attempt {attempt}): {e}");
+                    self.failures
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, (attempt, e.to_string()));
+                    let backoff =
+                        (100u64 << attempt.min(10)).min(self.cfg.load_retry_max_ms.max(1));
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                }
+                _ => break result,
+            }
         };
-        let mut ctx = CallCtx::new(deadline, vec![hop], Some(router));
-        ctx.owner_epoch = Some(epoch);
-        let result = service.load(id, ctx).await;
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         self.loading
             .lock()
             .unwrap_or_else(|e| e.into_inner())

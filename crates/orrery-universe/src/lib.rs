@@ -15,10 +15,16 @@
 //! function of its inputs).
 
 mod generate;
+pub mod import;
 mod model;
+pub mod service;
 
 pub use generate::{generate, Sizes};
+pub use import::{import, ImportError, UniverseMeta};
 pub use model::{
     Alliance, AllianceId, Campaign, CampaignId, Character, Constellation, MarketOrder, Region,
     RegionId, System, SystemId, Universe, UniverseError, MAX_SYSTEMS,
+};
+pub use service::{
+    StatsJob, Universe as UniverseService, UniverseConfig, UniverseConsole, UniverseStages,
 };
