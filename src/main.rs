@@ -795,8 +795,15 @@ fn prepare_universe(data_dir: &std::path::Path, seed: u64, systems: usize) -> Re
     let store = local_store(data_dir)?;
     match orrery_universe::import::meta(&*store) {
         Ok(m) => {
+            // Every row is checked before the cluster loads any of it.
+            orrery_universe::import::read_back(&*store).with_context(|| {
+                format!(
+                    "the universe in {} is broken; refusing to start",
+                    Manifest::store_path(data_dir).display()
+                )
+            })?;
             println!(
-                "orrery: universe {} ({} systems, {} campaigns) already in {}",
+                "orrery: universe {} ({} systems, {} campaigns) already in {}, every row valid",
                 m.seed,
                 m.systems,
                 m.campaign_systems.len(),

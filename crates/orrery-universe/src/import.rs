@@ -101,6 +101,17 @@ pub fn import(store: &dyn Store, u: &Universe) -> Result<UniverseMeta, ImportErr
         campaign_systems: u.campaigns.iter().map(|c| c.system).collect(),
         capitals: u.alliances.iter().map(|a| a.capital).collect(),
     };
+    let mut meta_ops: Vec<Op> = Vec::new();
+    for r in &u.regions {
+        meta_ops.push(Op::put("region", r.id.to_string(), json(r)));
+    }
+    for c in &u.constellations {
+        meta_ops.push(Op::put("constellation", c.id.to_string(), json(c)));
+    }
+    for c in &u.characters {
+        meta_ops.push(Op::put("character", c.id.to_string(), json(c)));
+    }
+    write_batched(store, META_SHARD, meta_ops)?;
     // The commit marker: written only once everything else is in.
     store.write(META_SHARD, 0, &[Op::put("meta", "universe", json(&meta))])?;
     Ok(meta)
@@ -123,6 +134,78 @@ pub fn meta(store: &dyn Store) -> Result<UniverseMeta, ImportError> {
         )));
     }
     Ok(m)
+}
+
+fn rows<T: for<'de> Deserialize<'de>>(
+    store: &dyn Store,
+    shard: &str,
+    table: &'static str,
+) -> Result<Vec<T>, ImportError> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.scan(shard, table, after.as_deref(), 1_000)?;
+        let last = page.last().map(|(k, _)| k.clone());
+        for (key, v) in page {
+            out.push(serde_json::from_slice(&v).map_err(|e| {
+                ImportError::Universe(UniverseError::BrokenRow {
+                    table,
+                    row: format!("{shard}/{key}"),
+                    what: format!("does not decode: {e}"),
+                })
+            })?);
+        }
+        match last {
+            Some(k) => after = Some(k),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Reads the whole universe back from the store and validates it: a broken
+/// row (a dangling jump link, an unknown alliance, a duplicate campaign)
+/// is reported with the row, and the universe refused.
+pub fn read_back(store: &dyn Store) -> Result<Universe, ImportError> {
+    let m = meta(store)?;
+    let mut u = Universe {
+        seed: m.seed,
+        regions: rows(store, META_SHARD, "region")?,
+        constellations: rows(store, META_SHARD, "constellation")?,
+        characters: rows(store, META_SHARD, "character")?,
+        ..Default::default()
+    };
+    for id in 0..m.systems as u32 {
+        let shard = system_shard(id);
+        let mut sys: Vec<crate::System> = rows(store, &shard, "system")?;
+        match sys.pop() {
+            Some(s) => u.systems.push(s),
+            None => {
+                return Err(ImportError::Universe(UniverseError::BrokenRow {
+                    table: "systems",
+                    row: id.to_string(),
+                    what: "missing from the store".into(),
+                }))
+            }
+        }
+        u.campaigns
+            .extend(rows::<crate::Campaign>(store, &shard, "campaign")?);
+    }
+    for id in 0..m.alliances as u32 {
+        u.alliances.extend(rows::<crate::Alliance>(
+            store,
+            &alliance_shard(id),
+            "alliance",
+        )?);
+    }
+    for id in 0..m.regions as u32 {
+        u.market_orders.extend(rows::<crate::MarketOrder>(
+            store,
+            &region_shard(id),
+            "order",
+        )?);
+    }
+    u.validate()?;
+    Ok(u)
 }
 
 #[cfg(test)]
@@ -154,5 +237,56 @@ mod tests {
         let e = import(&*s2, &bad).unwrap_err().to_string();
         assert!(e.contains("systems row 3"), "{e}");
         assert!(s2.get(&system_shard(0), "system", "row").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_broken_row_in_the_database_is_named_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let u = generate(9, Sizes::for_systems(300)).unwrap();
+        import(&*s, &u).unwrap();
+        let back = read_back(&*s).unwrap();
+        assert_eq!(back.systems, u.systems);
+        assert_eq!(back.campaigns.len(), u.campaigns.len());
+        // A campaign naming an alliance that does not exist.
+        let mut c = u.campaigns[0].clone();
+        c.attacker = 4_242;
+        let shard = system_shard(c.system);
+        s.write(
+            &shard,
+            0,
+            &[Op::put("campaign", c.id.to_string(), json(&c))],
+        )
+        .unwrap();
+        let e = read_back(&*s).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("campaigns row {}: unknown alliance 4242", c.id)),
+            "{e}"
+        );
+        // A dangling jump link.
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        import(&*s, &u).unwrap();
+        let mut sys = u.systems[7].clone();
+        sys.jumps.push(88_888);
+        s.write(&system_shard(7), 0, &[Op::put("system", "row", json(&sys))])
+            .unwrap();
+        let e = read_back(&*s).unwrap_err().to_string();
+        assert!(
+            e.contains("systems row 7: jump link to unknown system 88888"),
+            "{e}"
+        );
+        // Garbage in a row.
+        s.write(
+            &alliance_shard(1),
+            0,
+            &[Op::put("alliance", "row", b"{not json".to_vec())],
+        )
+        .unwrap();
+        let e = read_back(&*s).unwrap_err().to_string();
+        assert!(
+            e.contains("systems row 7") || e.contains("alliance/1/row"),
+            "{e}"
+        );
     }
 }
