@@ -210,7 +210,10 @@ fn wait_for_running_holder(c: &BenchCluster) -> Result<(u64, u64)> {
                 if let Some(l) = &j.lease {
                     let now = orrery_node::clock::now_ms();
                     let into = now.saturating_sub(l.period * PERIOD_MS);
-                    if !j.commits.contains_key(&l.period) && into > 300 && into < 1_000 {
+                    // Not the coordinator: the job prefers other holders,
+                    // and a leader's death is the election's benchmark.
+                    let leader = s.leader == Some(l.holder);
+                    if !leader && !j.commits.contains_key(&l.period) && into > 300 && into < 1_000 {
                         return Ok((l.period, l.holder));
                     }
                 }

@@ -797,6 +797,17 @@ pub(crate) fn plan(
             }
             continue;
         }
+        // Prefer a holder that is not the coordinator: if the leader held
+        // the job and died, the takeover would wait for an election and a
+        // new coordinator's liveness window, longer than a short period.
+        let eligible: Vec<(NodeId, Epoch)> = match state.leader {
+            Some(leader) if eligible.iter().any(|(id, _)| *id != leader) => eligible
+                .into_iter()
+                .filter(|(id, _)| *id != leader)
+                .collect(),
+            _ => eligible,
+        };
+        debug_assert!(!eligible.is_empty());
         let pick = period.wrapping_add(name_hash(name)) % eligible.len() as u64;
         let (holder, holder_epoch) = eligible[pick as usize];
         out.push(Command::GrantJob {
@@ -1269,7 +1280,9 @@ mod tests {
             assert_eq!(commit(&mut s, &l, start + 1_000), Response::Ok);
             assert!(step(&mut c, &mut s, start + 1_100).is_empty(), "committed");
         }
-        assert_eq!(holders, [1, 2, 3].into_iter().collect(), "the job rotates");
+        // It rotates, and not onto the coordinator while others are eligible.
+        assert_eq!(s.leader, Some(1));
+        assert_eq!(holders, [2, 3].into_iter().collect(), "the job rotates");
         // A holder removed mid-period is replaced at the next tick.
         let p = 13;
         step(&mut c, &mut s, p * PERIOD + 50);

