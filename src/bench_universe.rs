@@ -65,7 +65,7 @@ pub fn universe(
     );
     println!("import into the store: {import_ms} ms (before launch)");
     let mut prev = s.boot_started_at;
-    for st in Stage::ALL.iter().skip(1) {
+    for st in Stage::ALL.iter() {
         if let Some(at) = s.stage_reached_at.get(&st.number()) {
             println!(
                 "stage {:>2} ({:<22}) {:>6} ms",
@@ -170,11 +170,12 @@ pub fn universe(
             twice += 1;
         }
     }
+    let late = job.commits.values().filter(|cm| cm.late).count();
     println!(
-        "{} periods committed, {} processed twice or under another token, {} overdue",
+        "{} periods committed, {} processed twice or under another token, {} committed after the deadline",
         periods.len(),
         twice,
-        job.overdue_periods
+        late
     );
     if twice > 0 {
         bail!("a period was committed twice");
