@@ -315,6 +315,60 @@ fn a_node_failing_its_self_checks_never_holds_the_job() {
 }
 
 #[test]
+fn a_holder_dying_between_its_two_commits_has_its_output_adopted() {
+    const CRASHER: NodeId = 4;
+    let mut c = TestCluster::new(5, 3, |p| {
+        demo_job(p, 4_000, 3_600, 100);
+        p.faults = vec![(
+            CRASHER,
+            HealthFaults {
+                job_exit_after_store_commit: true,
+                ..Default::default()
+            },
+        )];
+    });
+    c.start_all();
+    c.wait_for("ready", T, ready);
+    // The job rotates onto node 4 sooner or later; it writes the period's
+    // output to the store and dies before committing it to the cluster.
+    let s = c.wait_for(
+        "node 4's stored output adopted by the next holder",
+        Duration::from_secs(90),
+        |s| {
+            s.jobs.get(DEMO_JOB).is_some_and(|j| {
+                j.commits
+                    .values()
+                    .any(|cm| cm.summary.starts_with("adopted"))
+            })
+        },
+    );
+    c.wait_log(CRASHER, "fault hook: exiting after the store commit", T);
+    let (period, cm) = s
+        .jobs
+        .get(DEMO_JOB)
+        .unwrap()
+        .commits
+        .iter()
+        .find(|(_, cm)| cm.summary.starts_with("adopted"))
+        .map(|(p, cm)| (*p, cm.clone()))
+        .unwrap();
+    assert_ne!(cm.holder, CRASHER, "another node committed it");
+    let rows = store_periods(&c, period, period + 1);
+    assert_eq!(rows.len(), 1, "one stored output for period {period}");
+    assert_eq!(
+        rows[0].lease_epoch,
+        cm.lease_epoch,
+        "committed under the stored token: {}",
+        show(Some(s.clone()))
+    );
+    // The period was not run twice: its one row names node 4.
+    let row: serde_json::Value = serde_json::from_slice(&rows[0].rows[0].1).unwrap();
+    assert_eq!(row["node"], CRASHER, "{row}");
+    c.kill(CRASHER);
+    c.stop_all();
+}
+
+#[test]
 fn commit_events_parse() {
     assert_eq!(
         parse_commit_event(

@@ -529,11 +529,17 @@ impl ClusterState {
         holder: NodeId,
         holder_epoch: Epoch,
         summary: String,
+        adopted: Option<u64>,
         at: Millis,
     ) -> Response {
         let Some(j) = self.jobs.jobs.get(&job) else {
             return reject(format!("job {job:?} is not declared"));
         };
+        if adopted.is_some_and(|stored| stored >= lease_epoch) {
+            return reject(format!(
+                "an adopted output must come from an older lease epoch than {lease_epoch}"
+            ));
+        }
         if let Some(c) = j.committed(period) {
             return reject(format!(
                 "period {period} of job {job} already committed by node {} (lease epoch {})",
@@ -589,6 +595,8 @@ impl ClusterState {
         let due = j.spec.due(period);
         let late = at > due;
         let summary = clip_to(summary, MAX_JOB_SUMMARY);
+        // An adopted commit records the token the stored output carries.
+        let lease_epoch = adopted.unwrap_or(lease_epoch);
         j.commits.insert(
             period,
             JobCommit {
@@ -991,6 +999,49 @@ mod tests {
             ev.detail,
             "job stats period 3 committed by node 2 (epoch 2, lease epoch 1) 500 ms into the period: 42 rows"
         );
+    }
+
+    #[test]
+    fn a_holder_adopts_output_its_dead_predecessor_stored() {
+        let mut s = cluster(4);
+        assert_eq!(grant(&mut s, 3, 2), Response::Ok);
+        let first = lease(&s);
+        // Node 2 wrote the period's output to the store and died before
+        // committing it here; it is removed and node 3 takes over.
+        let e = s.members[&2].epoch;
+        let remove = Command::Remove {
+            node: 2,
+            epoch: e,
+            reason: "crashed".into(),
+            at: 3 * PERIOD + 100,
+        };
+        assert_eq!(apply(&mut s, remove), Response::Ok);
+        assert_eq!(grant(&mut s, 3, 3), Response::Ok);
+        let second = lease(&s);
+        let adopt = |stored: u64, l: &JobLease| Command::AdoptJobCommit {
+            job: JOB.into(),
+            period: l.period,
+            lease_epoch: l.lease_epoch,
+            holder: l.holder,
+            holder_epoch: l.holder_epoch,
+            stored_lease_epoch: stored,
+            at: 3 * PERIOD + 300,
+        };
+        // Only an older token's output can be adopted, by the current holder.
+        assert!(rejected(apply(&mut s, adopt(second.lease_epoch, &second)))
+            .contains("older lease epoch"));
+        assert!(rejected(apply(&mut s, adopt(0, &first))).contains("stale job token"));
+        assert_eq!(
+            apply(&mut s, adopt(first.lease_epoch, &second)),
+            Response::Ok
+        );
+        let c = s.jobs.jobs[JOB].committed(3).expect("committed").clone();
+        assert_eq!((c.holder, c.lease_epoch), (3, first.lease_epoch));
+        assert!(c.summary.starts_with("adopted"), "{}", c.summary);
+        // Exactly once: neither a commit nor another adoption lands after it.
+        assert!(rejected(commit(&mut s, &second, 3 * PERIOD + 400)).contains("already committed"));
+        assert!(rejected(apply(&mut s, adopt(first.lease_epoch, &second)))
+            .contains("already committed"));
     }
 
     #[test]

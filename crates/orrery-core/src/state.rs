@@ -352,6 +352,20 @@ pub enum Command {
         period: u64,
         at: Millis,
     },
+    /// The current holder of (job, period) found the period's output
+    /// already in the store under an older lease epoch (its holder died
+    /// after writing it and before committing it here): commit the period
+    /// as that output, instead of running it again or never.
+    AdoptJobCommit {
+        job: String,
+        period: u64,
+        lease_epoch: u64,
+        holder: NodeId,
+        holder_epoch: Epoch,
+        /// The lease epoch the store's output was written under.
+        stored_lease_epoch: u64,
+        at: Millis,
+    },
 }
 
 /// The result of applying a command.
@@ -754,6 +768,28 @@ impl ClusterState {
                 holder,
                 holder_epoch,
                 summary,
+                None,
+                at,
+            ),
+            Command::AdoptJobCommit {
+                job,
+                period,
+                lease_epoch,
+                holder,
+                holder_epoch,
+                stored_lease_epoch,
+                at,
+            } => self.commit_job(
+                index,
+                job,
+                period,
+                lease_epoch,
+                holder,
+                holder_epoch,
+                format!(
+                    "adopted the store's output of lease epoch {stored_lease_epoch} (its holder died before committing it here)"
+                ),
+                Some(stored_lease_epoch),
                 at,
             ),
             Command::JobUnassigned {

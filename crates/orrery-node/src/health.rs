@@ -167,6 +167,10 @@ pub struct HealthFaults {
     /// `std::thread::sleep`) every check interval. Default 0 (off); capped
     /// at 60000.
     pub event_loop_lag_ms: u64,
+    /// The crash window of per-period jobs: the process exits right after
+    /// a job's output reached the store and before the control plane
+    /// heard of it (real-process tests only). Default false.
+    pub job_exit_after_store_commit: bool,
 }
 
 /// What the node knows about its own health.
@@ -315,6 +319,8 @@ impl HealthHandle {
             corrupt_health_verification: s.corrupt_verification.load(Ordering::Relaxed),
             corrupt_constant_tables: s.corrupt_tables.load(Ordering::Relaxed),
             event_loop_lag_ms: s.lag_fault_ms.load(Ordering::Relaxed),
+            // Read from the node's configuration by the job runner.
+            job_exit_after_store_commit: false,
         }
     }
 }

@@ -27,7 +27,7 @@
 use crate::clock::now_ms;
 use crate::node::Inner;
 use crate::service::{JobRun, PeriodicJob};
-use orrery_core::{JobLease, JobSpec, Response};
+use orrery_core::{Command, JobLease, JobSpec, Response};
 use orrery_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -317,9 +317,10 @@ async fn run_one(node: &Arc<Inner>, job: Arc<dyn PeriodicJob>, lease: JobLease) 
             {
                 // We hold the lease, so the control plane has no commit for
                 // this period: an earlier holder wrote its output and died
-                // (or was cut off) before committing it there.
-                warn!(target: LOG, "{token}: the store already holds this period's output under lease epoch {committed_by}, which the control plane never committed; not run");
-                return Outcome::Stale;
+                // (or was cut off) before committing it there. Adopt that
+                // output as the period's commit: the one run that counts.
+                warn!(target: LOG, "{token}: the store already holds this period's output under lease epoch {committed_by}, never committed to the control plane; adopting it");
+                return adopt(node, &lease, &token, committed_by).await;
             }
             Err(e) if e.is_fenced() => {
                 info!(target: LOG, "{token}: stale holder, not run: {e}");
@@ -361,6 +362,15 @@ async fn run_one(node: &Arc<Inner>, job: Arc<dyn PeriodicJob>, lease: JobLease) 
         Some(store) => {
             let (s, j, r) = (store.clone(), name.clone(), output.rows);
             match blocking(move || s.commit_job(&j, period, lease_epoch, &r)).await {
+                Ok(()) if node.cfg.faults.job_exit_after_store_commit => {
+                    // Fault hook: die inside the window between the two
+                    // commits, as a crash would.
+                    warn!(target: LOG, "{token}: fault hook: exiting after the store commit");
+                    if let Some(log) = node.log.get() {
+                        log.flush(Duration::from_secs(1));
+                    }
+                    std::process::exit(3);
+                }
                 Ok(()) => {}
                 Err(e) if e.is_fenced() => {
                     info!(target: LOG, "{token}: stale holder, output refused by the store: {e}");
@@ -378,6 +388,38 @@ async fn run_one(node: &Arc<Inner>, job: Arc<dyn PeriodicJob>, lease: JobLease) 
         None => {}
     }
     commit(node, &lease, &token, output.summary).await
+}
+
+/// Proposes `AdoptJobCommit`: the period's output is the store's, written
+/// under `stored` by a holder that died before committing it here.
+async fn adopt(node: &Inner, lease: &JobLease, token: &str, stored: u64) -> Outcome {
+    let cmd = Command::AdoptJobCommit {
+        job: lease.job.clone(),
+        period: lease.period,
+        lease_epoch: lease.lease_epoch,
+        holder: lease.holder,
+        holder_epoch: lease.holder_epoch,
+        stored_lease_epoch: stored,
+        at: now_ms(),
+    };
+    match node.propose(cmd).await {
+        Ok(Response::Ok) => {
+            info!(target: LOG, "{token}: committed the stored output of lease epoch {stored}");
+            Outcome::Committed
+        }
+        Ok(Response::Rejected { reason }) => {
+            info!(target: LOG, "{token}: adoption rejected: {reason}");
+            Outcome::Stale
+        }
+        Ok(other) => {
+            warn!(target: LOG, "{token}: unexpected adoption response {other:?}");
+            Outcome::Failed
+        }
+        Err(e) => {
+            warn!(target: LOG, "{token}: cannot adopt the stored output: {e}");
+            Outcome::Failed
+        }
+    }
 }
 
 /// Proposes `CommitJob` for `lease` through the leader. A transport error
