@@ -286,7 +286,12 @@ async fn run_one(node: &Arc<Inner>, job: Arc<dyn PeriodicJob>, lease: JobLease) 
     let _guard = node.watchdog.begin(format!(
         "job {name} period {period} (lease epoch {lease_epoch})"
     ));
-    let spec = job.spec();
+    // The replicated declaration is what the coordinator grants by; the
+    // local spec only until this node has seen it.
+    let spec = node
+        .local_state()
+        .and_then(|s| s.jobs.jobs.get(&name).map(|j| j.spec.clone()))
+        .unwrap_or_else(|| job.spec());
     let (start, due, end) = (
         spec.starts(period),
         spec.due(period),
