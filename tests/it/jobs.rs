@@ -319,21 +319,25 @@ fn a_holder_dying_between_its_two_commits_has_its_output_adopted() {
     const CRASHER: NodeId = 4;
     let mut c = TestCluster::new(5, 3, |p| {
         demo_job(p, 4_000, 3_600, 100);
-        p.faults = vec![(
-            CRASHER,
-            HealthFaults {
-                job_exit_after_store_commit: true,
-                ..Default::default()
-            },
-        )];
+        // A restarted node may hold the job again after 1 s of health.
+        p.membership.eligibility_window_ms = 1_000;
     });
     c.start_all();
     c.wait_for("ready", T, ready);
-    // The job rotates onto node 4 sooner or later; it writes the period's
-    // output to the store and dies before committing it to the cluster.
+    // In steady state (leases granted early in each period), node 4 comes
+    // back with the fault: it will die inside the window between its store
+    // commit and its cluster commit.
+    c.wait_for("a period committed", T, |s| {
+        s.jobs.get(DEMO_JOB).is_some_and(|j| !j.commits.is_empty())
+    });
+    c.kill(CRASHER);
+    c.edit_config(CRASHER, |cfg| cfg.faults.job_exit_after_store_commit = true);
+    c.start(CRASHER);
+    // The job rotates onto node 4; it writes the period's output to the
+    // store and dies before committing it to the cluster.
     let s = c.wait_for(
         "node 4's stored output adopted by the next holder",
-        Duration::from_secs(90),
+        Duration::from_secs(120),
         |s| {
             s.jobs.get(DEMO_JOB).is_some_and(|j| {
                 j.commits

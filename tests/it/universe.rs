@@ -6,6 +6,7 @@
 use crate::cluster::{show, TestCluster};
 use orrery::local::{self, Manifest};
 use orrery_core::{EventKind, MemberStatus, Stage};
+use orrery_universe::service::{ALLIANCE, SOLAR_SYSTEM};
 use orrery_universe::{generate, Sizes, UniverseConfig};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,16 @@ fn universe_cluster(
     .expect("open the store");
     orrery_universe::import(&*store, &u).expect("import");
     (c, u)
+}
+
+/// The node owning shard `key` of `kind` in the replicated map.
+fn shard_owner(s: &orrery_core::ClusterState, kind: u16, key: u32) -> Option<orrery_core::NodeId> {
+    s.shards
+        .owner(orrery_core::shardmap::ShardId {
+            kind,
+            key: u64::from(key),
+        })
+        .map(|e| e.owner)
 }
 
 fn store(c: &TestCluster) -> Box<dyn orrery_store::Store> {
@@ -67,36 +78,13 @@ fn three_hundred_campaigns_calling_alliances_on_other_nodes_reach_stage_zero() {
         .sum();
     assert_eq!(total as usize, 5000 + u.alliances.len() + u.regions.len());
     let campaign = &u.campaigns[0];
-    let system_owner = s
-        .shards
-        .entries
-        .iter()
-        .find(|(id, _)| id.kind == 0 && id.key == campaign.system as u64)
-        .map(|(_, e)| e.owner);
-    let alliance_owner = s
-        .shards
-        .entries
-        .iter()
-        .find(|(id, _)| id.kind == 1 && id.key == campaign.defender as u64)
-        .map(|(_, e)| e.owner);
-    assert!(system_owner.is_some() && alliance_owner.is_some());
+    assert!(shard_owner(&s, SOLAR_SYSTEM, campaign.system).is_some());
+    assert!(shard_owner(&s, ALLIANCE, campaign.defender).is_some());
     let cross_node = u
         .campaigns
         .iter()
         .filter(|cm| {
-            let so = s
-                .shards
-                .entries
-                .iter()
-                .find(|(id, _)| id.kind == 0 && id.key == cm.system as u64)
-                .map(|(_, e)| e.owner);
-            let ao = s
-                .shards
-                .entries
-                .iter()
-                .find(|(id, _)| id.kind == 1 && id.key == cm.defender as u64)
-                .map(|(_, e)| e.owner);
-            so != ao
+            shard_owner(&s, SOLAR_SYSTEM, cm.system) != shard_owner(&s, ALLIANCE, cm.defender)
         })
         .count();
     assert!(
@@ -168,13 +156,8 @@ fn a_paused_owner_s_late_write_is_refused_and_the_new_owner_s_data_stands() {
         .campaigns
         .iter()
         .find_map(|cm| {
-            let e = s
-                .shards
-                .entries
-                .iter()
-                .find(|(id, _)| id.kind == 0 && id.key == cm.system as u64)?
-                .1;
-            (e.owner >= 4).then_some((cm.clone(), e.owner))
+            let o = shard_owner(&s, SOLAR_SYSTEM, cm.system)?;
+            (o >= 4).then_some((cm.clone(), o))
         })
         .expect("a campaign system on a worker");
     let system = campaign.system.to_string();
@@ -207,24 +190,17 @@ fn a_paused_owner_s_late_write_is_refused_and_the_new_owner_s_data_stands() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // ... and pauses mid-write, long enough to be removed.
+    let owner_of = |s: &orrery_core::ClusterState| shard_owner(s, SOLAR_SYSTEM, campaign.system);
     c.signal(owner, "STOP");
     let s = c.wait_for(
         "the paused owner removed and the system moved",
         Duration::from_secs(30),
         |s| {
             matches!(s.members[&owner].status, MemberStatus::Removed { .. })
-                && s.shards.entries.iter().any(|(id, e)| {
-                    id.kind == 0 && id.key == campaign.system as u64 && e.owner != owner
-                })
+                && owner_of(s).is_some_and(|o| o != owner)
         },
     );
-    let new_owner = s
-        .shards
-        .entries
-        .iter()
-        .find(|(id, _)| id.kind == 0 && id.key == campaign.system as u64)
-        .map(|(_, e)| e.owner)
-        .unwrap();
+    let new_owner = owner_of(&s).expect("an owner");
     // The new owner writes.
     let rows = c.exec_json(
         &["--nodes", &new_owner.to_string(), "--timeout", "20s"],
