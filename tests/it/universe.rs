@@ -158,6 +158,11 @@ fn a_paused_owner_s_late_write_is_refused_and_the_new_owner_s_data_stands() {
         ..Default::default()
     };
     let (mut c, u) = universe_cluster(5, 300, cfg);
+    // A write through the new owner may first wait for the system (and its
+    // alliance) to load there: give console commands room.
+    for id in 1..=5 {
+        c.edit_config(id, |cfg| cfg.admin.command_timeout_ms = 30_000);
+    }
     c.start_all();
     let s = c.wait_for("stage 0", Duration::from_secs(60), ready);
     // A campaign system owned by a worker.
@@ -212,7 +217,7 @@ fn a_paused_owner_s_late_write_is_refused_and_the_new_owner_s_data_stands() {
     let new_owner = owner_of(&s).expect("an owner");
     // The new owner writes.
     let rows = c.exec_json(
-        &["--nodes", &new_owner.to_string(), "--timeout", "20s"],
+        &["--nodes", &new_owner.to_string(), "--timeout", "30s"],
         &["universe", "tick", &system, "-2"],
     );
     assert_eq!(rows[0]["outcome"], "ok", "{rows:#?}");

@@ -300,16 +300,6 @@ impl Coordinator {
             return;
         }
         let ready = state.stage == Stage::READY;
-        // A removal under way (the lease of a node is no longer renewed but
-        // its epoch is not revoked yet): its shards move once the removal
-        // commits, so the timeline reads detection, removal, moves, and no
-        // shard leaves an owner the cluster has not given up on.
-        let removing = state.members.iter().any(|(id, m)| {
-            m.status == MemberStatus::Active && m.epoch > 0 && !self.detector.may_ack(*id, m.epoch)
-        });
-        if removing {
-            return;
-        }
         let hosts: Vec<Host> = state
             .members
             .iter()
