@@ -16,6 +16,7 @@ use orrery_node::config::{
 };
 use orrery_node::health::{HealthConfig, HealthFaults};
 use orrery_node::logfwd::ForwardConfig;
+use orrery_node::private::private_dir;
 use orrery_node::watchdog::WatchdogConfig;
 use orrery_node::NodeStatus;
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,8 @@ pub struct Plan {
     pub watchdog: WatchdogConfig,
     /// Where every node forwards its warnings.
     pub log_forward: ForwardConfig,
+    /// When every node calls its control plane stuck (`[quorum]`).
+    pub quorum: orrery_node::quorum::QuorumConfig,
     /// The `[store]` of every node; `path` is always `DATA_DIR/store.db`,
     /// one SQLite file shared by the whole local cluster.
     pub store: orrery_store::StoreConfig,
@@ -99,6 +102,7 @@ impl Plan {
                 collector: Some(1),
                 ..Default::default()
             },
+            quorum: Default::default(),
             store: orrery_store::StoreConfig::default(),
             app: toml::Table::new(),
         }
@@ -162,11 +166,47 @@ fn free_ports(n: usize) -> Result<Vec<u16>> {
         .collect()
 }
 
-fn random_secret() -> String {
+/// `n` random bytes from the OS, as hex.
+fn random_hex(n: usize) -> String {
     use rand::RngCore;
-    let mut b = [0u8; 24];
+    let mut b = vec![0u8; n];
     rand::rngs::OsRng.fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn random_secret() -> String {
+    random_hex(24)
+}
+
+/// A fresh cluster id: random, drawn apart from the secret (the id is sent
+/// in the clear in every handshake, so it must say nothing about the secret).
+fn random_cluster_id() -> String {
+    format!("orrery-local-{}", random_hex(8))
+}
+
+/// Narrows an existing local cluster's layout to the private modes: the
+/// data directory and every node directory 0700, every file that holds a
+/// secret or a key (node.toml, admin.token, the shared store) 0600.
+pub fn harden(data_dir: &Path, manifest: &Manifest) -> Result<()> {
+    let ctx = |p: &Path| format!("cannot restrict {}", p.display());
+    private_dir(data_dir).with_context(|| ctx(data_dir))?;
+    let store = Manifest::store_path(data_dir);
+    let mut files = vec![
+        Manifest::path(data_dir),
+        Manifest::token_path(data_dir),
+        store.with_extension("db-wal"),
+        store.with_extension("db-shm"),
+        store,
+    ];
+    for n in &manifest.nodes {
+        let dir = data_dir.join(format!("node-{}", n.id));
+        private_dir(&dir).with_context(|| ctx(&dir))?;
+        files.push(Manifest::node_config_path(data_dir, n.id));
+    }
+    for f in files {
+        orrery_node::private::restrict_file(&f).with_context(|| ctx(&f))?;
+    }
+    Ok(())
 }
 
 /// Writes (or reuses) the cluster's configuration files. An existing
@@ -187,11 +227,12 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
             plan.voters
         );
     }
-    std::fs::create_dir_all(&plan.data_dir)
+    private_dir(&plan.data_dir)
         .with_context(|| format!("cannot create {}", plan.data_dir.display()))?;
     if Manifest::path(&plan.data_dir).exists() {
         let m = Manifest::load(&plan.data_dir)?;
         if m.nodes.len() as u64 == plan.nodes {
+            harden(&plan.data_dir, &m)?;
             return Ok(m);
         }
         bail!(
@@ -220,70 +261,95 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
     let token = random_secret();
     write_private(&Manifest::token_path(&plan.data_dir), &token)?;
     let manifest = Manifest {
-        cluster_id: format!("orrery-local-{}", &secret[..8]),
+        cluster_id: random_cluster_id(),
         nodes: nodes.clone(),
     };
-    let store_path = Manifest::store_path(&plan.data_dir.canonicalize()?);
+    let shared = Shared {
+        cluster_id: manifest.cluster_id.clone(),
+        secret,
+        token,
+        store_path: Manifest::store_path(&plan.data_dir.canonicalize()?),
+        nodes: nodes.clone(),
+    };
     for n in &nodes {
         let dir = plan.data_dir.join(format!("node-{}", n.id));
-        std::fs::create_dir_all(&dir)?;
-        let cfg = NodeConfig {
-            node_id: n.id,
-            cluster_id: manifest.cluster_id.clone(),
-            secret: secret.clone(),
-            data_dir: dir.canonicalize()?,
-            listen: None,
-            admin_listen: None,
-            startup: StartupConfig {
-                stage_deadline_ms: plan.stage_deadline_ms,
-                stuck_policy: plan.stuck_policy,
-                ..Default::default()
-            },
-            raft: RaftTiming::default(),
-            rpc: RpcConfig::default(),
-            demo: plan
-                .demo
-                .iter()
-                .find(|(id, _)| *id == n.id)
-                .map(|(_, d)| d.clone())
-                .unwrap_or_default(),
-            membership: plan.membership.clone(),
-            health: plan.health.clone(),
-            shards: Default::default(),
-            placement: plan.placement.clone(),
-            faults: plan
-                .faults
-                .iter()
-                .find(|(id, _)| *id == n.id)
-                .map(|(_, f)| f.clone())
-                .unwrap_or_default(),
-            admin: AdminConfig {
-                token: Some(token.clone()),
-                fault_commands: plan.fault_commands,
-                ..Default::default()
-            },
-            log: plan.log.clone(),
-            watchdog: plan.watchdog.clone(),
-            log_forward: plan.log_forward.clone(),
-            // One SQLite file shared by every node of the local cluster.
-            store: match plan.store.backend {
-                orrery_store::BackendKind::Sqlite => orrery_store::StoreConfig {
-                    path: Some(store_path.clone()),
-                    ..plan.store.clone()
-                },
-                orrery_store::BackendKind::Postgres => plan.store.clone(),
-            },
-            app: plan.app.clone(),
-            nodes: nodes.clone(),
-        };
+        private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let cfg = node_config(plan, n, &shared, dir.canonicalize()?);
         cfg.validate()?;
-        std::fs::write(
-            Manifest::node_config_path(&plan.data_dir, n.id),
-            toml::to_string(&cfg)?,
+        // The secret and the admin token are inside: 0600.
+        write_private(
+            &Manifest::node_config_path(&plan.data_dir, n.id),
+            &toml::to_string(&cfg)?,
         )?;
     }
-    std::fs::write(Manifest::path(&plan.data_dir), toml::to_string(&manifest)?)?;
+    write_private(
+        &Manifest::path(&plan.data_dir),
+        &toml::to_string(&manifest)?,
+    )?;
     Ok(manifest)
+}
+
+/// What every node of a local cluster shares.
+struct Shared {
+    cluster_id: String,
+    secret: String,
+    token: String,
+    store_path: PathBuf,
+    nodes: Vec<NodeEntry>,
+}
+
+/// Node `n`'s configuration file in a local cluster laid out by `plan`.
+fn node_config(plan: &Plan, n: &NodeEntry, shared: &Shared, data_dir: PathBuf) -> NodeConfig {
+    NodeConfig {
+        node_id: n.id,
+        cluster_id: shared.cluster_id.clone(),
+        secret: shared.secret.clone(),
+        data_dir,
+        listen: None,
+        admin_listen: None,
+        startup: StartupConfig {
+            stage_deadline_ms: plan.stage_deadline_ms,
+            stuck_policy: plan.stuck_policy,
+            ..Default::default()
+        },
+        raft: RaftTiming::default(),
+        rpc: RpcConfig::default(),
+        demo: plan
+            .demo
+            .iter()
+            .find(|(id, _)| *id == n.id)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default(),
+        membership: plan.membership.clone(),
+        health: plan.health.clone(),
+        shards: Default::default(),
+        placement: plan.placement.clone(),
+        faults: plan
+            .faults
+            .iter()
+            .find(|(id, _)| *id == n.id)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default(),
+        admin: AdminConfig {
+            token: Some(shared.token.clone()),
+            fault_commands: plan.fault_commands,
+            ..Default::default()
+        },
+        log: plan.log.clone(),
+        watchdog: plan.watchdog.clone(),
+        quorum: plan.quorum.clone(),
+        log_forward: plan.log_forward.clone(),
+        // One SQLite file shared by every node of the local cluster.
+        store: match plan.store.backend {
+            orrery_store::BackendKind::Sqlite => orrery_store::StoreConfig {
+                path: Some(shared.store_path.clone()),
+                ..plan.store.clone()
+            },
+            orrery_store::BackendKind::Postgres => plan.store.clone(),
+        },
+        app: plan.app.clone(),
+        nodes: shared.nodes.clone(),
+    }
 }
 
 /// Runs the universe on every node of the plan (`[app.universe]`).
@@ -303,19 +369,10 @@ pub fn universe_config(data_dir: &Path) -> Result<orrery_universe::UniverseConfi
     }
 }
 
-/// Writes a file only its owner may read (the admin token).
+/// Writes a file only its owner may read (node.toml, admin.token).
 fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
+    orrery_node::private::write_private(path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Talks to a local cluster's admin endpoints.
@@ -350,16 +407,35 @@ impl AdminClient {
             .into_json()?)
     }
 
+    /// Every node's own status, in manifest order (`None`: no answer).
+    pub fn node_statuses(&self, manifest: &Manifest) -> Vec<(NodeId, Option<NodeStatus>)> {
+        manifest
+            .admin_addrs()
+            .into_iter()
+            .map(|(id, addr)| (id, self.node_status(&addr).ok()))
+            .collect()
+    }
+
     /// The replicated state, from the first node that can read it.
     pub fn cluster_state(&self, manifest: &Manifest) -> Result<ClusterState> {
-        let mut last = None;
-        for (_, addr) in manifest.admin_addrs() {
+        // A node's own answer (why it could not read it) says more than a
+        // refused connection.
+        let (mut answered, mut failed) = (None, None);
+        for (id, addr) in manifest.admin_addrs() {
             match self.agent.get(&format!("http://{addr}/cluster")).call() {
                 Ok(r) => return Ok(r.into_json()?),
-                Err(e) => last = Some(e),
+                Err(ureq::Error::Status(code, r)) => {
+                    let why = r
+                        .into_json::<orrery_node::admin::ConsoleAnswer>()
+                        .ok()
+                        .and_then(|a| a.error)
+                        .unwrap_or_else(|| format!("status code {code}"));
+                    answered = Some(format!("node {id}: {why}"));
+                }
+                Err(e) => failed = Some(format!("node {id}: {e}")),
             }
         }
-        match last {
+        match answered.or(failed) {
             Some(e) => Err(anyhow::anyhow!("no node could read the cluster state: {e}")),
             None => bail!("the manifest lists no nodes"),
         }
@@ -380,6 +456,116 @@ pub fn is_ready(state: &ClusterState, launched_ms: u64) -> bool {
         })
 }
 
+/// The "no quorum" lines the nodes report, one per distinct text, with the
+/// nodes that report it: the first thing `orrery status` prints.
+pub fn quorum_lines(nodes: &[(NodeId, Option<NodeStatus>)]) -> Vec<String> {
+    let mut by_text: Vec<(String, Vec<NodeId>)> = vec![];
+    for (id, st) in nodes {
+        let Some(nq) = st.as_ref().and_then(|s| s.no_quorum.as_ref()) else {
+            continue;
+        };
+        let text = nq.to_string();
+        match by_text.iter_mut().find(|(t, _)| *t == text) {
+            Some((_, ids)) => ids.push(*id),
+            None => by_text.push((text, vec![*id])),
+        }
+    }
+    by_text
+        .into_iter()
+        .map(|(text, ids)| {
+            let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            let who = if ids.len() == 1 { "node" } else { "nodes" };
+            format!("{text} [{who} {}]", ids.join(", "))
+        })
+        .collect()
+}
+
+/// `orrery status` when no node could read the replicated state (no
+/// quorum, or no voter up): the node table from what each node reports
+/// about itself, under the nodes' "no quorum" lines.
+pub fn render_nodes(
+    manifest: &Manifest,
+    nodes: &[(NodeId, Option<NodeStatus>)],
+    why: &str,
+    now_ms: u64,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for line in quorum_lines(nodes) {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(
+        out,
+        "cluster state unavailable ({why}); each node as it reports itself:"
+    );
+    let _ = writeln!(
+        out,
+        "{:<5} {:<22} {:<7} {:<6} {:<6} {:>10}  {:<16} STATE",
+        "NODE", "ADDRESS", "ROLE", "EPOCH", "STAGE", "IN STAGE", "LEADER"
+    );
+    for n in &manifest.nodes {
+        let st = nodes
+            .iter()
+            .find(|(id, _)| *id == n.id)
+            .and_then(|(_, s)| s.as_ref());
+        let Some(st) = st else {
+            let _ = writeln!(
+                out,
+                "{:<5} {:<22} {:<7} {:<6} {:<6} {:>10}  {:<16} not answering",
+                n.id,
+                n.addr,
+                n.role.to_string(),
+                "-",
+                "-",
+                "-",
+                "-"
+            );
+            continue;
+        };
+        let leader = match (&st.no_quorum, st.leader) {
+            (Some(_), _) => "none (no quorum)".to_string(),
+            (None, Some(l)) => l.to_string(),
+            (None, None) => "none".to_string(),
+        };
+        let in_stage = format!(
+            "{:.1}s",
+            now_ms.saturating_sub(st.stage_since_ms) as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<7} {:<6} {:<6} {:>10}  {:<16} {}",
+            n.id,
+            n.addr,
+            n.role.to_string(),
+            st.epoch,
+            st.stage,
+            in_stage,
+            leader,
+            node_state(st)
+        );
+    }
+    out
+}
+
+/// One node's own verdict, for the STATE column.
+fn node_state(st: &NodeStatus) -> String {
+    let mut s = if st.serving {
+        "serving".to_string()
+    } else {
+        "not serving".to_string()
+    };
+    if let Some(f) = &st.fenced {
+        s.push_str(&format!("; fenced: {f}"));
+    }
+    if let Some(w) = &st.waiting {
+        s.push_str(&format!("; waiting: {w}"));
+    }
+    if let Some(a) = st.control_alarms.last() {
+        s.push_str(&format!("; alarm: {}", a.what));
+    }
+    s
+}
+
 /// The `orrery status` table.
 pub fn render_status(
     state: &ClusterState,
@@ -388,6 +574,9 @@ pub fn render_status(
 ) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    for line in quorum_lines(nodes) {
+        let _ = writeln!(out, "{line}");
+    }
     let leader = state
         .leader
         .map(|l| l.to_string())
@@ -436,7 +625,7 @@ pub fn render_status(
         "{:<5} {:<22} {:<7} {:<6} {:<6} {:>10}  WAITING ON",
         "NODE", "ADDRESS", "ROLE", "EPOCH", "STAGE", "IN STAGE"
     );
-    for (id, m) in &state.members {
+    for (id, m) in state.members.iter() {
         let spec = state.config.nodes.get(id);
         let live = nodes
             .iter()
@@ -554,4 +743,65 @@ pub fn render_shards(
         }
     }
     out
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    /// Every file of the layout that holds a secret, and every directory.
+    fn check_private(dir: &Path, m: &Manifest) {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+        for f in [Manifest::path(dir), Manifest::token_path(dir)] {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        for n in &m.nodes {
+            let d = dir.join(format!("node-{}", n.id));
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+            let cfg = Manifest::node_config_path(dir, n.id);
+            assert_eq!(mode(&cfg), 0o600, "{}", cfg.display());
+        }
+    }
+
+    #[test]
+    fn the_layout_is_private_and_the_cluster_id_is_not_the_secret() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("cluster");
+        let m = prepare(&Plan::new(4, 3, &dir)).unwrap();
+        check_private(&dir, &m);
+        let cfg = NodeConfig::load(&Manifest::node_config_path(&dir, 1)).unwrap();
+        assert_eq!(cfg.cluster_id, m.cluster_id);
+        let id_part = m.cluster_id.trim_start_matches("orrery-local-");
+        assert_eq!(id_part.len(), 16, "{}", m.cluster_id);
+        assert!(
+            !cfg.secret.contains(id_part) && !id_part.contains(&cfg.secret[..8]),
+            "cluster id {} derives from the secret",
+            m.cluster_id
+        );
+        // Another cluster: another id, drawn afresh.
+        let other = prepare(&Plan::new(4, 3, t.path().join("other"))).unwrap();
+        assert_ne!(other.cluster_id, m.cluster_id);
+        // A layout left wide open by an older version is narrowed on reuse.
+        for p in [dir.clone(), dir.join("node-2")] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        for p in [
+            Manifest::token_path(&dir),
+            Manifest::node_config_path(&dir, 3),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let again = prepare(&Plan::new(4, 3, &dir)).unwrap();
+        assert_eq!(again.cluster_id, m.cluster_id);
+        check_private(&dir, &again);
+    }
 }

@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod bench;
+mod bench_apply;
 mod bench_logging;
 mod bench_universe;
 
@@ -145,6 +146,21 @@ enum Cmd {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Rebuild a stopped voter whose Raft store is damaged: the damaged file is
+    /// moved aside and the voter is brought back by its peers (it votes again
+    /// once it has caught up). Name the node by its config file, or by a local
+    /// cluster's data directory and node id.
+    Repair {
+        /// The node's TOML configuration.
+        #[arg(long, conflicts_with_all = ["data_dir", "node"])]
+        config: Option<PathBuf>,
+        /// A local cluster's data directory (as given to `orrery up`).
+        #[arg(long, requires = "node")]
+        data_dir: Option<PathBuf>,
+        /// The node id within `--data-dir`.
+        #[arg(long, requires = "data_dir")]
+        node: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -270,6 +286,16 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: u64,
     },
+    /// Proposals/s and commit latency on 3 in-process voters holding a large
+    /// state (members and shards): the cost of applying a command.
+    Apply {
+        #[arg(long, default_value_t = 250)]
+        members: u64,
+        #[arg(long, default_value_t = 10_000)]
+        shards: u64,
+        #[arg(long, default_value_t = 2_000)]
+        proposals: u64,
+    },
     /// Start-up of a large cluster in the deterministic simulator.
     Startup {
         #[arg(long, default_value_t = 250)]
@@ -287,10 +313,53 @@ enum Bench {
     },
 }
 
+/// `orrery repair`: finds the node's Raft directory and rebuilds it.
+fn run_repair(config: Option<PathBuf>, data_dir: Option<PathBuf>, node: Option<u64>) -> Result<()> {
+    let config = match (config, data_dir, node) {
+        (Some(c), _, _) => c,
+        (None, Some(d), Some(n)) => orrery::local::Manifest::node_config_path(&d, n),
+        _ => anyhow::bail!("name the node: --config FILE, or --data-dir DIR --node N"),
+    };
+    let cfg = orrery_node::NodeConfig::load(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    if !cfg.me().role.is_voter() {
+        anyhow::bail!(
+            "node {} is not a voter: it keeps no Raft store (nothing to repair)",
+            cfg.node_id
+        );
+    }
+    let raft_dir = cfg.data_dir.join("raft");
+    let report = orrery_control::repair(&raft_dir)
+        .with_context(|| format!("repairing node {}", cfg.node_id))?;
+    match &report.damage {
+        Some(d) => println!("node {}: damage found: {d}", cfg.node_id),
+        None => println!("node {}: no damaged record found", cfg.node_id),
+    }
+    if let Some(p) = &report.moved_to {
+        println!(
+            "node {}: damaged store kept as {}",
+            cfg.node_id,
+            p.display()
+        );
+    }
+    println!(
+        "node {}: fresh Raft store in {} ({}); start the node: it catches up from the leader and votes again once it has",
+        cfg.node_id,
+        raft_dir.display(),
+        if report.kept_vote { "vote kept" } else { "no intact vote to keep" }
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Node { config, overrides } => run_node(config, overrides),
+        Cmd::Repair {
+            config,
+            data_dir,
+            node,
+        } => run_repair(config, data_dir, node),
         Cmd::Up {
             nodes,
             voters,
@@ -473,6 +542,14 @@ fn main() -> Result<()> {
                     starve_secs,
                 },
         } => bench::detection(trials, starve_secs),
+        Cmd::Bench {
+            which:
+                Bench::Apply {
+                    members,
+                    shards,
+                    proposals,
+                },
+        } => bench_apply::apply(members, shards, proposals),
         Cmd::Bench {
             which:
                 Bench::Remap {
@@ -700,7 +777,17 @@ fn register_stop(signal: i32, flag: Arc<std::sync::atomic::AtomicBool>) -> Resul
 fn status(data_dir: PathBuf, json: bool, events: usize, shards: bool) -> Result<()> {
     let manifest = Manifest::load(&data_dir)?;
     let client = AdminClient::default();
-    let state = client.cluster_state(&manifest)?;
+    let state = match client.cluster_state(&manifest) {
+        Ok(s) => s,
+        // No quorum (or no voter up): the nodes still say what they see.
+        Err(e) if !json && !shards => {
+            let live = client.node_statuses(&manifest);
+            let why = format!("{e:#}");
+            print!("{}", local::render_nodes(&manifest, &live, &why, now_ms()));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&state)?);
         return Ok(());

@@ -88,6 +88,23 @@ impl NodeProcs {
         }
     }
 
+    /// Waits (at most `within`) for node `id`'s process to exit and returns
+    /// how; `None` if it is still running (or was never started).
+    pub fn wait_exit(&mut self, id: NodeId, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.procs.get_mut(&id)?.try_wait().ok().flatten();
+            if let Some(st) = st {
+                self.procs.remove(&id);
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal by name ("STOP", "CONT", "TERM") to node `id`.
     pub fn signal(&self, id: NodeId, sig: &str) -> Result<()> {
         let pid = self.procs.get(&id).context("node not running")?.id();

@@ -71,6 +71,23 @@ impl TestCluster {
         self.procs.kill(id);
     }
 
+    /// SIGTERM to node `id`; it must exit cleanly within the grace period.
+    pub fn stop(&mut self, id: NodeId) {
+        self.signal(id, "TERM");
+        let st = self.procs.wait_exit(id, orrery::procs::STOP_GRACE);
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "node {id} did not stop cleanly on SIGTERM: {st:?}"
+        );
+    }
+
+    /// Waits (bounded) for node `id` to exit by itself; returns how.
+    pub fn wait_exit(&mut self, id: NodeId, within: Duration) -> std::process::ExitStatus {
+        self.procs
+            .wait_exit(id, within)
+            .unwrap_or_else(|| panic!("node {id} still running after {within:?}"))
+    }
+
     /// Sends a signal (e.g. "STOP", "CONT") to node `id`'s process.
     pub fn signal(&self, id: NodeId, sig: &str) {
         self.procs.signal(id, sig).expect("signal");

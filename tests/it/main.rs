@@ -14,10 +14,13 @@
 #![allow(clippy::disallowed_methods)]
 
 mod cluster;
+mod conncaps;
 mod inproc;
+mod integrity;
 mod jobs;
 mod membership;
 mod operations;
+mod quorum;
 mod shards;
 mod sim;
 mod startup;

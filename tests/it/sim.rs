@@ -470,7 +470,7 @@ fn a_minority_split_self_fences_removes_nobody_and_heals() {
             for n in (1..=5).filter(|n| !side.contains(n)) {
                 assert!(out.serving_at(n, split + 2_900) || side.contains(&1));
             }
-            for (id, m) in &out.state.members {
+            for (id, m) in out.state.members.iter() {
                 assert_eq!(m.status, MemberStatus::Active, "{what}: node {id}");
                 assert_eq!(m.report.stage, Stage::READY, "{what}: node {id}");
                 assert!(out.nodes[id].serving, "{what}: node {id} not serving");

@@ -39,7 +39,23 @@ pub struct ControlConfig {
     pub max_payload_entries: u64,
     /// How long [`crate::ControlPlane::shutdown`] waits for the Raft core. Default 5 s.
     pub shutdown_timeout: Duration,
+    /// Largest encoded command [`crate::ControlPlane::write`] accepts; a larger one is refused
+    /// before it reaches the log ([`ControlError::ProposalTooLarge`]). Default 64 KiB.
+    pub max_proposal_bytes: usize,
+    /// Largest payload handed to [`crate::RaftTransport::call`] (the transport's frame limit
+    /// less its own envelope). AppendEntries are cut to fit and snapshots travel in chunks
+    /// below it. Default 4 MiB - 16 KiB.
+    pub max_message_bytes: usize,
+    /// Bytes of snapshot per chunk. Default 1 MiB.
+    pub snapshot_chunk_bytes: usize,
+    /// Largest snapshot this node accepts from a leader (buffered while it arrives).
+    /// Default 1 GiB.
+    pub max_snapshot_bytes: u64,
 }
+
+/// Bytes an AppendEntries request adds around its entries, and one entry around its
+/// command (log id, variant tags, lengths), with a wide margin.
+pub(crate) const MESSAGE_OVERHEAD: usize = 4096;
 
 impl ControlConfig {
     /// A config with every tunable at its default.
@@ -62,6 +78,10 @@ impl ControlConfig {
             logs_to_keep_after_snapshot: 1000,
             max_payload_entries: 300,
             shutdown_timeout: Duration::from_secs(5),
+            max_proposal_bytes: 64 * 1024,
+            max_message_bytes: 4 * 1024 * 1024 - 16 * 1024,
+            snapshot_chunk_bytes: 1024 * 1024,
+            max_snapshot_bytes: 1 << 30,
         }
     }
 
@@ -96,6 +116,30 @@ impl ControlConfig {
         }
         if self.max_payload_entries == 0 {
             return err("max_payload_entries must be at least 1".into());
+        }
+        self.validate_sizes()
+    }
+
+    /// One proposal and one snapshot chunk must each fit in a message with room to spare,
+    /// so a committed entry can always be replicated. (Part of [`Self::validate`]; public so
+    /// a node that is not a voter can check its configuration the same way.)
+    pub fn validate_sizes(&self) -> Result<(), ControlError> {
+        let err = |m: String| Err(ControlError::Config(m));
+        if self.max_proposal_bytes == 0 || self.snapshot_chunk_bytes == 0 {
+            return err("max_proposal_bytes and snapshot_chunk_bytes must be at least 1".into());
+        }
+        let room = self.max_message_bytes.saturating_sub(2 * MESSAGE_OVERHEAD);
+        for (key, bytes) in [
+            ("max_proposal_bytes", self.max_proposal_bytes),
+            ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+        ] {
+            if bytes > room {
+                return err(format!(
+                    "{key} ({bytes}) must leave {} bytes of overhead under max_message_bytes ({})",
+                    2 * MESSAGE_OVERHEAD,
+                    self.max_message_bytes
+                ));
+            }
         }
         Ok(())
     }

@@ -45,6 +45,33 @@ pub enum ControlError {
     /// Any other Raft error.
     #[error("raft error: {0}")]
     Raft(String),
+    /// A proposal is larger than `max_proposal_bytes`; it was not appended.
+    #[error(
+        "proposal of {bytes} bytes exceeds the limit of {limit} bytes (raft.max_proposal_bytes)"
+    )]
+    ProposalTooLarge {
+        /// Encoded size of the refused command.
+        bytes: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A record in the Raft store failed its checksum or does not decode. The node must not
+    /// start on it: run `orrery repair` to rebuild this voter's Raft data from its peers.
+    #[error("raft store {file} is damaged: table {table}, key {key}: {reason}; run `orrery repair` to rebuild this voter from its peers")]
+    Corrupt {
+        /// The store file.
+        file: std::path::PathBuf,
+        /// The redb table (`raft_log` or `raft_meta`).
+        table: String,
+        /// The log index (in `raft_log`) or the meta key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// This voter was repaired and has not caught up with the leader yet: it grants no
+    /// votes until it has, so it cannot help elect a leader that lacks committed entries.
+    #[error("voter {0} is catching up after a repair and grants no votes yet")]
+    CatchingUp(NodeId),
 }
 
 fn fmt_leader(leader: &Option<(NodeId, String)>) -> String {

@@ -26,6 +26,10 @@
 mod config;
 mod error;
 mod network;
+mod private;
+mod repair;
+mod seal;
+mod snapshot_recv;
 mod store;
 mod types;
 
@@ -47,7 +51,9 @@ use tokio::sync::watch;
 
 pub use crate::config::ControlConfig;
 pub use crate::error::{ControlError, TransportError};
-use crate::network::{NetFactory, RpcRequest, RpcResponse};
+use crate::network::{NetFactory, ReplicationTrouble, RpcRequest, RpcResponse};
+pub use crate::repair::{repair, RepairReport};
+use crate::snapshot_recv::{SnapshotReceiver, Taken};
 use crate::store::{LogStore, StateMachine};
 use crate::types::{ApplyReply, CmdBytes, Snapshot, Tc};
 
@@ -135,6 +141,18 @@ struct Inner<S: ReplicatedState> {
     leader_rx: watch::Receiver<LeaderView>,
     /// Lets `shutdown` wait until every openraft task has released the store.
     db: Weak<redb::Database>,
+    /// The snapshot arriving in chunks from the leader, if any.
+    receiving: SnapshotReceiver,
+    /// The last replication failure per voter (written by the network clients).
+    trouble: Arc<ReplicationTrouble>,
+    /// Set while this voter is catching up after `repair`: it grants no votes.
+    catching_up: std::sync::atomic::AtomicBool,
+    /// While catching up: the leader (vote) that agreed to replicate to it from scratch.
+    revert_allowed_by: std::sync::Mutex<Option<types::Vote>>,
+    /// Reaches other voters (the repaired voter's request to its leader).
+    transport: Arc<dyn RaftTransport>,
+    /// The last state digest computed, by applied index.
+    digest: std::sync::Mutex<Option<(u64, String)>>,
 }
 
 fn fatal(e: &Fatal<Tc>) -> ControlError {
@@ -157,41 +175,41 @@ impl<S: ReplicatedState> ControlPlane<S> {
 
         let db = store::open_db_retrying(&cfg.data_dir, cfg.shutdown_timeout)
             .await
-            .map_err(|e| ControlError::Storage(format!("open {}: {e}", cfg.data_dir.display())))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => ControlError::Corrupt {
+                    file: cfg.data_dir.join(store::DB_FILE),
+                    table: "(redb page tree)".into(),
+                    key: "(found by redb's recovery)".into(),
+                    reason: e.to_string(),
+                },
+                _ => ControlError::Storage(format!("open {}: {e}", cfg.data_dir.display())),
+            })?;
+        let repaired = verify_store(&cfg, &db).await?;
         let db_weak = Arc::downgrade(&db);
         let (sm, state_rx) = StateMachine::<S>::open(db.clone())
             .await
             .map_err(|e| ControlError::Storage(format!("restore snapshot: {e}")))?;
         let log = LogStore::new(db);
+        let trouble = Arc::new(ReplicationTrouble::default());
         let net = NetFactory {
             self_id: cfg.node_id,
-            transport,
+            transport: transport.clone(),
             rpc_timeout: cfg.rpc_timeout,
+            max_message_bytes: cfg.max_message_bytes,
+            snapshot_chunk_bytes: cfg.snapshot_chunk_bytes,
+            trouble: trouble.clone(),
         };
 
         let raft = Raft::new(cfg.node_id, raft_cfg, net, log, sm)
             .await
             .map_err(|e| fatal(&e))?;
 
-        if !raft.is_initialized().await.map_err(|e| fatal(&e))? {
-            let members: BTreeMap<NodeId, BasicNode> = cfg
-                .voters
-                .iter()
-                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
-                .collect();
-            match raft.initialize(members).await {
-                Ok(()) => {
-                    tracing::info!(node = cfg.node_id, voters = ?cfg.voters, "initialized raft cluster")
-                }
-                Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
-                    tracing::debug!(node = cfg.node_id, "already initialized: {e}");
-                }
-                Err(RaftError::APIError(e)) => {
-                    let _ = raft.shutdown().await;
-                    return Err(ControlError::Config(e.to_string()));
-                }
-                Err(RaftError::Fatal(e)) => return Err(fatal(&e)),
-            }
+        // A repaired voter waits for the leader to bring it back; initializing would give it
+        // a membership log of its own.
+        if !repaired {
+            initialize_if_pristine(&raft, &cfg).await?;
+        } else {
+            tracing::warn!(node = cfg.node_id, "raft store was repaired: catching up from the leader, granting no votes until then");
         }
 
         let (leader_tx, leader_rx) = watch::channel(leader_view(&raft));
@@ -220,6 +238,12 @@ impl<S: ReplicatedState> ControlPlane<S> {
                 state_rx,
                 leader_rx,
                 db: db_weak,
+                receiving: SnapshotReceiver::default(),
+                trouble,
+                catching_up: std::sync::atomic::AtomicBool::new(repaired),
+                digest: std::sync::Mutex::new(None),
+                revert_allowed_by: std::sync::Mutex::new(None),
+                transport,
             }),
         })
     }
@@ -231,6 +255,13 @@ impl<S: ReplicatedState> ControlPlane<S> {
     pub async fn write(&self, cmd: S::Command) -> Result<(u64, S::Response), ControlError> {
         let bytes = postcard::to_stdvec(&cmd)
             .map_err(|e| ControlError::Codec(format!("encode command: {e}")))?;
+        let limit = self.inner.cfg.max_proposal_bytes;
+        if bytes.len() > limit {
+            return Err(ControlError::ProposalTooLarge {
+                bytes: bytes.len(),
+                limit,
+            });
+        }
         let resp = self
             .inner
             .raft
@@ -402,30 +433,208 @@ impl<S: ReplicatedState> ControlPlane<S> {
             RaftError::Fatal(f) => fatal(&f),
             RaftError::APIError(never) => match never {},
         };
+        let catching_up = self
+            .inner
+            .catching_up
+            .load(std::sync::atomic::Ordering::Acquire);
         let resp = match req {
+            RpcRequest::Vote(_) | RpcRequest::PreVote(_) if catching_up => {
+                return Err(ControlError::CatchingUp(self.inner.cfg.node_id));
+            }
             RpcRequest::AppendEntries(r) => {
-                RpcResponse::AppendEntries(raft.append_entries(r).await.map_err(raft_err)?)
+                if catching_up {
+                    self.ensure_revert_allowed(&r.vote).await?;
+                }
+                let leader_commit = r.leader_commit.map(|l| l.index());
+                let resp = raft.append_entries(r).await.map_err(raft_err)?;
+                if catching_up {
+                    self.end_catch_up_once_applied(leader_commit).await;
+                }
+                RpcResponse::AppendEntries(resp)
             }
             RpcRequest::Vote(r) => RpcResponse::Vote(raft.vote(r).await.map_err(raft_err)?),
             RpcRequest::PreVote(r) => RpcResponse::Vote(raft.pre_vote(r).await.map_err(raft_err)?),
-            RpcRequest::FullSnapshot { vote, meta, data } => {
-                // A snapshot that fails to decode would surface as a storage error inside
-                // openraft, which makes the core Fatal; reject it here instead.
-                postcard::from_bytes::<S>(&data).map_err(|e| {
-                    ControlError::MalformedRpc(format!("snapshot state does not decode: {e}"))
-                })?;
-                let snap = Snapshot {
-                    meta,
-                    snapshot: data,
-                };
-                RpcResponse::Snapshot(
-                    raft.install_full_snapshot(vote, snap)
-                        .await
-                        .map_err(|e| fatal(&e))?,
-                )
+            RpcRequest::SnapshotChunk(chunk) => {
+                if catching_up {
+                    self.ensure_revert_allowed(&chunk.vote).await?;
+                }
+                self.take_chunk(chunk).await?
             }
+            RpcRequest::AllowRevert { node } => self.allow_revert(node).await?,
         };
         network::encode(resp).map_err(ControlError::Codec)
+    }
+
+    /// Buffers one snapshot chunk; once the snapshot is whole and its checksum and state
+    /// decode, installs it.
+    async fn take_chunk(&self, chunk: network::SnapshotChunk) -> Result<RpcResponse, ControlError> {
+        let max = self.inner.cfg.max_snapshot_bytes;
+        let whole = match self.inner.receiving.take(chunk, max)? {
+            Taken::Whole(w) => w,
+            Taken::Need(next_offset) => return Ok(RpcResponse::ChunkAccepted { next_offset }),
+        };
+        // A snapshot that fails to decode would surface as a storage error inside openraft,
+        // which makes the core Fatal; reject it here instead.
+        postcard::from_bytes::<S>(&whole.data).map_err(|e| {
+            ControlError::MalformedRpc(format!("snapshot state does not decode: {e}"))
+        })?;
+        let last = whole.meta.last_log_id.map(|l| l.index());
+        let snap = Snapshot {
+            meta: whole.meta,
+            snapshot: whole.data,
+        };
+        let resp = self
+            .inner
+            .raft
+            .install_full_snapshot(whole.vote, snap)
+            .await
+            .map_err(|e| fatal(&e))?;
+        if self
+            .inner
+            .catching_up
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.end_catch_up_once_applied(last).await;
+        }
+        Ok(RpcResponse::Snapshot(resp))
+    }
+
+    /// A repaired voter answers a leader only after that leader agreed to replicate to it from
+    /// the beginning: openraft treats a follower whose log went backwards as a bug (and
+    /// stops), unless the leader was told first (`allow_next_revert`).
+    async fn ensure_revert_allowed(&self, vote: &types::Vote) -> Result<(), ControlError> {
+        let me = self.inner.cfg.node_id;
+        if self
+            .inner
+            .revert_allowed_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            == Some(vote)
+        {
+            return Ok(());
+        }
+        let leader = vote.leader_id().node_id;
+        let addr = self
+            .voters()
+            .get(&leader)
+            .cloned()
+            .or_else(|| self.inner.cfg.voters.get(&leader).cloned());
+        let (Some(addr), Ok(payload)) =
+            (addr, network::encode(RpcRequest::AllowRevert { node: me }))
+        else {
+            return Err(ControlError::CatchingUp(me));
+        };
+        let timeout = self.inner.cfg.rpc_timeout;
+        let reply = self
+            .inner
+            .transport
+            .call(leader, addr, payload, timeout)
+            .await;
+        match reply
+            .ok()
+            .and_then(|b| network::decode::<RpcResponse>(&b).ok())
+        {
+            Some(RpcResponse::RevertAllowed { vote: granted }) if granted == *vote => {
+                tracing::info!(
+                    node = me,
+                    leader,
+                    "leader will replicate to this repaired voter from the start"
+                );
+                *self
+                    .inner
+                    .revert_allowed_by
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(granted);
+                Ok(())
+            }
+            _ => Err(ControlError::CatchingUp(me)),
+        }
+    }
+
+    /// Leader side of [`Self::ensure_revert_allowed`].
+    async fn allow_revert(&self, node: NodeId) -> Result<RpcResponse, ControlError> {
+        let raft = &self.inner.raft;
+        if !raft.is_leader() {
+            return Err(ControlError::NotLeader {
+                leader: self.current_leader_addr(),
+            });
+        }
+        let vote = raft.metrics().borrow_watched().vote;
+        match raft.trigger().allow_next_revert(&node, true).await {
+            Ok(Ok(())) => Ok(RpcResponse::RevertAllowed { vote }),
+            Ok(Err(e)) => Err(ControlError::Raft(e.to_string())),
+            Err(e) => Err(fatal(&e)),
+        }
+    }
+
+    /// A repaired voter may vote again once it has applied everything its leader had
+    /// committed: from then on its log holds every committed entry, as a voter's must.
+    async fn end_catch_up_once_applied(&self, leader_commit: Option<u64>) {
+        let Some(commit) = leader_commit else { return };
+        if self.inner.state_rx.borrow().applied_index < commit {
+            return;
+        }
+        let Some(db) = self.inner.db.upgrade() else {
+            return;
+        };
+        let cleared = tokio::task::spawn_blocking(move || store::set_repaired(&db, None)).await;
+        match cleared {
+            Ok(Ok(())) => {
+                self.inner
+                    .catching_up
+                    .store(false, std::sync::atomic::Ordering::Release);
+                tracing::info!(
+                    node = self.inner.cfg.node_id,
+                    applied = commit,
+                    "repaired voter caught up; voting again"
+                );
+            }
+            Ok(Err(e)) => tracing::warn!("clearing the repair marker failed: {e}"),
+            Err(e) => tracing::warn!("clearing the repair marker failed: {e}"),
+        }
+    }
+
+    /// A digest of the applied state: (applied index, SHA-256 of its encoding, hex). Two voters
+    /// at the same index hold the same state exactly when the digests are equal; used to
+    /// check a repaired voter against the others. Cached per applied index.
+    pub fn state_digest(&self) -> (u64, String) {
+        let view = self.state();
+        let mut cache = self.inner.digest.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((index, hex)) = cache.as_ref().filter(|(i, _)| *i == view.applied_index) {
+            return (*index, hex.clone());
+        }
+        let hex = match postcard::to_stdvec(view.state.as_ref()) {
+            Ok(bytes) => {
+                use sha2::Digest;
+                let d = sha2::Sha256::digest(&bytes);
+                d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            }
+            Err(e) => format!("unencodable: {e}"),
+        };
+        *cache = Some((view.applied_index, hex.clone()));
+        (view.applied_index, hex)
+    }
+
+    /// Whether this voter is still catching up after a repair (it grants no votes).
+    pub fn is_catching_up(&self) -> bool {
+        self.inner
+            .catching_up
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Voters this node's replication is failing towards (when it leads): voter id ->
+    /// (how long it has been failing, the last error). Empty while replication is healthy.
+    pub fn replication_trouble(&self) -> BTreeMap<NodeId, (Duration, String)> {
+        if !self.is_leader() {
+            return BTreeMap::new();
+        }
+        self.inner
+            .trouble
+            .snapshot()
+            .into_iter()
+            .map(|(id, (since, why))| (id, (since.elapsed(), why)))
+            .collect()
     }
 
     /// Stops Raft and waits (at most `shutdown_timeout`) until its tasks have released the
@@ -437,6 +646,13 @@ impl<S: ReplicatedState> ControlPlane<S> {
             // Replication and state-machine workers exit shortly after the core; each holds
             // a handle to the store until then.
             while self.inner.db.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The count drops to 0 before redb's `Drop` has finished closing the file (it
+            // marks the file clean last); wait until the file opens, so a caller that reads
+            // or copies it next sees a cleanly closed store.
+            let path = self.inner.cfg.data_dir.join(store::DB_FILE);
+            while store::still_open(&path).await {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             res
@@ -455,6 +671,59 @@ impl<S: ReplicatedState> ControlPlane<S> {
             None => self.inner.cfg.voters.get(&id).cloned().unwrap_or_default(),
         };
         Some((id, addr))
+    }
+}
+
+/// Checks every stored record before Raft sees the store. Returns whether the store carries
+/// the repair marker (the voter is catching up and must not initialize or vote).
+async fn verify_store(cfg: &ControlConfig, db: &Arc<redb::Database>) -> Result<bool, ControlError> {
+    let db2 = db.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        Ok::<_, std::io::Error>((store::verify_all(&db2)?, store::is_repaired(&db2)?))
+    })
+    .await
+    .map_err(|e| ControlError::Storage(e.to_string()))?;
+    let (damage, repaired) = checked.map_err(|e| ControlError::Storage(e.to_string()))?;
+    if let Some(d) = damage {
+        return Err(ControlError::Corrupt {
+            file: cfg.data_dir.join(store::DB_FILE),
+            table: d.table.to_string(),
+            key: d.key,
+            reason: d.reason,
+        });
+    }
+    Ok(repaired)
+}
+
+/// Initializes a pristine store with `cfg.voters`. Every voter may do so with the identical
+/// voter map; a node that is already initialized (or that received the membership from a
+/// peer first) skips it.
+async fn initialize_if_pristine<S: ReplicatedState>(
+    raft: &Raft<Tc, StateMachine<S>>,
+    cfg: &ControlConfig,
+) -> Result<(), ControlError> {
+    if raft.is_initialized().await.map_err(|e| fatal(&e))? {
+        return Ok(());
+    }
+    let members: BTreeMap<NodeId, BasicNode> = cfg
+        .voters
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+        .collect();
+    match raft.initialize(members).await {
+        Ok(()) => {
+            tracing::info!(node = cfg.node_id, voters = ?cfg.voters, "initialized raft cluster");
+            Ok(())
+        }
+        Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+            tracing::debug!(node = cfg.node_id, "already initialized: {e}");
+            Ok(())
+        }
+        Err(RaftError::APIError(e)) => {
+            let _ = raft.shutdown().await;
+            Err(ControlError::Config(e.to_string()))
+        }
+        Err(RaftError::Fatal(e)) => Err(fatal(&e)),
     }
 }
 

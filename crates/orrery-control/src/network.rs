@@ -14,13 +14,15 @@ use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, RPCTypes, RaftNetworkV2};
+use openraft::{BasicNode, EntryPayload, RPCTypes, RaftNetworkV2};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Snapshot, SnapshotMeta, Tc, Vote};
+use crate::config::MESSAGE_OVERHEAD;
+use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, Tc, Vote};
 use crate::{NodeId, RaftTransport, TransportError};
 
-pub(crate) const WIRE_VERSION: u8 = 1;
+/// Version 2: snapshots travel in chunks (`SnapshotChunk`) instead of one message.
+pub(crate) const WIRE_VERSION: u8 = 2;
 
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Envelope<T> {
@@ -33,11 +35,25 @@ pub(crate) enum RpcRequest {
     AppendEntries(AppendEntriesRequest<Tc>),
     Vote(VoteRequest<Tc>),
     PreVote(VoteRequest<Tc>),
-    FullSnapshot {
-        vote: Vote,
-        meta: SnapshotMeta,
-        data: Vec<u8>,
+    SnapshotChunk(SnapshotChunk),
+    /// From a repaired voter to the leader: its log was reset on purpose; replicate to it
+    /// from the beginning instead of treating the reversion as a bug.
+    AllowRevert {
+        node: NodeId,
     },
+}
+
+/// One piece of a snapshot. The receiver appends chunks in order and installs the snapshot
+/// when it holds `total` bytes whose CRC-32 is `crc`; an out-of-order chunk is answered with
+/// the offset it expects, so a sender resumes (or restarts from 0) instead of failing.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SnapshotChunk {
+    pub(crate) vote: Vote,
+    pub(crate) meta: SnapshotMeta,
+    pub(crate) total: u64,
+    pub(crate) crc: u32,
+    pub(crate) offset: u64,
+    pub(crate) data: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -45,6 +61,14 @@ pub(crate) enum RpcResponse {
     AppendEntries(AppendEntriesResponse<Tc>),
     Vote(VoteResponse<Tc>),
     Snapshot(SnapshotResponse<Tc>),
+    /// A chunk was taken (or refused as out of order); send the chunk at `next_offset`.
+    ChunkAccepted {
+        next_offset: u64,
+    },
+    /// The leader (whose vote this is) will replicate to the repaired voter from scratch.
+    RevertAllowed {
+        vote: Vote,
+    },
 }
 
 pub(crate) fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
@@ -66,11 +90,55 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, 
     Ok(env.body)
 }
 
+/// The last replication failure towards each voter, kept until a later call to it succeeds,
+/// so a leader that cannot replicate can say why ([`crate::ControlPlane::replication_trouble`]).
+#[derive(Default)]
+pub(crate) struct ReplicationTrouble {
+    failing: std::sync::Mutex<std::collections::BTreeMap<NodeId, (tokio::time::Instant, String)>>,
+}
+
+impl ReplicationTrouble {
+    pub(crate) fn record(&self, target: NodeId, why: String) {
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let since = failing
+            .get(&target)
+            .map(|(t, _)| *t)
+            .unwrap_or_else(tokio::time::Instant::now);
+        failing.insert(target, (since, why));
+    }
+
+    fn note<T>(&self, target: NodeId, res: &Result<T, CallError>) {
+        match res {
+            Ok(_) => {
+                let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+                failing.remove(&target);
+            }
+            Err(CallError::Network(m) | CallError::Unreachable(m)) => {
+                self.record(target, m.clone())
+            }
+            Err(CallError::Timeout(t)) => self.record(target, format!("timed out after {t:?}")),
+        }
+    }
+
+    /// Voters whose replication is failing: (failing since, last error).
+    pub(crate) fn snapshot(
+        &self,
+    ) -> std::collections::BTreeMap<NodeId, (tokio::time::Instant, String)> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// Creates one [`NetClient`] per target.
 pub(crate) struct NetFactory {
     pub(crate) self_id: NodeId,
     pub(crate) transport: Arc<dyn RaftTransport>,
     pub(crate) rpc_timeout: Duration,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) snapshot_chunk_bytes: usize,
+    pub(crate) trouble: Arc<ReplicationTrouble>,
 }
 
 impl RaftNetworkFactory<Tc> for NetFactory {
@@ -83,6 +151,9 @@ impl RaftNetworkFactory<Tc> for NetFactory {
             addr: node.addr.clone(),
             transport: self.transport.clone(),
             rpc_timeout: self.rpc_timeout,
+            max_message_bytes: self.max_message_bytes,
+            snapshot_chunk_bytes: self.snapshot_chunk_bytes,
+            trouble: self.trouble.clone(),
         }
     }
 }
@@ -93,6 +164,9 @@ pub(crate) struct NetClient {
     addr: String,
     transport: Arc<dyn RaftTransport>,
     rpc_timeout: Duration,
+    max_message_bytes: usize,
+    snapshot_chunk_bytes: usize,
+    trouble: Arc<ReplicationTrouble>,
 }
 
 enum CallError {
@@ -104,6 +178,14 @@ enum CallError {
 impl NetClient {
     async fn call(&self, req: RpcRequest, timeout: Duration) -> Result<RpcResponse, CallError> {
         let payload = encode(req).map_err(CallError::Network)?;
+        self.call_encoded(payload, timeout).await
+    }
+
+    async fn call_encoded(
+        &self,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<RpcResponse, CallError> {
         let fut = self
             .transport
             .call(self.target, self.addr.clone(), payload, timeout);
@@ -151,10 +233,22 @@ impl RaftNetworkV2<Tc> for NetClient {
         rpc: AppendEntriesRequest<Tc>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<Tc>, RPCError<Tc>> {
-        match self
-            .call(RpcRequest::AppendEntries(rpc), self.ttl(&option))
-            .await
-        {
+        let (payload, sent_last) = match self.bounded_append(rpc) {
+            Ok(x) => x,
+            Err(m) => {
+                self.trouble.record(self.target, m.clone());
+                return Err(RPCError::Network(NetworkError::from_string(m)));
+            }
+        };
+        let res = self.call_encoded(payload, self.ttl(&option)).await;
+        self.trouble.note(self.target, &res);
+        match res {
+            // Only a prefix was sent: tell openraft how far the follower now matches.
+            Ok(RpcResponse::AppendEntries(AppendEntriesResponse::Success))
+                if sent_last.is_some() =>
+            {
+                Ok(AppendEntriesResponse::PartialSuccess(sent_last))
+            }
             Ok(RpcResponse::AppendEntries(r)) => Ok(r),
             Ok(_) => Err(RPCError::Network(self.unexpected())),
             Err(e) => Err(self.rpc_err(e, RPCTypes::AppendEntries)),
@@ -192,27 +286,110 @@ impl RaftNetworkV2<Tc> for NetClient {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<Tc>, StreamingError<Tc>> {
-        let req = RpcRequest::FullSnapshot {
-            vote,
-            meta: snapshot.meta,
-            data: snapshot.snapshot,
-        };
-        let timeout = option.soft_ttl();
+        let deadline = tokio::time::Instant::now() + option.soft_ttl();
+        let send = self.send_chunks(vote, snapshot, deadline);
         let res = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
-            res = self.call(req, timeout) => res,
+            res = send => res,
         };
-        match res {
-            Ok(RpcResponse::Snapshot(r)) => Ok(r),
-            Ok(_) => Err(StreamingError::Network(self.unexpected())),
-            Err(e) => Err(match self.rpc_err(e, RPCTypes::InstallSnapshot) {
-                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
-                RPCError::Timeout(t) => StreamingError::Timeout(t),
-                RPCError::Network(n) => StreamingError::Network(n),
-                RPCError::RemoteError(r) => {
-                    StreamingError::Network(NetworkError::from_string(r.to_string()))
+        if let Err(CallError::Network(m) | CallError::Unreachable(m)) = &res {
+            self.trouble.record(self.target, format!("snapshot: {m}"));
+        }
+        res.map_err(|e| match self.rpc_err(e, RPCTypes::InstallSnapshot) {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            RPCError::Timeout(t) => StreamingError::Timeout(t),
+            RPCError::Network(n) => StreamingError::Network(n),
+            RPCError::RemoteError(r) => {
+                StreamingError::Network(NetworkError::from_string(r.to_string()))
+            }
+        })
+    }
+}
+
+/// An upper bound on the encoded size of one log entry (log id, tags, lengths, payload).
+fn entry_size_bound(e: &Entry) -> usize {
+    let payload = match &e.payload {
+        EntryPayload::Blank => 0,
+        EntryPayload::Normal(cmd) => cmd.0.len(),
+        EntryPayload::Membership(_) => MESSAGE_OVERHEAD,
+    };
+    payload + 64
+}
+
+impl NetClient {
+    /// Encodes an AppendEntries request that fits in `max_message_bytes`: if all entries do
+    /// not fit, the longest prefix that does is sent and the last sent log id is returned
+    /// (openraft then sends the rest). Fails only if a single entry is over the limit, which
+    /// `max_proposal_bytes` prevents for every command written through `write`.
+    fn bounded_append(
+        &self,
+        mut rpc: AppendEntriesRequest<Tc>,
+    ) -> Result<(Vec<u8>, Option<LogId>), String> {
+        let limit = self.max_message_bytes;
+        let bound: usize = rpc.entries.iter().map(entry_size_bound).sum();
+        if bound.saturating_add(MESSAGE_OVERHEAD) <= limit {
+            return Ok((encode(RpcRequest::AppendEntries(rpc))?, None));
+        }
+        let mut cut = false;
+        loop {
+            let bytes = encode(RpcRequest::AppendEntries(rpc.clone()))?;
+            if bytes.len() <= limit {
+                let last = cut.then(|| rpc.entries.last().map(|e| e.log_id)).flatten();
+                return Ok((bytes, last));
+            }
+            if rpc.entries.len() <= 1 {
+                let index = rpc.entries.first().map(|e| e.log_id.index());
+                return Err(format!(
+                    "replication to node {} failing: entry {index:?} needs a message of {} bytes, over the limit of {limit}",
+                    self.target,
+                    bytes.len()
+                ));
+            }
+            let keep = rpc.entries.len() / 2;
+            rpc.entries.truncate(keep);
+            cut = true;
+        }
+    }
+
+    /// Sends `snapshot` in chunks of `snapshot_chunk_bytes`, resuming at whatever offset
+    /// the receiver asks for, until it answers with the install result or `deadline` passes.
+    async fn send_chunks(
+        &self,
+        vote: Vote,
+        snapshot: Snapshot,
+        deadline: tokio::time::Instant,
+    ) -> Result<SnapshotResponse<Tc>, CallError> {
+        let data = snapshot.snapshot;
+        let total = data.len() as u64;
+        let crc = crc32fast::hash(&data);
+        let mut offset = 0u64;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(CallError::Timeout(self.rpc_timeout));
+            }
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            let end = start
+                .saturating_add(self.snapshot_chunk_bytes)
+                .min(data.len());
+            let chunk = SnapshotChunk {
+                vote,
+                meta: snapshot.meta.clone(),
+                total,
+                crc,
+                offset: start as u64,
+                data: data[start..end].to_vec(),
+            };
+            let payload = encode(RpcRequest::SnapshotChunk(chunk)).map_err(CallError::Network)?;
+            match self.call_encoded(payload, deadline - now).await? {
+                RpcResponse::Snapshot(r) => return Ok(r),
+                RpcResponse::ChunkAccepted { next_offset } if next_offset <= total => {
+                    offset = next_offset;
                 }
-            }),
+                _ => return Err(CallError::Network(self.unexpected().to_string())),
+            }
         }
     }
 }

@@ -11,51 +11,226 @@ use std::sync::Arc;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::seal::{seal, unseal, SEAL_VERSION};
 use crate::types::{ApplyReply, Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, Tc, Vote};
 use crate::{ReplicatedState, StateView};
 
-const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+pub(crate) const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+
+/// The file name of the Raft store inside the control plane's data directory.
+pub(crate) const DB_FILE: &str = "raft.redb";
 
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 const KEY_SNAPSHOT: &str = "snapshot";
+/// The record layout of the file (`seal::SEAL_VERSION`); absent in stores written before
+/// records were sealed.
+const KEY_FORMAT: &str = "format";
+/// Present while a repaired voter has not caught up with its leader (see `crate::repair`).
+pub(crate) const KEY_REPAIRED: &str = "repaired";
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
-    postcard::from_bytes(bytes)
+/// Where a record lives, for error messages: table and key.
+fn corrupt(table: &str, key: &dyn std::fmt::Display, why: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{DB_FILE}: table {table}, key {key}: {why}"),
+    )
+}
+
+/// Unseals and decodes one stored record, or says why it is damaged.
+fn open_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let payload = unseal(bytes).map_err(|e| e.to_string())?;
+    postcard::from_bytes(payload).map_err(|e| format!("undecodable: {e}"))
+}
+
+/// Unseals and decodes one stored record; a damaged record names its table and key.
+fn decode<T: DeserializeOwned>(
+    table: &str,
+    key: &dyn std::fmt::Display,
+    bytes: &[u8],
+) -> io::Result<T> {
+    open_record(bytes).map_err(|why| corrupt(table, key, why))
+}
+
+/// Encodes and seals one record.
+fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    postcard::to_stdvec(v)
+        .map(|b| seal(&b))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }
 
-fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    postcard::to_stdvec(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
-}
-
-/// Opens (or creates) the redb file and makes sure both tables exist.
+/// Opens (or creates) the redb file and makes sure both tables exist and every record is
+/// sealed (a store from before sealing is sealed in place, in one transaction).
 pub(crate) fn open_db(dir: &Path) -> io::Result<Arc<Database>> {
-    std::fs::create_dir_all(dir)?;
-    let db = Database::create(dir.join("raft.redb")).map_err(|e| match e {
+    crate::private::create_private_dir(dir)?;
+    let path = dir.join(DB_FILE);
+    let db = Database::create(&path).map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => {
             io::Error::new(io::ErrorKind::WouldBlock, e.to_string())
         }
+        // redb verifies its page checksums when it recovers a file that was not closed
+        // cleanly (e.g. after SIGKILL); a damaged page is found there, before our own check.
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(m)) => {
+            io::Error::new(io::ErrorKind::InvalidData, m)
+        }
         e => io_err(e),
     })?;
+    crate::private::restrict_file(&path)?;
     let tx = db.begin_write().map_err(io_err)?;
     {
-        tx.open_table(LOGS).map_err(io_err)?;
-        tx.open_table(META).map_err(io_err)?;
+        let mut logs = tx.open_table(LOGS).map_err(io_err)?;
+        let mut meta = tx.open_table(META).map_err(io_err)?;
+        if meta.get(KEY_FORMAT).map_err(io_err)?.is_none() {
+            seal_legacy(&mut logs, &mut meta)?;
+        }
     }
     tx.commit().map_err(io_err)?;
     Ok(Arc::new(db))
+}
+
+/// Seals every record of a store written before records carried checksums.
+fn seal_legacy(
+    logs: &mut redb::Table<u64, &[u8]>,
+    meta: &mut redb::Table<&str, &[u8]>,
+) -> io::Result<()> {
+    let mut rows = Vec::new();
+    for item in logs.iter().map_err(io_err)? {
+        let (k, v) = item.map_err(io_err)?;
+        rows.push((k.value(), seal(v.value())));
+    }
+    for (k, v) in &rows {
+        logs.insert(*k, v.as_slice()).map_err(io_err)?;
+    }
+    let mut keys = Vec::new();
+    for item in meta.iter().map_err(io_err)? {
+        let (k, v) = item.map_err(io_err)?;
+        keys.push((k.value().to_string(), seal(v.value())));
+    }
+    for (k, v) in &keys {
+        meta.insert(k.as_str(), v.as_slice()).map_err(io_err)?;
+    }
+    if !rows.is_empty() || !keys.is_empty() {
+        tracing::info!(
+            entries = rows.len(),
+            keys = keys.len(),
+            "sealed a raft store written before checksums"
+        );
+    }
+    let format = encode(&SEAL_VERSION)?;
+    meta.insert(KEY_FORMAT, format.as_slice()).map_err(io_err)?;
+    Ok(())
+}
+
+/// A record that failed verification: which table, which key, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DamagedRecord {
+    pub(crate) table: &'static str,
+    pub(crate) key: String,
+    pub(crate) reason: String,
+}
+
+/// Unseals and decodes every record in the store, in key order, and returns the first one
+/// that is damaged. Run at start, before Raft sees the store: a voter must never vote or
+/// replicate from a record it cannot trust.
+pub(crate) fn verify_all(db: &Database) -> io::Result<Option<DamagedRecord>> {
+    let tx = db.begin_read().map_err(io_err)?;
+    let meta = tx.open_table(META).map_err(io_err)?;
+    for item in meta.iter().map_err(io_err)? {
+        let (k, v) = item.map_err(io_err)?;
+        let (key, bytes) = (k.value(), v.value());
+        let check = match key {
+            KEY_VOTE => open_record::<Vote>(bytes).map(drop),
+            KEY_COMMITTED | KEY_PURGED => open_record::<LogId>(bytes).map(drop),
+            KEY_SNAPSHOT => open_record::<StoredSnapshot>(bytes).map(drop),
+            _ => unseal(bytes).map(drop).map_err(|e| e.to_string()),
+        };
+        if let Err(reason) = check {
+            let key = key.to_string();
+            return Ok(Some(DamagedRecord {
+                table: META.name(),
+                key,
+                reason,
+            }));
+        }
+    }
+    let logs = tx.open_table(LOGS).map_err(io_err)?;
+    for item in logs.iter().map_err(io_err)? {
+        let (k, v) = item.map_err(io_err)?;
+        let index = k.value();
+        let reason = match open_record::<Entry>(v.value()) {
+            Ok(e) if e.log_id.index() == index => continue,
+            Ok(e) => format!("entry claims index {}", e.log_id.index()),
+            Err(reason) => reason,
+        };
+        let key = index.to_string();
+        return Ok(Some(DamagedRecord {
+            table: LOGS.name(),
+            key,
+            reason,
+        }));
+    }
+    Ok(None)
+}
+
+/// Reads the vote of a store if it is intact (used by repair to carry it over).
+pub(crate) fn intact_vote(db: &Database) -> Option<Vote> {
+    get_meta(db, KEY_VOTE).ok().flatten()
+}
+
+/// Whether the store carries the repair marker.
+pub(crate) fn is_repaired(db: &Database) -> io::Result<bool> {
+    let tx = db.begin_read().map_err(io_err)?;
+    let table = tx.open_table(META).map_err(io_err)?;
+    Ok(table.get(KEY_REPAIRED).map_err(io_err)?.is_some())
+}
+
+/// Writes (`Some`) or clears (`None`) the repair marker and, with it, a carried-over vote.
+pub(crate) fn set_repaired(db: &Database, vote: Option<Option<Vote>>) -> io::Result<()> {
+    let tx = db.begin_write().map_err(io_err)?;
+    {
+        let mut table = tx.open_table(META).map_err(io_err)?;
+        match vote {
+            Some(v) => {
+                let marker = encode(&true)?;
+                table
+                    .insert(KEY_REPAIRED, marker.as_slice())
+                    .map_err(io_err)?;
+                if let Some(v) = v {
+                    let bytes = encode(&v)?;
+                    table.insert(KEY_VOTE, bytes.as_slice()).map_err(io_err)?;
+                }
+            }
+            None => {
+                table.remove(KEY_REPAIRED).map_err(io_err)?;
+            }
+        }
+    }
+    tx.commit().map_err(io_err)
+}
+
+/// Whether another instance in this process still holds the store at `path`.
+pub(crate) async fn still_open(path: &Path) -> bool {
+    let path = path.to_path_buf();
+    let probe = tokio::task::spawn_blocking(move || match Database::open(&path) {
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => true,
+        Ok(db) => {
+            drop(db);
+            false
+        }
+        Err(_) => false,
+    });
+    probe.await.unwrap_or(false)
 }
 
 /// Like [`open_db`], but if another instance in this process still holds the file (e.g. its
@@ -97,7 +272,7 @@ fn get_meta<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<
     let tx = db.begin_read().map_err(io_err)?;
     let table = tx.open_table(META).map_err(io_err)?;
     match table.get(key).map_err(io_err)? {
-        Some(v) => Ok(Some(decode(v.value())?)),
+        Some(v) => Ok(Some(decode(META.name(), &key, v.value())?)),
         None => Ok(None),
     }
 }
@@ -157,8 +332,9 @@ impl RaftLogReader<Tc> for LogStore {
             let table = tx.open_table(LOGS).map_err(io_err)?;
             let mut out = Vec::new();
             for item in table.range::<u64>(bounds).map_err(io_err)? {
-                let (_k, v) = item.map_err(io_err)?;
-                out.push(decode::<Entry>(v.value())?);
+                let (k, v) = item.map_err(io_err)?;
+                let (k, v) = (k.value(), v.value());
+                out.push(decode::<Entry>(LOGS.name(), &k, v)?);
             }
             Ok(out)
         })
@@ -179,7 +355,7 @@ impl RaftLogStorage<Tc> for LogStore {
             let tx = db.begin_read().map_err(io_err)?;
             let table = tx.open_table(LOGS).map_err(io_err)?;
             let last = match table.last().map_err(io_err)? {
-                Some((_k, v)) => Some(decode::<Entry>(v.value())?.log_id),
+                Some((k, v)) => Some(decode::<Entry>(LOGS.name(), &k.value(), v.value())?.log_id),
                 None => None,
             };
             Ok(LogState {
@@ -299,7 +475,8 @@ impl<S: ReplicatedState> StateMachine<S> {
         let snap = blocking(&db, load_snapshot).await?;
         let (state, last_applied, last_membership) = match snap {
             Some(s) => (
-                decode::<S>(&s.data)?,
+                postcard::from_bytes::<S>(&s.data)
+                    .map_err(|e| corrupt(META.name(), &KEY_SNAPSHOT, format!("state: {e}")))?,
                 s.meta.last_log_id,
                 s.meta.last_membership.clone(),
             ),
@@ -348,7 +525,9 @@ impl<S: ReplicatedState> RaftSnapshotBuilder<Tc> for SnapshotBuilder<S> {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let data = encode(self.state.as_ref())?;
+        // The state travels to followers as is: raw postcard, sealed only when stored.
+        let data = postcard::to_stdvec(self.state.as_ref())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let meta = SnapshotMeta {
             last_log_id: self.last_applied,
             last_membership: self.last_membership.clone(),
@@ -433,7 +612,8 @@ impl<S: ReplicatedState> RaftStateMachine<Tc> for StateMachine<S> {
         meta: &SnapshotMeta,
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
-        let state: S = decode(&snapshot)?;
+        let state: S = postcard::from_bytes(&snapshot)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         save_snapshot(&self.db, meta, &snapshot).await?;
         self.state = Arc::new(state);
         self.last_applied = meta.last_log_id;

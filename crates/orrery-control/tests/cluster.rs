@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Kv {
     map: BTreeMap<String, u64>,
+    blobs: BTreeMap<String, Vec<u8>>,
     applied: u64,
 }
 
@@ -21,6 +22,7 @@ struct Kv {
 enum KvCmd {
     Set(String, u64),
     Add(String, u64),
+    Put(String, Vec<u8>),
 }
 
 impl ReplicatedState for Kv {
@@ -36,6 +38,11 @@ impl ReplicatedState for Kv {
                 *e += d;
                 Some(*e)
             }
+            KvCmd::Put(k, b) => {
+                let n = b.len() as u64;
+                self.blobs.insert(k, b);
+                Some(n)
+            }
         }
     }
 }
@@ -45,6 +52,10 @@ impl ReplicatedState for Kv {
 struct Router {
     nodes: Mutex<BTreeMap<NodeId, ControlPlane<Kv>>>,
     cut: Mutex<BTreeSet<NodeId>>,
+    /// Like a frame limit: a larger payload is refused (and counted in `oversized`).
+    max_payload: Mutex<Option<usize>>,
+    oversized: std::sync::atomic::AtomicU64,
+    calls: std::sync::atomic::AtomicU64,
 }
 
 struct Transport {
@@ -61,6 +72,20 @@ impl RaftTransport for Transport {
         timeout: Duration,
     ) -> TransportFuture<'_> {
         Box::pin(async move {
+            self.router
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(max) = *self.router.max_payload.lock().unwrap() {
+                if payload.len() > max {
+                    self.router
+                        .oversized
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(TransportError::Remote(format!(
+                        "frame of {} bytes exceeds the limit of {max}",
+                        payload.len()
+                    )));
+                }
+            }
             let node = {
                 let cut = self.router.cut.lock().unwrap();
                 if cut.contains(&self.from) || cut.contains(&target) {
@@ -96,19 +121,37 @@ fn config(id: NodeId, dir: &Path) -> ControlConfig {
 }
 
 async fn start_cluster(dir: &Path, router: &Arc<Router>) -> BTreeMap<NodeId, ControlPlane<Kv>> {
+    start_cluster_with(dir, router, |_| {}).await
+}
+
+async fn start_cluster_with(
+    dir: &Path,
+    router: &Arc<Router>,
+    tweak: impl Fn(&mut ControlConfig),
+) -> BTreeMap<NodeId, ControlPlane<Kv>> {
     let mut out = BTreeMap::new();
     for id in 1..=3 {
-        let t = Arc::new(Transport {
-            from: id,
-            router: router.clone(),
-        });
-        let cp = ControlPlane::<Kv>::start(config(id, dir), t)
-            .await
-            .expect("start");
-        router.nodes.lock().unwrap().insert(id, cp.clone());
+        let cp = start_node(dir, router, id, &tweak).await.expect("start");
         out.insert(id, cp);
     }
     out
+}
+
+async fn start_node(
+    dir: &Path,
+    router: &Arc<Router>,
+    id: NodeId,
+    tweak: &impl Fn(&mut ControlConfig),
+) -> Result<ControlPlane<Kv>, ControlError> {
+    let t = Arc::new(Transport {
+        from: id,
+        router: router.clone(),
+    });
+    let mut cfg = config(id, dir);
+    tweak(&mut cfg);
+    let cp = ControlPlane::<Kv>::start(cfg, t).await?;
+    router.nodes.lock().unwrap().insert(id, cp.clone());
+    Ok(cp)
 }
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -401,4 +444,236 @@ async fn lagging_follower_catches_up_by_snapshot() {
         wait_applied(n, "s", total + 1).await;
     }
     shutdown_all(&nodes, &router).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounds and integrity: proposals, batches, snapshots, checksums at rest, repair.
+
+/// Small limits, so a state of a few hundred KiB is "larger than a frame".
+fn small_messages(c: &mut ControlConfig) {
+    c.max_message_bytes = 64 * 1024;
+    c.max_proposal_bytes = 8 * 1024;
+    c.snapshot_chunk_bytes = 16 * 1024;
+}
+
+fn oversized(router: &Router) -> u64 {
+    router.oversized.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Writes `n` blobs of `size` bytes (`b0`, `b1`, ...) through the leader.
+async fn write_blobs(leader: &ControlPlane<Kv>, n: usize, size: usize) {
+    for i in 0..n {
+        let blob = vec![(i % 251) as u8; size];
+        leader
+            .write(KvCmd::Put(format!("b{i}"), blob))
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until `a` and `b` have applied the same index with equal state digests.
+async fn same_digest(a: &ControlPlane<Kv>, b: &ControlPlane<Kv>) -> (u64, String) {
+    let mut last = (a.state_digest(), b.state_digest());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while last.0 != last.1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "digests never matched: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        last = (a.state_digest(), b.state_digest());
+    }
+    last.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_proposal_is_refused_and_the_next_commits() {
+    let (_guard, dir) = tempdir();
+    let router = Arc::new(Router::default());
+    let nodes = start_cluster_with(&dir, &router, |_| {}).await;
+    let leader = agreed_leader(&nodes, &[1, 2, 3]).await;
+    let lp = &nodes[&leader];
+    let before = lp.state().applied_index;
+    // The wedge: a command just under the 4 MiB frame limit.
+    let huge = KvCmd::Put("huge".into(), vec![7; 4 * 1024 * 1024 - 12]);
+    match lp.write(huge).await {
+        Err(e @ ControlError::ProposalTooLarge { limit, bytes }) => {
+            assert_eq!(limit, 64 * 1024);
+            assert!(bytes > 4 * 1024 * 1024 - 12);
+            assert!(e.to_string().contains("raft.max_proposal_bytes"), "{e}");
+        }
+        other => panic!("oversized proposal gave {other:?}"),
+    }
+    assert_eq!(lp.state().applied_index, before, "nothing reached the log");
+    let (_, v) = lp.write(KvCmd::Add("n".into(), 1)).await.unwrap();
+    assert_eq!(v, Some(1));
+    for n in nodes.values() {
+        wait_applied(n, "n", 1).await;
+    }
+    assert!(lp.state().state.blobs.is_empty());
+    shutdown_all(&nodes, &router).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_entries_are_cut_to_the_message_limit() {
+    let (_guard, dir) = tempdir();
+    let router = Arc::new(Router::default());
+    *router.max_payload.lock().unwrap() = Some(64 * 1024);
+    let nodes = start_cluster_with(&dir, &router, |c| {
+        small_messages(c);
+        // Keep every entry in the log, so the lagger is caught up by entries alone.
+        c.snapshot_every_n_logs = 10_000;
+        c.max_payload_entries = 300;
+    })
+    .await;
+    let leader = agreed_leader(&nodes, &[1, 2, 3]).await;
+    let lagger = (1..=3u64).find(|i| *i != leader).unwrap();
+    router.cut.lock().unwrap().insert(lagger);
+    // 48 entries of 7 KiB: 336 KiB behind, five times one message.
+    write_blobs(&nodes[&leader], 48, 7 * 1024).await;
+    nodes[&leader]
+        .write(KvCmd::Set("done".into(), 1))
+        .await
+        .unwrap();
+    router.cut.lock().unwrap().clear();
+    wait_applied(&nodes[&lagger], "done", 1).await;
+    assert_eq!(nodes[&lagger].state().state.blobs.len(), 48);
+    assert_eq!(oversized(&router), 0, "a message exceeded the limit");
+    assert!(nodes[&leader].replication_trouble().is_empty());
+    same_digest(&nodes[&leader], &nodes[&lagger]).await;
+    shutdown_all(&nodes, &router).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_follower_is_brought_back_by_a_chunked_snapshot() {
+    let (_guard, dir) = tempdir();
+    let router = Arc::new(Router::default());
+    *router.max_payload.lock().unwrap() = Some(64 * 1024);
+    let tweak = |c: &mut ControlConfig| {
+        small_messages(c);
+        c.snapshot_every_n_logs = 5;
+        c.logs_to_keep_after_snapshot = 2;
+    };
+    let mut nodes = start_cluster_with(&dir, &router, tweak).await;
+    let leader = agreed_leader(&nodes, &[1, 2, 3]).await;
+    let wiped = (1..=3u64).find(|i| *i != leader).unwrap();
+    // 40 blobs of 7 KiB: a state of about 280 KiB, over four times the message limit.
+    write_blobs(&nodes[&leader], 40, 7 * 1024).await;
+    nodes[&wiped].shutdown().await.unwrap();
+    router.nodes.lock().unwrap().remove(&wiped);
+    let report = orrery_control::repair(&dir.join(format!("n{wiped}"))).unwrap();
+    assert!(report.moved_to.is_some() && report.kept_vote, "{report:?}");
+    write_blobs(&nodes[&leader], 5, 100).await;
+    let calls_before = router.calls.load(std::sync::atomic::Ordering::Relaxed);
+    let back = start_node(&dir, &router, wiped, &tweak).await.unwrap();
+    assert!(back.is_catching_up(), "a repaired voter starts catching up");
+    nodes.insert(wiped, back);
+    let (index, digest) = same_digest(&nodes[&leader], &nodes[&wiped]).await;
+    assert!(index > 40, "caught up to index {index}");
+    assert_eq!(nodes[&wiped].state().state.blobs.len(), 40);
+    assert_eq!(oversized(&router), 0, "a message exceeded the limit");
+    let calls = router.calls.load(std::sync::atomic::Ordering::Relaxed) - calls_before;
+    assert!(
+        calls >= 5,
+        "a 280 KiB snapshot needs several chunks ({calls} calls)"
+    );
+    eventually("repaired voter votes again", || {
+        (!nodes[&wiped].is_catching_up()).then_some(())
+    })
+    .await;
+    tracing::info!(index, digest, "wiped follower restored");
+    shutdown_all(&nodes, &router).await;
+}
+
+/// Flips one bit in every occurrence of `marker` in `file` (old copies may linger in free
+/// pages; the live one must be hit). Returns how many were flipped.
+fn flip_every(file: &Path, marker: &[u8]) -> usize {
+    let mut bytes = std::fs::read(file).unwrap();
+    let mut hits = 0;
+    let mut i = 0;
+    while i + marker.len() <= bytes.len() {
+        if &bytes[i..i + marker.len()] == marker {
+            bytes[i + marker.len() / 2] ^= 0x01;
+            hits += 1;
+            i += marker.len();
+        } else {
+            i += 1;
+        }
+    }
+    std::fs::write(file, bytes).unwrap();
+    hits
+}
+
+/// Stops voter `victim`, flips `marker` in its store, and checks that it refuses to start
+/// naming `table`; then repairs it and checks it comes back equal to the leader.
+async fn corrupt_refuse_repair(snapshot_every: u64, marker: &[u8], table: &str) {
+    let (_guard, dir) = tempdir();
+    let router = Arc::new(Router::default());
+    let tweak = move |c: &mut ControlConfig| {
+        c.snapshot_every_n_logs = snapshot_every;
+        c.logs_to_keep_after_snapshot = 2;
+    };
+    let mut nodes = start_cluster_with(&dir, &router, tweak).await;
+    let leader = agreed_leader(&nodes, &[1, 2, 3]).await;
+    let victim = (1..=3u64).find(|i| *i != leader).unwrap();
+    nodes[&leader]
+        .write(KvCmd::Put("addr".into(), marker.to_vec()))
+        .await
+        .unwrap();
+    for i in 0..12 {
+        nodes[&leader]
+            .write(KvCmd::Set("k".into(), i))
+            .await
+            .unwrap();
+    }
+    wait_applied(&nodes[&victim], "k", 11).await;
+    nodes[&victim].shutdown().await.unwrap();
+    router.nodes.lock().unwrap().remove(&victim);
+    let file = dir.join(format!("n{victim}")).join("raft.redb");
+    assert!(
+        flip_every(&file, marker) >= 1,
+        "marker not found in {file:?}"
+    );
+
+    match start_node(&dir, &router, victim, &tweak).await {
+        Err(e @ ControlError::Corrupt { .. }) => {
+            let ControlError::Corrupt {
+                file: f, table: t, ..
+            } = &e
+            else {
+                unreachable!()
+            };
+            assert_eq!(f, &file);
+            assert_eq!(t, table, "{e}");
+            assert!(e.to_string().contains("orrery repair"), "{e}");
+        }
+        Err(e) => panic!("damaged store gave another error: {e}"),
+        Ok(_) => panic!("voter started on a damaged store"),
+    }
+    let report = orrery_control::repair(file.parent().unwrap()).unwrap();
+    assert!(report.damage.is_some(), "repair saw the damage: {report:?}");
+    nodes.insert(
+        victim,
+        start_node(&dir, &router, victim, &tweak).await.unwrap(),
+    );
+    nodes[&leader]
+        .write(KvCmd::Set("after".into(), 1))
+        .await
+        .unwrap();
+    wait_applied(&nodes[&victim], "after", 1).await;
+    same_digest(&nodes[&leader], &nodes[&victim]).await;
+    assert_eq!(nodes[&victim].state().state.blobs["addr"], marker);
+    shutdown_all(&nodes, &router).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_a_log_entry_is_refused_and_repaired() {
+    // No snapshot: the marker lives only in its log entry.
+    corrupt_refuse_repair(10_000, b"node 2 at 127.0.0.1:42695 (log)", "raft_log").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_the_snapshot_is_refused_and_repaired() {
+    // Snapshots every 5 entries and 2 kept: the marker's entry is purged, the snapshot holds it.
+    corrupt_refuse_repair(5, b"node 2 at 127.0.0.1:42695 (snap)", "raft_meta").await;
 }

@@ -146,7 +146,7 @@ impl Coordinator {
         self.announced = true;
         // A member that rejoined under a new epoch: its lease starts now,
         // not at its old process's last heartbeat.
-        for (id, m) in &state.members {
+        for (id, m) in state.members.iter() {
             if self.contacts.get(id).is_some_and(|(e, _)| *e < m.epoch) {
                 self.contacts.insert(*id, (m.epoch, now));
             }

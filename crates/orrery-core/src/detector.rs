@@ -15,11 +15,18 @@
 //!   vote (the same probes, answered), and after a backoff that doubles with
 //!   each removal.
 //!
+//! Everything peers send that it keeps is bounded ([`crate::state::limits`]):
+//! accusation and probe details and health reasons are clipped in bytes on
+//! arrival, and pending accusations are bounded in number (duplicates from
+//! the same accuser are merged; the excess is dropped and counted).
+//!
 //! What it must never do: remove a node on the coordinator's view alone,
-//! count an ineligible node's probe, or read a clock.
+//! count an ineligible node's probe, read a clock, or keep a peer's bytes
+//! without a bound.
 
 use crate::config::MembershipConfig;
 use crate::health::Health;
+use crate::state::limits::{clip_to, MAX_DETAIL, MAX_PENDING_ACCUSATIONS, MAX_REASON};
 use crate::state::{ClusterState, Command, MemberStatus};
 use crate::{Epoch, Millis, NodeId, Stage};
 use std::collections::BTreeMap;
@@ -68,9 +75,11 @@ pub(crate) struct Detector {
     quiet_until: BTreeMap<NodeId, Millis>,
     next_round: u64,
     outbox: Vec<ProbeRequest>,
-    /// Accusations since the last tick: (accuser, suspect, epoch, detail).
+    /// Accusations not yet judged: (accuser, suspect, epoch, detail), at
+    /// most [`MAX_PENDING_ACCUSATIONS`], details clipped to [`MAX_DETAIL`].
     accusations: Vec<(NodeId, NodeId, Epoch, String)>,
-    /// Accusations dropped because the accuser was not eligible.
+    /// Accusations dropped because the accuser was not eligible, or because
+    /// [`MAX_PENDING_ACCUSATIONS`] were already pending.
     pub ignored_accusations: u64,
     /// Nodes (at an epoch) whose lease the coordinator no longer renews:
     /// it has decided to remove them. Fence first, then remove.
@@ -112,6 +121,11 @@ impl View<'_> {
 
 impl Detector {
     pub fn on_heartbeat(&mut self, node: NodeId, epoch: Epoch, health: Health) {
+        let health = match health {
+            Health::Healthy => Health::Healthy,
+            Health::Impaired(r) => Health::Impaired(clip_to(r, MAX_REASON)),
+            Health::FailStop(r) => Health::FailStop(clip_to(r, MAX_REASON)),
+        };
         self.health.insert(node, (epoch, health));
     }
 
@@ -125,7 +139,7 @@ impl Detector {
     ) {
         if let Some(r) = self.rounds.get_mut(&suspect) {
             if r.id == round && r.probers.contains(&prober) {
-                r.results.insert(prober, (ok, detail));
+                r.results.insert(prober, (ok, clip_to(detail, MAX_DETAIL)));
             }
         }
     }
@@ -140,8 +154,17 @@ impl Detector {
         epoch: Epoch,
         detail: String,
     ) {
-        const MAX_PENDING: usize = 1024;
-        if self.accusations.len() < MAX_PENDING {
+        // The same accuser's later word on the same suspect changes nothing:
+        // the first one pending is judged.
+        let pending = self
+            .accusations
+            .iter()
+            .any(|(a, s, e, _)| (*a, *s, *e) == (accuser, suspect, epoch));
+        if pending {
+            return;
+        }
+        if self.accusations.len() < MAX_PENDING_ACCUSATIONS {
+            let detail = clip_to(detail, MAX_DETAIL);
             self.accusations.push((accuser, suspect, epoch, detail));
         } else {
             self.ignored_accusations += 1;
@@ -257,7 +280,7 @@ impl Detector {
                 .is_some_and(|m| m.epoch == *e && m.status == MemberStatus::Active)
         });
         // Health transitions, as the nodes report them.
-        for (id, m) in &v.state.members {
+        for (id, m) in v.state.members.iter() {
             if m.status != MemberStatus::Active || m.epoch == 0 {
                 continue;
             }
@@ -294,7 +317,7 @@ impl Detector {
         if v.state.stage != Stage::READY || now.saturating_sub(v.leader_since) <= cfg.lease_ttl_ms {
             return out;
         }
-        for (id, m) in &v.state.members {
+        for (id, m) in v.state.members.iter() {
             let joined = m.epoch > 0 && m.status == MemberStatus::Active;
             if !joined || *id == v.me || self.rounds.contains_key(id) || v.lease_live(*id) {
                 continue;
@@ -353,7 +376,7 @@ impl Detector {
     fn reinstatements(&mut self, v: &View, out: &mut Vec<Command>) {
         let _ = out;
         let now = v.now;
-        for (id, m) in &v.state.members {
+        for (id, m) in v.state.members.iter() {
             let waiting = m.status == MemberStatus::Active
                 && m.epoch > 0
                 && m.removals > 0
@@ -485,6 +508,75 @@ impl Detector {
                 self.quiet_until.insert(id, now + quiet);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::Detector;
+    use crate::state::limits::{MAX_DETAIL, MAX_PENDING_ACCUSATIONS};
+    use crate::Health;
+
+    impl Detector {
+        /// Heap bytes held by pending accusation details.
+        fn accusation_bytes(&self) -> usize {
+            self.accusations.iter().map(|a| a.3.capacity()).sum()
+        }
+    }
+
+    /// Resident set size of this process, in bytes (Linux).
+    fn rss() -> Option<u64> {
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * 4096)
+    }
+
+    #[test]
+    fn accusations_of_4_mib_are_kept_clipped_and_bounded_in_number() {
+        const MIB: usize = 1024 * 1024;
+        let bound = MAX_PENDING_ACCUSATIONS * MAX_DETAIL;
+        let mut d = Detector::default();
+        let before = rss();
+        // Two-byte characters, so clipping must find a char boundary.
+        let huge = "é".repeat(2 * MIB);
+        assert_eq!(huge.len(), 4 * MIB);
+        for accuser in 0..(MAX_PENDING_ACCUSATIONS as u64 + 100) {
+            d.on_accusation(accuser, 9, 1, huge.clone());
+            // Checked at every step: an unbounded detector fails here after
+            // holding a few MiB, long before it could exhaust memory.
+            assert!(
+                d.accusation_bytes() <= bound,
+                "{} bytes",
+                d.accusation_bytes()
+            );
+        }
+        assert_eq!(d.accusations.len(), MAX_PENDING_ACCUSATIONS);
+        assert_eq!(d.ignored_accusations, 100);
+        assert!(d
+            .accusations
+            .iter()
+            .all(|a| a.3.len() <= MAX_DETAIL && a.3.chars().all(|c| c == 'é')));
+        // Repeats from the same accuser are merged, not queued.
+        let mut d2 = Detector::default();
+        for _ in 0..5_000 {
+            d2.on_accusation(3, 9, 1, "no health proof".into());
+        }
+        assert_eq!((d2.accusations.len(), d2.ignored_accusations), (1, 0));
+        drop(huge);
+        // 1,124 accusations of 4 MiB went through (4.4 GiB); what stays is
+        // the bound. Other tests share the process, hence the wide margin.
+        if let (Some(b), Some(a)) = (before, rss()) {
+            let grown = a.saturating_sub(b);
+            assert!(grown < 256 * MIB as u64, "RSS grew by {grown} bytes");
+        }
+    }
+
+    #[test]
+    fn health_reasons_from_heartbeats_are_clipped() {
+        let mut d = Detector::default();
+        d.on_heartbeat(4, 1, Health::Impaired("x".repeat(1 << 20)));
+        let (_, h) = &d.health[&4];
+        assert!(h.reason().unwrap().len() <= crate::state::limits::MAX_REASON);
     }
 }
 

@@ -2117,7 +2117,7 @@ impl Sim {
             }
             Msg::FetchShards => {
                 if self.leader == Some(to) {
-                    let map = Box::new(self.state.shards.clone());
+                    let map = Box::new(ShardMap::clone(&self.state.shards));
                     self.send(to, from, Msg::ShardMap(map));
                 }
             }
@@ -2319,7 +2319,7 @@ impl Sim {
             n.waiting = None;
             if s == Stage::ADDRESSED {
                 // Priming the address cache fetched the cluster state.
-                let map = self.state.shards.clone();
+                let map = ShardMap::clone(&self.state.shards);
                 self.adopt_shards(id, map);
             }
         }

@@ -21,6 +21,7 @@ use crate::{Epoch, Millis, NodeId, Stage};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 
 /// How many events the replicated state keeps (oldest dropped first).
 pub const MAX_EVENTS: usize = 1024;
@@ -28,8 +29,116 @@ pub const MAX_EVENTS: usize = 1024;
 /// raising node still logs them).
 pub const MAX_ALARMS_PER_WINDOW: u32 = 30;
 pub const ALARM_WINDOW_MS: Millis = 60_000;
-/// Longest free-text field (diagnosis, reason) the state stores, in bytes.
-pub const MAX_TEXT: usize = 512;
+pub(crate) use limits::clip_to;
+pub use limits::MAX_TEXT;
+
+/// Bounds on every string or list a peer can send that a node keeps, in
+/// one place: one constant per kind (bytes unless named otherwise), and the
+/// helpers that apply them. Clipping cuts on a UTF-8 character boundary
+/// and gives back the cut string's spare capacity, so what is kept is
+/// bounded in memory, not only in length.
+pub mod limits {
+    /// Longest free-text field (diagnosis, reason, event detail) the
+    /// replicated state stores.
+    pub const MAX_TEXT: usize = 512;
+    /// Longest health reason the failure detector keeps from a heartbeat.
+    pub const MAX_REASON: usize = MAX_TEXT;
+    /// Longest accusation or probe detail the failure detector keeps.
+    pub const MAX_DETAIL: usize = 256;
+    /// Accusations the detector holds between two ticks (more are dropped
+    /// and counted as ignored).
+    pub const MAX_PENDING_ACCUSATIONS: usize = 1024;
+    /// Entries of a reported wait cycle kept (the rest is counted in one
+    /// final entry).
+    pub const MAX_CYCLE_ENTRIES: usize = 16;
+    /// Longest wait-cycle entry.
+    pub const MAX_CYCLE_ENTRY: usize = 128;
+    /// Longest forwarded log line the collector keeps.
+    pub const MAX_LOG_LINE: usize = 4 * 1024;
+    /// Forwarded log lines taken from one batch (the rest is dropped and
+    /// counted).
+    pub const MAX_LOG_BATCH: usize = 10_000;
+    /// Longest short name a peer sends that is kept (log channel, level).
+    pub const MAX_NAME: usize = 64;
+
+    /// `s`, cut to at most `max` bytes on a character boundary.
+    pub fn clip_to(mut s: String, max: usize) -> String {
+        if s.len() > max {
+            let mut cut = max;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+            s.shrink_to_fit();
+        }
+        s
+    }
+
+    /// At most `max_entries` entries of at most `max_bytes` each; when
+    /// entries were dropped, one more entry says how many.
+    pub fn clip_list(list: Vec<String>, max_entries: usize, max_bytes: usize) -> Vec<String> {
+        let dropped = list.len().saturating_sub(max_entries);
+        let mut out: Vec<String> = list
+            .into_iter()
+            .take(max_entries)
+            .map(|e| clip_to(e, max_bytes))
+            .collect();
+        if dropped > 0 {
+            out.push(format!("... {dropped} more"));
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn clipping_cuts_on_a_char_boundary_and_frees_the_rest() {
+            // "é" is 2 bytes, "€" 3, "🦀" 4: every cut point lands inside one.
+            for ch in ["é", "€", "🦀"] {
+                let s = ch.repeat(1000);
+                for max in 0..12 {
+                    let c = clip_to(s.clone(), max);
+                    assert!(c.len() <= max && max - c.len() < ch.len(), "{ch} {max}");
+                    assert!(c.chars().all(|x| x.to_string() == ch));
+                }
+                let c = clip_to(s, 100);
+                assert!(c.capacity() < 200, "capacity {}", c.capacity());
+            }
+            assert_eq!(clip_to("short".into(), 5), "short");
+            assert_eq!(clip_to(String::new(), 0), "");
+        }
+
+        #[test]
+        fn lists_are_bounded_in_entries_and_bytes() {
+            let long = vec!["x".repeat(1000); 100];
+            let c = clip_list(long, MAX_CYCLE_ENTRIES, MAX_CYCLE_ENTRY);
+            assert_eq!(c.len(), MAX_CYCLE_ENTRIES + 1);
+            assert!(c.iter().all(|e| e.len() <= MAX_CYCLE_ENTRY));
+            assert_eq!(c.last().unwrap(), "... 84 more");
+            let short = vec!["a".to_string(), "b".to_string()];
+            assert_eq!(clip_list(short.clone(), 2, 10), short);
+        }
+
+        #[test]
+        fn a_deadlock_of_huge_entries_is_recorded_clipped() {
+            use crate::state::{Command, EventKind, Response};
+            let mut s = crate::testkit::configured(crate::testkit::config(3), 1..=3);
+            let huge = "é".repeat(2 * 1024 * 1024);
+            let cycle = vec![huge; 64];
+            let r = crate::testkit::apply(&mut s, Command::Deadlock { cycle, at: 1 });
+            assert_eq!(r, Response::Ok);
+            let e = s.events.back().unwrap();
+            assert_eq!(e.kind, EventKind::Deadlock);
+            assert!(
+                e.detail.len() <= MAX_TEXT && e.detail.contains("é"),
+                "{}",
+                e.detail.len()
+            );
+        }
+    }
+}
 
 /// What a node is waiting on, as it reports it: the stuck-node diagnosis the
 /// post-mortem's engineers never had.
@@ -396,7 +505,11 @@ pub enum Gate {
 /// The replicated cluster state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
-    pub config: ClusterConfig,
+    /// The large parts of the state sit behind `Arc`s: the control plane
+    /// publishes every applied batch while readers still hold the previous
+    /// one, so an apply copies only the parts it changes
+    /// (`Arc::make_mut`), never the whole state.
+    pub config: Arc<ClusterConfig>,
     pub configured: bool,
     /// Start-up generation: a cluster-wide restart starts a new boot.
     pub boot: u64,
@@ -407,18 +520,18 @@ pub struct ClusterState {
     /// When each cluster stage was reached in this boot, by stage number.
     pub stage_reached_at: BTreeMap<i8, Millis>,
     pub boot_started_at: Millis,
-    pub members: BTreeMap<NodeId, Member>,
+    pub members: Arc<BTreeMap<NodeId, Member>>,
     /// Highest epoch ever issued; epochs never repeat.
     pub last_epoch: Epoch,
     /// (boot, stage number, node) already reported stuck.
     pub stuck_reported: BTreeSet<(u64, i8, NodeId)>,
-    pub events: VecDeque<Event>,
+    pub events: Arc<VecDeque<Event>>,
     /// Raft log index of the last applied command.
     pub applied_index: u64,
     /// Current coordinator, as last announced.
     pub leader: Option<NodeId>,
     /// Which node owns which shard, under which ownership epoch.
-    pub shards: ShardMap,
+    pub shards: Arc<ShardMap>,
     /// Per-period singleton jobs: declared jobs, leases, committed periods.
     #[serde(default)]
     pub jobs: Jobs,
@@ -435,18 +548,6 @@ impl Default for Stage {
 
 fn clip(s: String) -> String {
     clip_to(s, MAX_TEXT)
-}
-
-/// `s`, cut to at most `max` bytes on a character boundary.
-pub(crate) fn clip_to(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
 }
 
 fn clip_wait(w: Option<Wait>) -> Option<Wait> {
@@ -505,7 +606,7 @@ impl ClusterState {
             } => self.exclude(index, boot, node, epoch, reason, at),
             Command::AdmitLate { node, epoch, at } => {
                 let boot = self.boot;
-                let Some(m) = self.members.get_mut(&node) else {
+                let Some(m) = Arc::make_mut(&mut self.members).get_mut(&node) else {
                     return reject(format!("unknown node {node}"));
                 };
                 if m.epoch != epoch {
@@ -538,7 +639,7 @@ impl ClusterState {
             Command::BeginBoot { after, live, at } => self.begin_boot(index, after, live, at),
             Command::DeclareShards { kinds, at } => {
                 let n = kinds.len();
-                match self.shards.declare(kinds) {
+                match Arc::make_mut(&mut self.shards).declare(kinds) {
                     Ok(true) => {}
                     Ok(false) => return reject("no change"),
                     Err(e) => return reject(e.to_string()),
@@ -574,7 +675,7 @@ impl ClusterState {
                 if valid.is_empty() {
                     return reject("no valid move");
                 }
-                let changed = self.shards.apply(&valid, at);
+                let changed = Arc::make_mut(&mut self.shards).apply(&valid, at);
                 let version = self.shards.version;
                 self.event(
                     index,
@@ -588,7 +689,7 @@ impl ClusterState {
                 Response::Ok
             }
             Command::Drain { node, drain, at } => {
-                let Some(m) = self.members.get_mut(&node) else {
+                let Some(m) = Arc::make_mut(&mut self.members).get_mut(&node) else {
                     return reject(format!("node {node} is not in the cluster configuration"));
                 };
                 if m.draining == drain {
@@ -634,6 +735,7 @@ impl ClusterState {
                 if let Err(reason) = self.take_alarm_budget(at) {
                     return reject(reason);
                 }
+                let cycle = limits::clip_list(cycle, limits::MAX_CYCLE_ENTRIES, limits::MAX_CYCLE_ENTRY);
                 let text = cycle.join(" -> ");
                 self.event(
                     index,
@@ -820,14 +922,15 @@ impl ClusterState {
         if config.nodes.is_empty() || config.voters().is_empty() {
             return reject("a cluster needs at least one node and one voter");
         }
-        self.config = config;
+        self.config = Arc::new(config);
         self.configured = true;
-        self.members = self
-            .config
-            .nodes
-            .keys()
-            .map(|id| (*id, Member::never_joined()))
-            .collect();
+        self.members = Arc::new(
+            self.config
+                .nodes
+                .keys()
+                .map(|id| (*id, Member::never_joined()))
+                .collect(),
+        );
         self.start_boot(index, at, "first start-up of this cluster".into());
         Response::Ok
     }
@@ -854,8 +957,7 @@ impl ClusterState {
         }
         self.last_epoch += 1;
         let epoch = self.last_epoch;
-        let m = self
-            .members
+        let m = Arc::make_mut(&mut self.members)
             .entry(node)
             .or_insert_with(Member::never_joined);
         let was = m.epoch;
@@ -888,7 +990,7 @@ impl ClusterState {
         mut unreachable: Vec<NodeId>,
         at: Millis,
     ) -> Response {
-        let Some(m) = self.members.get_mut(&node) else {
+        let Some(m) = Arc::make_mut(&mut self.members).get_mut(&node) else {
             return reject(format!("node {node} is not in the cluster configuration"));
         };
         if let Some(reason) = m.fenced_reason(node, epoch) {
@@ -991,7 +1093,7 @@ impl ClusterState {
         if boot != self.boot {
             return reject("stale boot");
         }
-        let Some(m) = self.members.get_mut(&node) else {
+        let Some(m) = Arc::make_mut(&mut self.members).get_mut(&node) else {
             return reject(format!("unknown node {node}"));
         };
         if m.epoch != epoch {
@@ -1028,7 +1130,7 @@ impl ClusterState {
         if after != self.boot || self.stage != Stage::READY {
             return reject("stale: the boot already changed");
         }
-        for (id, m) in self.members.iter_mut() {
+        for (id, m) in Arc::make_mut(&mut self.members).iter_mut() {
             let is_live = live.contains(&(*id, m.epoch));
             if !is_live || m.report.stage == Stage::READY {
                 // Not heard from in this boot: must (re)join before it counts.
@@ -1075,10 +1177,11 @@ impl ClusterState {
         node: Option<NodeId>,
         detail: String,
     ) {
-        if self.events.len() == MAX_EVENTS {
-            self.events.pop_front();
+        let events = Arc::make_mut(&mut self.events);
+        if events.len() == MAX_EVENTS {
+            events.pop_front();
         }
-        self.events.push_back(Event {
+        events.push_back(Event {
             index,
             at,
             kind,
@@ -1143,9 +1246,15 @@ impl ClusterState {
 
     /// The member, if `epoch` is its current, unfenced epoch.
     fn current(&mut self, node: NodeId, epoch: Epoch) -> Option<&mut Member> {
-        self.members
-            .get_mut(&node)
-            .filter(|m| m.epoch == epoch && epoch > 0 && m.status == MemberStatus::Active)
+        // Check before `make_mut`: a refused command copies nothing.
+        let current = self
+            .members
+            .get(&node)
+            .is_some_and(|m| m.epoch == epoch && epoch > 0 && m.status == MemberStatus::Active);
+        if !current {
+            return None;
+        }
+        Arc::make_mut(&mut self.members).get_mut(&node)
     }
 
     /// Why a message from `node` under `epoch` must be refused, if it must:

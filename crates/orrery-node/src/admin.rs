@@ -2,28 +2,124 @@
 //! dashboard page, and the console.
 //!
 //! Reads (`GET`) are open: they answer from the node's own view or from a
-//! linearizable read of the replicated state. Everything that changes
+//! linearizable read of the replicated state. `/cluster` and `/timeline`
+//! share those reads: at most one runs at a time per node, and every
+//! request is answered by the first read that *started after it arrived*
+//! (so it sees every write committed before the request), whatever the
+//! number of requests; the answer carries the state's applied index (in the
+//! body and in `x-orrery-applied-index`). Everything that changes
 //! anything goes through `POST /console`, which requires the admin token
 //! (`Authorization: Bearer TOKEN`, compared in constant time) and runs one
 //! of the console's fixed commands within `admin.command_timeout_ms`, at
 //! most `admin.max_concurrent_commands` at once.
 //!
+//! Connections go through the node's own accept loop ([`serve`]): at most
+//! `admin.max_connections` open (at the cap a new one closes the oldest
+//! connection that has not sent a byte yet, or is closed at once), a
+//! request head must arrive within `admin.header_timeout_ms` (which also
+//! closes idle keep-alive connections), a connection that moves no byte for
+//! `admin.idle_timeout_ms` is closed, and every request is answered within
+//! `admin.command_timeout_ms` (shorter, validated). Every refusal and
+//! timeout is counted (`orrery_admin_connections_*`).
+//!
 //! What it must never do: mutate without the token, run anything that is
-//! not a console command, or hold the node's runtime (every command has a
-//! deadline, every body a size bound).
+//! not a console command, hold the node's runtime (every command has a
+//! deadline, every body a size bound), or keep a connection, or accept one,
+//! without a bound.
 
 use crate::console::{ConsoleCommand, ConsoleError};
 use crate::node::Node;
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use orrery_core::ClusterState;
+use orrery_wire::{
+    admit_yielding, CancellationToken, ConnLimiter, ConnLimits, ConnSlot, WireStats,
+};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+const LOG: &str = "orrery::admin";
+
+/// Counters of the admin endpoint, read by `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct AdminStats {
+    /// Connection admission and timeouts (the same counters as the
+    /// cluster port's, for this endpoint).
+    pub conns: Arc<WireStats>,
+    /// Requests for the replicated state (`/cluster`, `/timeline`).
+    pub state_requests: AtomicU64,
+    /// Linearizable reads run for them.
+    pub state_reads: AtomicU64,
+}
+
+type StateRead = Shared<BoxFuture<'static, Result<Arc<ClusterState>, String>>>;
+
+/// The shared linearizable reads behind `/cluster` and `/timeline`.
+#[derive(Default)]
+struct StateReads {
+    /// (reads started so far, the latest read and its number).
+    slot: Mutex<(u64, Option<(u64, StateRead)>)>,
+}
+
+impl StateReads {
+    /// A state read linearizably after this call began.
+    async fn read(&self, node: &Node, stats: &AdminStats) -> Result<Arc<ClusterState>, String> {
+        stats.state_requests.fetch_add(1, Ordering::Relaxed);
+        let arrived = self.lock().0;
+        loop {
+            let (number, read) = {
+                let mut slot = self.lock();
+                match &slot.1 {
+                    // Started after we arrived: its answer is fresh enough.
+                    Some((n, r)) if *n > arrived => (*n, r.clone()),
+                    // An older read still running: wait for it, then start ours.
+                    Some((n, r)) if r.peek().is_none() => (*n, r.clone()),
+                    _ => {
+                        slot.0 += 1;
+                        let n = slot.0;
+                        let r = Self::start(node.clone(), stats);
+                        slot.1 = Some((n, r.clone()));
+                        (n, r)
+                    }
+                }
+            };
+            let answer = read.await;
+            if number > arrived {
+                return answer;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Option<(u64, StateRead)>)> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one read in its own task, so it completes (and is shared) even
+    /// if every request waiting for it goes away.
+    fn start(node: Node, stats: &AdminStats) -> StateRead {
+        stats.state_reads.fetch_add(1, Ordering::Relaxed);
+        let task = tokio::spawn(async move { node.cluster_state().await.map(Arc::new) });
+        async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("the state read failed: {e}")))
+        }
+        .boxed()
+        .shared()
+    }
+}
 
 /// The dashboard: one static page, no build step.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -32,6 +128,8 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 struct AdminState {
     node: Node,
     commands: Arc<Semaphore>,
+    reads: Arc<StateReads>,
+    stats: Arc<AdminStats>,
 }
 
 /// Routes: `GET /` and `/dashboard` (the page), `/status` (this node),
@@ -40,9 +138,15 @@ struct AdminState {
 /// `/timeline?since=MS&last=N`, `/metrics` (Prometheus); `POST /console`
 /// (token required).
 pub fn router(node: Node) -> Router {
+    router_with(node, Arc::default())
+}
+
+fn router_with(node: Node, stats: Arc<AdminStats>) -> Router {
     let admin = node.config().admin.clone();
     let state = AdminState {
         commands: Arc::new(Semaphore::new(admin.max_concurrent_commands)),
+        reads: Arc::default(),
+        stats,
         node,
     };
     Router::new()
@@ -83,13 +187,30 @@ async fn tasks(State(s): State<AdminState>) -> Json<crate::watchdog::WatchdogRep
     Json(s.node.watchdog().report())
 }
 
-/// Runs a read-only console command and answers with its data.
+/// Runs a read-only console command and answers with its data, within
+/// `admin.command_timeout_ms`.
 async fn read(node: &Node, cmd: ConsoleCommand) -> Response {
     debug_assert!(!cmd.is_mutation());
-    match node.console(cmd).await {
-        Ok(r) => Json(r.data).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    match bounded(node, node.console(cmd)).await {
+        Ok(Ok(r)) => Json(r.data).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(late) => late,
     }
+}
+
+/// `fut` within `admin.command_timeout_ms`, else the 504 to send (so every
+/// request is answered before the connection's idle bound).
+async fn bounded<T>(node: &Node, fut: impl std::future::Future<Output = T>) -> Result<T, Response> {
+    let limit = Duration::from_millis(node.config().admin.command_timeout_ms);
+    tokio::time::timeout(limit, fut).await.map_err(|_| {
+        error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "no answer within {} ms (admin.command_timeout_ms)",
+                limit.as_millis()
+            ),
+        )
+    })
 }
 
 async fn stage(State(s): State<AdminState>) -> Response {
@@ -100,9 +221,21 @@ async fn log_stats(State(s): State<AdminState>) -> Response {
     read(&s.node, ConsoleCommand::LogStats).await
 }
 
+/// The replicated state, with its applied index in `x-orrery-applied-index`.
 async fn cluster(State(s): State<AdminState>) -> Response {
-    match s.node.cluster_state().await {
-        Ok(st) => Json(st).into_response(),
+    let read = match bounded(&s.node, s.reads.read(&s.node, &s.stats)).await {
+        Ok(r) => r,
+        Err(late) => return late,
+    };
+    match read {
+        Ok(st) => {
+            let mut r = Json(&*st).into_response();
+            r.headers_mut().insert(
+                HeaderName::from_static("x-orrery-applied-index"),
+                HeaderValue::from(st.applied_index),
+            );
+            r
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
@@ -117,10 +250,14 @@ struct TimelineQuery {
 
 /// The cluster's decisions, oldest first (linearizable read).
 async fn timeline(State(s): State<AdminState>, Query(q): Query<TimelineQuery>) -> Response {
-    match s.node.cluster_state().await {
+    let read = match bounded(&s.node, s.reads.read(&s.node, &s.stats)).await {
+        Ok(r) => r,
+        Err(late) => return late,
+    };
+    match read {
         Ok(st) => {
             let since = q.since.unwrap_or(0);
-            let mut events: Vec<_> = st.events.into_iter().filter(|e| e.at >= since).collect();
+            let mut events: Vec<_> = st.events.iter().filter(|e| e.at >= since).collect();
             if let Some(last) = q.last {
                 let cut = events.len().saturating_sub(last);
                 events.drain(..cut);
@@ -137,7 +274,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        crate::metrics::render(s.node.inner()),
+        crate::metrics::render(s.node.inner(), &s.stats),
     )
         .into_response()
 }
@@ -245,7 +382,7 @@ async fn console(
             error: None,
         })
         .into_response(),
-        Ok(Err(e @ ConsoleError::Failed(_))) => {
+        Ok(Err(e @ (ConsoleError::Failed(_) | ConsoleError::NoQuorum(_)))) => {
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -256,12 +393,281 @@ async fn console(
     }
 }
 
-/// Serves the admin API until the node shuts down.
-pub async fn serve(listener: TcpListener, node: Node) -> std::io::Result<()> {
-    let stop = node.clone();
-    axum::serve(listener, router(node))
-        .with_graceful_shutdown(async move { stop.stopped().await })
-        .await
+/// The admin port's connection bounds, from `[admin]`.
+#[derive(Clone, Copy, Debug)]
+struct ConnBounds {
+    header: Duration,
+    idle: Duration,
+}
+
+/// Serves the admin API until the node shuts down: the node's own accept
+/// loop (see the module docs for the bounds). Never fails; accept errors
+/// are logged and retried after a pause.
+pub async fn serve(listener: TcpListener, node: Node) -> io::Result<()> {
+    let cfg = node.config().admin.clone();
+    if let Err(e) = orrery_wire::limit::widen_backlog(&listener) {
+        tracing::warn!(target: LOG, "cannot widen the admin accept queue: {e}");
+    }
+    let stats = Arc::new(AdminStats::default());
+    let app = router_with(node.clone(), stats.clone());
+    let limiter = ConnLimiter::new(
+        ConnLimits {
+            max_open: cfg.max_connections,
+            max_pending: cfg.max_connections,
+        },
+        stats.conns.clone(),
+    );
+    let bounds = ConnBounds {
+        header: Duration::from_millis(cfg.header_timeout_ms),
+        idle: Duration::from_millis(cfg.idle_timeout_ms),
+    };
+    let stop = CancellationToken::new();
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            _ = node.stopped() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(target: LOG, "admin accept failed: {e}");
+                tokio::select! {
+                    _ = node.stopped() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        WireStats::bump(&stats.conns.connections_accepted);
+        // A request already waiting is not pending: it cannot be evicted.
+        let heard = orrery_wire::limit::has_data(&stream);
+        let Some(slot) = admit_yielding(&limiter, heard).await else {
+            drop(stream);
+            log_refused(&stats, cfg.max_connections);
+            continue;
+        };
+        if heard {
+            slot.established();
+        }
+        let conn = connection(
+            stream,
+            slot,
+            app.clone(),
+            bounds,
+            stats.clone(),
+            stop.clone(),
+        );
+        conns.spawn(conn);
+    }
+    // Let requests in progress finish (briefly), then close everything.
+    stop.cancel();
+    let drain = async { while conns.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    conns.shutdown().await;
+    Ok(())
+}
+
+/// Logs refusals at the cap without flooding the log: the 1st, 2nd, 4th,
+/// 8th... (the counter has them all).
+fn log_refused(stats: &AdminStats, cap: usize) {
+    let n = stats.conns.connections_refused.load(Ordering::Relaxed);
+    if n.is_power_of_two() {
+        tracing::warn!(target: LOG, "refused an admin connection: admin.max_connections ({cap}) reached; {n} refused so far");
+    }
+}
+
+/// One admin connection: until its first byte it is pending (evictable,
+/// bounded by the header timeout); then HTTP/1 ([`serve_http`]).
+async fn connection(
+    stream: TcpStream,
+    slot: ConnSlot,
+    app: Router,
+    bounds: ConnBounds,
+    stats: Arc<AdminStats>,
+    stop: CancellationToken,
+) {
+    if first_byte(&stream, &slot, bounds, &stats, &stop).await {
+        // Boxed: the HTTP state is allocated only for connections that spoke.
+        Box::pin(serve_http(stream, slot, app, bounds, stats, stop)).await;
+    }
+}
+
+/// HTTP/1 on a connection that has spoken: the header timeout bounds every
+/// request head (and so idle keep-alive time), the idle bound a stalled
+/// transfer; at shutdown the request in progress finishes first.
+async fn serve_http(
+    stream: TcpStream,
+    slot: ConnSlot,
+    app: Router,
+    bounds: ConnBounds,
+    stats: Arc<AdminStats>,
+    stop: CancellationToken,
+) {
+    // Established: its place is held until it closes, never evicted.
+    let _slot = slot;
+    let _ = stream.set_nodelay(true);
+    let activity = Arc::new(Activity::default());
+    let io = hyper_util::rt::TokioIo::new(Tracked {
+        io: stream,
+        activity: activity.clone(),
+    });
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(bounds.header)
+        .keep_alive(true)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let idle = idle_watch(&activity, bounds.idle);
+    tokio::pin!(idle);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    if e.is_timeout() {
+                        WireStats::bump(&stats.conns.connections_timed_out);
+                    }
+                    tracing::debug!(target: LOG, "admin connection ended: {e}");
+                }
+                return;
+            }
+            _ = &mut idle => {
+                WireStats::bump(&stats.conns.connections_idle_closed);
+                return;
+            }
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Waits for a new connection's first byte (or EOF): until then it costs a
+/// task and a socket only, so a flood of idle sockets is evicted or timed
+/// out without any HTTP state. `false`: close it.
+async fn first_byte(
+    stream: &TcpStream,
+    slot: &ConnSlot,
+    bounds: ConnBounds,
+    stats: &AdminStats,
+    stop: &CancellationToken,
+) -> bool {
+    use orrery_wire::limit::First;
+    let deadline = tokio::time::Instant::now() + bounds.header;
+    let first = tokio::select! {
+        f = orrery_wire::limit::first_bytes(stream, slot, deadline) => f,
+        _ = stop.cancelled() => First::Closed,
+    };
+    match first {
+        First::Spoke => {
+            slot.established();
+            true
+        }
+        First::TimedOut => {
+            WireStats::bump(&stats.conns.connections_timed_out);
+            false
+        }
+        First::Closed | First::Evicted => false,
+    }
+}
+
+/// What a connection has done: how many reads and writes moved bytes.
+#[derive(Debug, Default)]
+struct Activity {
+    progress: AtomicU64,
+}
+
+/// Resolves once the connection has moved no byte for `idle` (checked
+/// every quarter of it, so within 1.25 x). Handlers answer within
+/// `admin.command_timeout_ms`, which is validated to be shorter.
+async fn idle_watch(a: &Activity, idle: Duration) {
+    let tick = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = a.progress.load(Ordering::Relaxed);
+    let mut quiet = 0;
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = a.progress.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            quiet = 0;
+        } else {
+            quiet += 1;
+            if quiet >= 4 {
+                return;
+            }
+        }
+    }
+}
+
+/// The socket, counting progress (bytes moved either way).
+struct Tracked {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Tracked {
+    fn moved(&mut self) {
+        self.activity.progress.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.moved();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,8 @@ pub enum ConfigError {
 }
 
 /// One node's configuration. See README.md ("Configuration") for a sample.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Its `Debug` shows no credential (the secret, tokens, passwords in URLs).
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// This node's id; must appear in `nodes`.
@@ -86,6 +87,9 @@ pub struct NodeConfig {
     /// The event-loop watchdog.
     #[serde(default)]
     pub watchdog: WatchdogConfig,
+    /// When the node calls its control plane stuck (no quorum, slow proposals).
+    #[serde(default)]
+    pub quorum: crate::quorum::QuorumConfig,
     /// Where application data and per-period job output are stored
     /// (fenced). Default: SQLite at `data_dir/store.db`.
     #[serde(default)]
@@ -96,6 +100,14 @@ pub struct NodeConfig {
     pub app: toml::Table,
     /// Every node of the cluster.
     pub nodes: Vec<NodeEntry>,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut v = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        crate::console::redact_credentials(&mut v);
+        write!(f, "NodeConfig {v}")
+    }
 }
 
 /// The node's logging defaults: orrery-log's, with the Raft library's
@@ -128,6 +140,19 @@ pub struct AdminConfig {
     pub max_concurrent_commands: usize,
     /// Largest admin request body. Default 16384.
     pub max_body_bytes: usize,
+    /// Admin connections open at once. At the cap a new connection closes
+    /// the oldest one that has not sent a byte yet, or is closed at once.
+    /// Default 128.
+    pub max_connections: usize,
+    /// Time a connection has to deliver a complete request head, counted
+    /// from when it opens or its previous response was sent (so it also
+    /// bounds idle keep-alive connections). Default 5000.
+    pub header_timeout_ms: u64,
+    /// A connection that moves no byte either way for this long is closed
+    /// (stalled bodies, unread responses). Must exceed
+    /// `command_timeout_ms`, within which every request is answered.
+    /// Default 60000.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for AdminConfig {
@@ -138,6 +163,9 @@ impl Default for AdminConfig {
             command_timeout_ms: 5_000,
             max_concurrent_commands: 8,
             max_body_bytes: 16 * 1024,
+            max_connections: 128,
+            header_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
         }
     }
 }
@@ -155,6 +183,21 @@ impl AdminConfig {
         }
         if !(256..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
             return Err("admin.max_body_bytes must be in 256..=16777216".into());
+        }
+        if !(2..=65_536).contains(&self.max_connections) {
+            return Err("admin.max_connections must be in 2..=65536".into());
+        }
+        if !(100..=600_000).contains(&self.header_timeout_ms) {
+            return Err("admin.header_timeout_ms must be in 100..=600000".into());
+        }
+        if !(100..=3_600_000).contains(&self.idle_timeout_ms) {
+            return Err("admin.idle_timeout_ms must be in 100..=3600000".into());
+        }
+        if self.idle_timeout_ms <= self.command_timeout_ms {
+            return Err(format!(
+                "admin.idle_timeout_ms ({}) must exceed admin.command_timeout_ms ({}): a request still being answered would be cut off",
+                self.idle_timeout_ms, self.command_timeout_ms
+            ));
         }
         Ok(())
     }
@@ -211,6 +254,15 @@ pub struct RaftTiming {
     /// Election timeout range. Default 400..800.
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// Largest encoded command the control plane accepts; a larger proposal
+    /// is refused before it reaches the log. Must leave room under
+    /// `rpc.max_frame_bytes` (validated). Default 65536.
+    pub max_proposal_bytes: usize,
+    /// Snapshot bytes per message when a follower is brought back by a
+    /// snapshot. Default 1048576.
+    pub snapshot_chunk_bytes: usize,
+    /// Largest snapshot a voter accepts from its leader. Default 1 GiB.
+    pub max_snapshot_bytes: u64,
 }
 
 impl Default for RaftTiming {
@@ -219,9 +271,16 @@ impl Default for RaftTiming {
             heartbeat_ms: 100,
             election_min_ms: 400,
             election_max_ms: 800,
+            max_proposal_bytes: 64 * 1024,
+            snapshot_chunk_bytes: 1024 * 1024,
+            max_snapshot_bytes: 1 << 30,
         }
     }
 }
+
+/// Bytes the node-to-node frame adds around a Raft message (request id,
+/// deadline, variant tags), with a wide margin.
+const RAFT_FRAME_OVERHEAD: usize = 16 * 1024;
 
 /// `[rpc]`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -235,6 +294,12 @@ pub struct RpcConfig {
     pub max_frame_bytes: usize,
     /// Concurrent requests per connection. Default 256.
     pub max_inflight_per_connection: usize,
+    /// Accepted connections open at once on the cluster port (handshaking
+    /// ones included); the excess is closed at once. Default 512.
+    pub max_connections: usize,
+    /// Handshakes in progress at once on the cluster port; beyond it the
+    /// oldest is closed to make room. Default 64.
+    pub max_handshakes: usize,
 }
 
 impl Default for RpcConfig {
@@ -244,7 +309,24 @@ impl Default for RpcConfig {
             connect_timeout_ms: 1_000,
             max_frame_bytes: 4 * 1024 * 1024,
             max_inflight_per_connection: 256,
+            max_connections: orrery_wire::config::DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: orrery_wire::config::DEFAULT_MAX_HANDSHAKES,
         }
+    }
+}
+
+impl RpcConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err("rpc.max_connections must be in 1..=65536".into());
+        }
+        if !(1..=self.max_connections).contains(&self.max_handshakes) {
+            return Err(format!(
+                "rpc.max_handshakes must be in 1..=rpc.max_connections ({})",
+                self.max_connections
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -374,7 +456,14 @@ impl NodeConfig {
         self.membership.validate().map_err(ConfigError::Invalid)?;
         self.health.validate().map_err(ConfigError::Invalid)?;
         self.admin.validate().map_err(ConfigError::Invalid)?;
+        self.rpc.validate().map_err(ConfigError::Invalid)?;
         self.watchdog.validate().map_err(ConfigError::Invalid)?;
+        self.quorum
+            .validate(
+                self.raft.election_max_ms,
+                self.membership.heartbeat_interval_ms,
+            )
+            .map_err(ConfigError::Invalid)?;
         self.log_forward.validate().map_err(ConfigError::Invalid)?;
         if let Some(c) = self.log_forward.collector {
             if !ids.contains_key(&c) {
@@ -402,7 +491,21 @@ impl NodeConfig {
                 "raft timing must satisfy heartbeat_ms < election_min_ms < election_max_ms".into(),
             );
         }
-        Ok(())
+        self.control_sizes()
+    }
+
+    /// The Raft size keys, checked by the control plane's own rule.
+    fn control_sizes(&self) -> Result<(), ConfigError> {
+        let mut cc = orrery_control::ControlConfig::new(self.node_id, "", BTreeMap::new());
+        cc.max_proposal_bytes = self.raft.max_proposal_bytes;
+        cc.snapshot_chunk_bytes = self.raft.snapshot_chunk_bytes;
+        cc.max_snapshot_bytes = self.raft.max_snapshot_bytes;
+        cc.max_message_bytes = self.raft_message_bytes();
+        cc.validate_sizes().map_err(|e| {
+            ConfigError::Invalid(format!(
+                "raft.max_proposal_bytes / raft.snapshot_chunk_bytes / rpc.max_frame_bytes: {e}"
+            ))
+        })
     }
 
     /// This node's `[[nodes]]` entry.
@@ -467,6 +570,11 @@ impl NodeConfig {
             s.path = Some(self.data_dir.join("store.db"));
         }
         s
+    }
+
+    /// The largest Raft message that fits in one frame.
+    pub fn raft_message_bytes(&self) -> usize {
+        self.rpc.max_frame_bytes.saturating_sub(RAFT_FRAME_OVERHEAD)
     }
 
     pub fn call_timeout(&self) -> Duration {
@@ -592,6 +700,35 @@ role = "voter"
     }
 
     #[test]
+    fn connection_caps_have_defaults_and_are_validated() {
+        let c: NodeConfig = toml::from_str(&sample()).unwrap();
+        assert_eq!((c.rpc.max_connections, c.rpc.max_handshakes), (512, 64));
+        assert_eq!(c.admin.max_connections, 128);
+        assert_eq!(
+            (c.admin.header_timeout_ms, c.admin.idle_timeout_ms),
+            (5_000, 60_000)
+        );
+        let refused = |f: &dyn Fn(&mut NodeConfig), key: &str| {
+            let mut bad = c.clone();
+            f(&mut bad);
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        };
+        refused(&|c| c.rpc.max_connections = 0, "rpc.max_connections");
+        refused(&|c| c.rpc.max_handshakes = 600, "rpc.max_handshakes");
+        refused(&|c| c.admin.max_connections = 1, "admin.max_connections");
+        refused(
+            &|c| c.admin.header_timeout_ms = 0,
+            "admin.header_timeout_ms",
+        );
+        refused(&|c| c.admin.idle_timeout_ms = 10, "admin.idle_timeout_ms");
+        refused(
+            &|c| c.admin.command_timeout_ms = 60_000,
+            "admin.idle_timeout_ms",
+        );
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_key() {
         let unknown = sample() + "bogus = 1\n";
         assert!(toml::from_str::<NodeConfig>(&unknown)
@@ -604,6 +741,15 @@ role = "voter"
         let mut c: NodeConfig = toml::from_str(&sample()).unwrap();
         c.secret = "short".into();
         assert!(c.validate().unwrap_err().to_string().contains("secret"));
+        // A proposal that could not be replicated in one frame is refused.
+        let mut c: NodeConfig = toml::from_str(&sample()).unwrap();
+        c.raft.max_proposal_bytes = c.rpc.max_frame_bytes;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_proposal_bytes"), "{e}");
+        c.raft.max_proposal_bytes = 64 * 1024;
+        c.rpc.max_frame_bytes = 32 * 1024;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_frame_bytes"), "{e}");
         let policy = sample().replace(
             "[[nodes]]",
             "[startup]\nstuck_policy = \"maybe\"\n[[nodes]]",

@@ -15,6 +15,7 @@
 //! that block are opt-in with `admin.fault_commands` and bounded).
 
 use crate::node::Node;
+use crate::quorum::AskError;
 use orrery_core::state::MAX_EVENTS;
 use orrery_core::Stage;
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,18 @@ pub enum ConsoleError {
     FaultsDisabled,
     #[error("{0}")]
     Failed(String),
+    /// Refused: this node sees no quorum, so nothing can commit.
+    #[error("{0}")]
+    NoQuorum(crate::quorum::NoQuorum),
+}
+
+impl From<AskError> for ConsoleError {
+    fn from(e: AskError) -> Self {
+        match e {
+            AskError::NoQuorum(nq) => ConsoleError::NoQuorum(nq),
+            other => ConsoleError::Failed(other.to_string()),
+        }
+    }
 }
 
 /// One console command, parsed.
@@ -373,19 +386,63 @@ fn reply<T: Serialize>(summary: String, data: &T) -> Result<ConsoleReply, Consol
     })
 }
 
+/// What `config get` shows instead of a credential.
+pub const REDACTED: &str = "<redacted>";
+
+/// Whether a configuration key names a credential: the cluster secret, a
+/// token, a password, a key.
+pub fn is_credential_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    const WORDS: &[&str] = &[
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "pwd",
+        "key",
+        "apikey",
+        "passphrase",
+    ];
+    WORDS
+        .iter()
+        .any(|w| k == *w || k.ends_with(&format!("_{w}")) || k.ends_with(&format!(".{w}")))
+        || k.ends_with("_secret_file")
+}
+
+/// Replaces every credential inside `v`: values under credential keys, and
+/// passwords inside connection strings (`postgres://user:pw@host/db`,
+/// `password=pw`) wherever they appear.
+pub fn redact_credentials(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                if is_credential_key(k) && !x.is_null() {
+                    *x = Value::String(REDACTED.into());
+                } else {
+                    redact_credentials(x);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact_credentials),
+        Value::String(s) => {
+            let lower = s.to_ascii_lowercase();
+            if s.contains("://") || lower.contains("password") {
+                *s = orrery_store::redact_url(s);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// `config get`: the value at a dotted key of the node's configuration;
-/// secrets are never shown.
+/// credentials are never shown (see [`redact_credentials`]).
 pub fn config_value(cfg: &crate::NodeConfig, key: &str) -> Result<serde_json::Value, ConsoleError> {
-    if key == "secret" || key == "admin.token" {
-        return Ok(serde_json::Value::String("<redacted>".into()));
+    if key.split('.').any(is_credential_key) {
+        return Ok(serde_json::Value::String(REDACTED.into()));
     }
     let mut v = serde_json::to_value(cfg).map_err(|e| ConsoleError::Failed(e.to_string()))?;
-    if let Some(o) = v.as_object_mut() {
-        o.insert("secret".into(), "<redacted>".into());
-        if let Some(a) = o.get_mut("admin").and_then(|a| a.as_object_mut()) {
-            a.insert("token".into(), "<redacted>".into());
-        }
-    }
+    redact_credentials(&mut v);
     let mut at = &v;
     for part in key.split('.') {
         at = match at {
@@ -432,9 +489,14 @@ impl Node {
             }
             C::Status => {
                 let s = self.status();
+                let no_quorum = s
+                    .no_quorum
+                    .as_ref()
+                    .map(|nq| format!("; {nq}"))
+                    .unwrap_or_default();
                 reply(
                     format!(
-                        "stage {} epoch {} {}{}",
+                        "stage {} epoch {} {}{}{no_quorum}",
                         s.stage,
                         s.epoch,
                         if s.serving { "serving" } else { "not serving" },
@@ -549,7 +611,7 @@ impl Node {
             }
             C::Drain { drain } => {
                 let me = inner.cfg.node_id;
-                self.drain(me, drain).await.map_err(ConsoleError::Failed)?;
+                self.drain(me, drain).await?;
                 reply(
                     format!("node {me} {}", if drain { "draining" } else { "undrained" }),
                     &serde_json::json!({"node": me, "draining": drain}),
@@ -665,6 +727,81 @@ mod tests {
         assert!(p("log level noisy debug").unwrap().is_mutation());
         assert!(!p("log stats").unwrap().is_mutation());
         assert!(p("config get startup.stage_deadline_ms").is_ok());
+    }
+
+    fn config_with_store(url: &str) -> crate::NodeConfig {
+        let text = format!(
+            r#"
+node_id = 1
+cluster_id = "test"
+secret = "0123456789abcdef-cluster-secret"
+data_dir = "/tmp/x"
+[admin]
+token = "0123456789abcdef-admin-token"
+[store]
+backend = "postgres"
+url = "{url}"
+[app.extra]
+api_token = "0123456789-app-token"
+dsn = "host=h password=kvsecret dbname=d"
+[[nodes]]
+id = 1
+addr = "127.0.0.1:1"
+admin_addr = "127.0.0.1:2"
+role = "voter"
+"#
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn config_get_shows_no_credential() {
+        let cfg = config_with_store("postgres://u:secretpw@h/db");
+        assert_eq!(
+            config_value(&cfg, "store.url").unwrap(),
+            serde_json::json!("postgres://u:***@h/db")
+        );
+        for key in ["secret", "admin.token", "app.extra.api_token"] {
+            assert_eq!(
+                config_value(&cfg, key).unwrap(),
+                serde_json::json!(REDACTED),
+                "{key}"
+            );
+        }
+        // Nothing anywhere in the whole tree, either.
+        let mut all = serde_json::to_value(&cfg).unwrap();
+        redact_credentials(&mut all);
+        let text = all.to_string();
+        for secret in [
+            "secretpw",
+            "cluster-secret",
+            "admin-token",
+            "app-token",
+            "kvsecret",
+        ] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        for key in ["store", "app", "admin", "app.extra"] {
+            let v = config_value(&cfg, key).unwrap().to_string();
+            assert!(
+                !v.contains("secretpw") && !v.contains("token\":\"0"),
+                "{key}: {v}"
+            );
+        }
+        // Nor in the configuration's `Debug`.
+        let debug = format!("{cfg:?}");
+        assert!(
+            !debug.contains("secretpw") && !debug.contains("cluster-secret"),
+            "{debug}"
+        );
+        // Ordinary values are untouched.
+        assert_eq!(
+            config_value(&cfg, "store.backend").unwrap(),
+            serde_json::json!("postgres")
+        );
+        let cfg = config_with_store("postgres://h/db?user=u&password=qsecret");
+        let v = config_value(&cfg, "store.url").unwrap().to_string();
+        assert!(!v.contains("qsecret"), "{v}");
     }
 
     #[test]

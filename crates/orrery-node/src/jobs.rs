@@ -460,7 +460,7 @@ async fn commit(node: &Inner, lease: &JobLease, token: &str, summary: String) ->
             }
             Err(e) => {
                 debug!(target: LOG, "{token}: commit attempt {attempt}: {e}");
-                last = e;
+                last = e.to_string();
             }
         }
     }

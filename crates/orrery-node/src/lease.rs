@@ -143,7 +143,9 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
             health,
             view_version: node.lease.view().version,
         };
-        match net.call(target, req, timeout).await {
+        let reply = net.call(target, req, timeout).await;
+        note_contact(&node, target, &reply);
+        match reply {
             Ok(Reply::HeartbeatAck {
                 view,
                 shards_version,
@@ -183,6 +185,25 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
                 target_i += 1;
             }
         }
+    }
+}
+
+/// A heartbeat's answer is a contact with `target`; an acknowledgement
+/// proves a working quorum (the leader renews a lease only while a quorum
+/// acknowledges it), which is how a worker, or a follower, knows the
+/// control plane still commits.
+fn note_contact(
+    node: &Inner,
+    target: NodeId,
+    reply: &Result<Reply, crate::transport::TransportError>,
+) {
+    match reply {
+        Ok(Reply::HeartbeatAck { .. }) => {
+            node.contacts.heard(target);
+            node.contacts.quorum_seen();
+        }
+        Ok(_) => node.contacts.heard(target),
+        Err(e) => node.contacts.failed(target, &e.to_string()),
     }
 }
 
@@ -243,7 +264,11 @@ async fn probe_raw(node: &Inner, net: &dyn Transport, suspect: NodeId) -> Reply 
     let timeout = Duration::from_millis(node.cfg.membership.probe_timeout_ms * factor);
     // The whole probe, connecting included, is bounded by probe_timeout.
     let call = net.call(suspect, Request::HealthProbe { nonce }, timeout);
-    let (ok, detail) = match tokio::time::timeout(timeout, call).await {
+    let answer = tokio::time::timeout(timeout, call).await;
+    if let Ok(r) = &answer {
+        note_contact(node, suspect, r);
+    }
+    let (ok, detail) = match answer {
         Ok(Ok(Reply::HealthProof(p))) => check_proof(node, &p, nonce),
         Ok(Ok(Reply::Fenced { reason })) => (false, format!("it refused us: {reason}")),
         Ok(Ok(other)) => (false, format!("unexpected answer {other:?}")),

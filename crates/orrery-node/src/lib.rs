@@ -21,6 +21,8 @@ pub mod logfwd;
 pub mod messages;
 mod metrics;
 pub mod node;
+pub mod private;
+pub mod quorum;
 pub mod service;
 pub mod shards;
 pub mod transport;
@@ -28,7 +30,7 @@ pub mod watchdog;
 
 pub use config::NodeConfig;
 pub use jobs::JobStats;
-pub use node::{Node, NodeError, NodeStatus, Services};
+pub use node::{ControlState, Node, NodeError, NodeStatus, Services};
 pub use service::{
     BoxedFuture, ConsoleExtension, DemoService, DemoShards, DemoStatsJob, JobOutput, JobRun,
     PeriodicJob, Service, ServiceError, ServiceFuture, StageContext,

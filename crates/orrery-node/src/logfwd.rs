@@ -9,18 +9,27 @@
 //! it receives through its own bounded orrery-log channels (`cluster.log`)
 //! and never waits on the disk in a request handler.
 //!
+//! What peers send is bounded before it is kept or written
+//! (`orrery_core::state::limits`): each line's message is clipped to
+//! `MAX_LOG_LINE` bytes, its channel and level to `MAX_NAME`, and a batch
+//! to `MAX_LOG_BATCH` lines; clipped and dropped lines are counted
+//! (`/metrics`).
+//!
 //! What it must never do: block the caller of a log macro or a request
 //! handler, forward a record twice, or hold more than `keep_lines` lines
-//! (the tail) and one batch of at most `batch_max` records (the sender).
+//! of at most `MAX_LOG_LINE` bytes (the tail) and one batch of at most
+//! `batch_max` records (the sender).
 
 use crate::messages::{Reply, Request};
 use crate::transport::Transport;
+use orrery_core::state::limits::{clip_to, MAX_LOG_BATCH, MAX_LOG_LINE, MAX_NAME};
 use orrery_core::NodeId;
 use orrery_log::{LogChannels, LogConfig, Record, RotatingFile, Sink};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,6 +94,26 @@ pub struct ClusterLog {
     tail: Mutex<VecDeque<LogLine>>,
     keep: usize,
     file: LogChannels,
+    /// Lines whose message, channel or level was clipped.
+    clipped: AtomicU64,
+    /// Lines dropped over `MAX_LOG_BATCH` in one batch.
+    dropped: AtomicU64,
+}
+
+impl LogLine {
+    /// The line within the byte bounds; `true` if anything was cut.
+    fn bounded(self) -> (LogLine, bool) {
+        let cut = self.message.len() > MAX_LOG_LINE
+            || self.channel.len() > MAX_NAME
+            || self.level.len() > MAX_NAME;
+        let line = LogLine {
+            message: clip_to(self.message, MAX_LOG_LINE),
+            channel: clip_to(self.channel, MAX_NAME),
+            level: clip_to(self.level, MAX_NAME),
+            ..self
+        };
+        (line, cut)
+    }
 }
 
 impl ClusterLog {
@@ -110,11 +139,38 @@ impl ClusterLog {
             tail: Mutex::new(VecDeque::new()),
             keep: cfg.keep_lines,
             file,
+            clipped: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         })
     }
 
-    /// Takes lines in: never blocks (the file has a bounded queue).
-    pub fn accept(&self, lines: Vec<LogLine>) {
+    /// (lines stored clipped, lines dropped over the batch bound) so far.
+    pub fn bounded(&self) -> (u64, u64) {
+        (
+            self.clipped.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Takes lines in: never blocks (the file has a bounded queue). Lines
+    /// are clipped to the byte bounds first; a batch over `MAX_LOG_BATCH`
+    /// lines loses its excess.
+    pub fn accept(&self, mut lines: Vec<LogLine>) {
+        if lines.len() > MAX_LOG_BATCH {
+            let over = lines.len() - MAX_LOG_BATCH;
+            lines.truncate(MAX_LOG_BATCH);
+            self.dropped.fetch_add(over as u64, Ordering::Relaxed);
+        }
+        let lines: Vec<LogLine> = lines
+            .into_iter()
+            .map(|l| {
+                let (l, cut) = l.bounded();
+                if cut {
+                    self.clipped.fetch_add(1, Ordering::Relaxed);
+                }
+                l
+            })
+            .collect();
         for l in &lines {
             let level = l.level.parse().unwrap_or(tracing::Level::INFO);
             self.file.submit(
@@ -258,6 +314,41 @@ mod tests {
         assert!(log.flush(Duration::from_secs(10)));
         let text = std::fs::read_to_string(dir.path().join("logs/cluster.log")).unwrap();
         assert_eq!(text.matches("[node 2] m").count(), 5, "{text}");
+    }
+
+    #[test]
+    fn a_4_mib_forwarded_line_is_stored_clipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(ClusterLog::open(dir.path(), &ForwardConfig::default()).unwrap());
+        // Three-byte characters: the cut must fall on a boundary.
+        let huge = "€".repeat(4 * 1024 * 1024 / 3 + 1);
+        assert!(huge.len() >= 4 * 1024 * 1024);
+        let mut l = line(2, 1);
+        l.message = huge;
+        l.channel = "c".repeat(10_000);
+        log.accept(vec![l, line(2, 2)]);
+        let tail = log.tail(10);
+        assert_eq!(tail.len(), 2);
+        let m = &tail[0].message;
+        assert!(
+            m.len() <= MAX_LOG_LINE && m.len() > MAX_LOG_LINE - 3,
+            "{}",
+            m.len()
+        );
+        assert!(m.chars().all(|c| c == '€'));
+        assert!(tail[0].channel.len() <= MAX_NAME);
+        assert_eq!(tail[1].message, "m2", "short lines are untouched");
+        assert_eq!(log.bounded(), (1, 0));
+        assert!(log.flush(Duration::from_secs(10)));
+        let text = std::fs::read_to_string(dir.path().join("logs/cluster.log")).unwrap();
+        assert!(
+            text.len() < 64 * 1024,
+            "the file got the clipped line: {}",
+            text.len()
+        );
+        // A batch is bounded in lines too.
+        log.accept((0..MAX_LOG_BATCH as u64 + 7).map(|i| line(3, i)).collect());
+        assert_eq!(log.bounded(), (1, 7));
     }
 
     #[test]

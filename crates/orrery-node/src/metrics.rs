@@ -4,21 +4,24 @@
 //! latency) live here as prometheus-client families; everything else is read
 //! at scrape time from where it is already kept (the node's status, the
 //! cached cluster state, the watchdog, the logging channels, the wire
-//! counters), so there is one source of truth per number. The exposition
-//! format is prometheus-client's, never hand-written.
+//! counters, the admin endpoint's counters), so there is one source of
+//! truth per number. The exposition format is prometheus-client's, never
+//! hand-written.
 //!
 //! What it must never do: block a request path (observing is a few atomic
 //! operations), or create labels from unbounded input (RPC kinds are a fixed
 //! set; log channels are bounded by `log.max_channels`).
 
+use crate::admin::AdminStats;
 use crate::node::Inner;
+use orrery_wire::WireStatsSnapshot;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -106,8 +109,90 @@ fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
     reg.register(name, help, c);
 }
 
+/// Connection admission on both ports, and what peers send that is kept
+/// under a byte bound (`orrery_core::state::limits`).
+fn bound_metrics(reg: &mut Registry, inner: &Inner, wire: &WireStatsSnapshot, admin: &AdminStats) {
+    let a = admin.conns.snapshot();
+    for (port, s, cap) in [("wire", wire, "rpc"), ("admin", &a, "admin")] {
+        gauge(
+            reg,
+            &format!("{port}_connections_open"),
+            &format!("Accepted connections open now ({cap}.max_connections)"),
+            s.connections_open as i64,
+        );
+        gauge(
+            reg,
+            &format!("{port}_connections_pending"),
+            "Connections not yet established (handshake in progress, or no request byte yet)",
+            s.connections_pending as i64,
+        );
+        counter(
+            reg,
+            &format!("{port}_connections_refused"),
+            &format!("Connections closed at accept: {cap}.max_connections reached"),
+            s.connections_refused,
+        );
+        counter(
+            reg,
+            &format!("{port}_connections_evicted"),
+            "Pending connections closed to make room for a newer one",
+            s.connections_evicted,
+        );
+        counter(
+            reg,
+            &format!("{port}_connections_timed_out"),
+            "Connections closed because the handshake or request head did not arrive in time",
+            s.connections_timed_out,
+        );
+    }
+    counter(
+        reg,
+        "admin_connections_accepted",
+        "Admin connections accepted",
+        a.connections_accepted,
+    );
+    counter(
+        reg,
+        "admin_connections_idle_closed",
+        "Admin connections closed after admin.idle_timeout_ms without progress",
+        a.connections_idle_closed,
+    );
+    counter(
+        reg,
+        "admin_state_requests",
+        "Requests for the replicated state (/cluster, /timeline)",
+        admin.state_requests.load(Ordering::Relaxed),
+    );
+    counter(
+        reg,
+        "admin_state_reads",
+        "Linearizable reads run for them (shared by concurrent requests)",
+        admin.state_reads.load(Ordering::Relaxed),
+    );
+    log_bound_metrics(reg, inner);
+}
+
+/// Forwarded log lines the collector clipped or dropped.
+fn log_bound_metrics(reg: &mut Registry, inner: &Inner) {
+    if let Some(cl) = inner.cluster_log.get() {
+        let (clipped, dropped) = cl.bounded();
+        counter(
+            reg,
+            "log_forward_lines_clipped",
+            "Forwarded log lines stored clipped to the line byte bound",
+            clipped,
+        );
+        counter(
+            reg,
+            "log_forward_lines_dropped",
+            "Forwarded log lines dropped over the batch bound",
+            dropped,
+        );
+    }
+}
+
 /// The node's metrics in the Prometheus text format.
-pub(crate) fn render(inner: &Inner) -> String {
+pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
     let mut reg = Registry::with_prefix("orrery");
     let st = inner.status_now();
     gauge(
@@ -139,6 +224,18 @@ pub(crate) fn render(inner: &Inner) -> String {
         "node_fenced",
         "1 while this node is fenced",
         i64::from(st.fenced.is_some()),
+    );
+    gauge(
+        &mut reg,
+        "control_no_quorum",
+        "1 while this node sees no working control-plane quorum",
+        i64::from(st.no_quorum.is_some()),
+    );
+    gauge(
+        &mut reg,
+        "control_alarms",
+        "Control-plane alarms in force (no quorum, failing replication, slow proposals)",
+        st.control_alarms.len() as i64,
     );
     gauge(
         &mut reg,
@@ -273,6 +370,13 @@ pub(crate) fn render(inner: &Inner) -> String {
         "wire_calls_timed_out",
         "Client calls that hit their deadline",
         w.calls_timed_out,
+    );
+    bound_metrics(&mut reg, inner, &w, admin);
+    counter(
+        &mut reg,
+        "accusations_ignored",
+        "Accusations the coordinator dropped (accuser not eligible, or over the pending bound)",
+        st.ignored_accusations,
     );
     counter(
         &mut reg,

@@ -13,6 +13,7 @@ use crate::lease::{self, Lease};
 use crate::logfwd::{ClusterLog, Destination, ForwardSink};
 use crate::messages::{Reply, Request};
 use crate::metrics::RpcMetrics;
+use crate::quorum::{AskError, Contacts, NoQuorum};
 use crate::service::{ConsoleExtension, PeriodicJob, Service, StageContext};
 use crate::shards::{CallCtx, CallError, Hop, Router, ShardFuture, ShardHost, ShardService};
 use crate::transport::{Endpoint, MemNetwork, MemTransport, TcpTransport, Transport};
@@ -103,6 +104,20 @@ pub struct NodeStatus {
     /// stale holder.
     #[serde(default)]
     pub jobs: crate::jobs::JobStats,
+    /// Set while this node sees no quorum: who it can reach, since when.
+    #[serde(default)]
+    pub no_quorum: Option<NoQuorum>,
+    /// Control-plane alarms in force (no quorum, failing replication, slow
+    /// proposals), kept here because they cannot commit without a quorum.
+    #[serde(default)]
+    pub control_alarms: Vec<crate::watchdog::Alarm>,
+    /// On voters: (applied index, SHA-256 of the applied cluster state).
+    /// Voters at one index must show one digest.
+    #[serde(default)]
+    pub raft_digest: Option<(u64, String)>,
+    /// On voters: catching up after `orrery repair` (granting no votes yet).
+    #[serde(default)]
+    pub raft_catching_up: bool,
 }
 
 /// What application code a node runs: stage hooks and, optionally, a
@@ -174,10 +189,12 @@ pub(crate) struct Inner {
     pub(crate) rpc: RpcMetrics,
     /// Per-period jobs: the leases held, the runs, their counters.
     pub(crate) jobs: crate::jobs::JobRunner,
+    /// When each peer was last heard and a quorum last seen.
+    pub(crate) contacts: Arc<Contacts>,
 }
 
 /// Carries the control plane's opaque Raft RPCs over the node's transport.
-struct RaftOverWire(Arc<dyn Transport>);
+struct RaftOverWire(Arc<dyn Transport>, Arc<Contacts>);
 
 impl RaftTransport for RaftOverWire {
     fn call(
@@ -189,14 +206,26 @@ impl RaftTransport for RaftOverWire {
     ) -> TransportFuture<'_> {
         let _ = addr; // The transport knows every configured voter's address.
         Box::pin(async move {
-            match self.0.call(target, Request::Raft(payload), timeout).await {
+            let r = match self.0.call(target, Request::Raft(payload), timeout).await {
                 Ok(Reply::Raft(Ok(bytes))) => Ok(bytes),
                 Ok(Reply::Raft(Err(e))) | Ok(Reply::Error(e)) => Err(TransportError::Remote(e)),
                 Ok(other) => Err(TransportError::Remote(format!(
                     "unexpected reply {other:?}"
                 ))),
-                Err(e) => Err(TransportError::Unreachable(e.to_string())),
+                Err(e) => {
+                    self.1.failed(target, &e.to_string());
+                    Err(TransportError::Unreachable(e.to_string()))
+                }
+            };
+            match &r {
+                Ok(_) => self.1.heard(target),
+                Err(TransportError::Remote(e)) => {
+                    self.1.heard(target);
+                    self.1.raft_failed(target, e);
+                }
+                Err(e) => self.1.raft_failed(target, &e.to_string()),
             }
+            r
         })
     }
 }
@@ -268,13 +297,24 @@ impl Node {
             stage_since_ms: now_ms(),
             ..Default::default()
         };
+        // The data directory holds the Raft store and the logs: the node's
+        // user only.
+        if let Err(e) = crate::private::private_dir(&cfg.data_dir) {
+            warn!(target: LOG, "cannot make {} private: {e}", cfg.data_dir.display());
+        }
+        let contacts = Contacts::new(cfg.quorum.lost_after_ms);
         let mut control = None;
         if me.role.is_voter() {
             let mut cc = ControlConfig::new(cfg.node_id, cfg.data_dir.join("raft"), cfg.voters());
             cc.heartbeat_interval = Duration::from_millis(cfg.raft.heartbeat_ms);
             cc.election_timeout_min = Duration::from_millis(cfg.raft.election_min_ms);
             cc.election_timeout_max = Duration::from_millis(cfg.raft.election_max_ms);
-            let c = ControlPlane::start(cc, Arc::new(RaftOverWire(net.clone()))).await?;
+            cc.max_proposal_bytes = cfg.raft.max_proposal_bytes;
+            cc.snapshot_chunk_bytes = cfg.raft.snapshot_chunk_bytes;
+            cc.max_snapshot_bytes = cfg.raft.max_snapshot_bytes;
+            cc.max_message_bytes = cfg.raft_message_bytes();
+            let raft_net = RaftOverWire(net.clone(), contacts.clone());
+            let c = ControlPlane::start(cc, Arc::new(raft_net)).await?;
             let _ = server.control.set(c.clone());
             control = Some(c);
         }
@@ -297,6 +337,7 @@ impl Node {
         let inner = Arc::new(Inner {
             jobs,
             shards,
+            contacts,
 
             stats,
             control,
@@ -332,6 +373,9 @@ impl Node {
                 Err(e) => warn!(target: LOG, "cannot collect the cluster's logs: {e}"),
             }
         }
+        if let Err(e) = crate::private::narrow_dirs(&inner.cfg.data_dir) {
+            warn!(target: LOG, "cannot make {} private: {e}", inner.cfg.data_dir.display());
+        }
         let _ = server.node.set(inner.clone());
         let _ = inner.me.set(Arc::downgrade(&inner));
         tokio::spawn(sync_shards(inner.clone()));
@@ -342,6 +386,7 @@ impl Node {
         tokio::spawn(watch_fail_stop(inner.clone()));
         inner.watchdog.spawn(inner.shutdown.clone(), now_ms);
         tokio::spawn(record_alarms(inner.clone()));
+        tokio::spawn(crate::quorum::watch(inner.clone()));
         if inner.cfg.me().role.hosts_services() && !inner.jobs.specs().is_empty() {
             tokio::spawn(crate::jobs::run(inner.clone()));
         }
@@ -388,7 +433,7 @@ impl Node {
 
     /// Drains (or undrains) `node`: it hands all its shards off and takes
     /// none until undrained. Goes through the control plane.
-    pub async fn drain(&self, node: NodeId, drain: bool) -> Result<(), String> {
+    pub async fn drain(&self, node: NodeId, drain: bool) -> Result<(), AskError> {
         match self
             .inner
             .propose(Command::Drain {
@@ -399,8 +444,8 @@ impl Node {
             .await?
         {
             Response::Ok => Ok(()),
-            Response::Rejected { reason } => Err(reason),
-            other => Err(format!("unexpected response {other:?}")),
+            Response::Rejected { reason } => Err(AskError::Rejected(reason)),
+            other => Err(AskError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -493,6 +538,8 @@ fn wire_config(cfg: &NodeConfig, epoch: u64) -> WireConfig {
     );
     w.max_frame_bytes = cfg.rpc.max_frame_bytes;
     w.max_inflight_per_connection = cfg.rpc.max_inflight_per_connection;
+    w.max_connections = cfg.rpc.max_connections;
+    w.max_handshakes = cfg.rpc.max_handshakes;
     w
 }
 
@@ -507,6 +554,9 @@ struct Server {
 
 impl Server {
     async fn dispatch(&self, from: NodeId, epoch: u64, req: Request) -> Reply {
+        if let Some(n) = self.node.get() {
+            n.contacts.heard(from);
+        }
         if let Request::Raft(bytes) = req {
             return match self.control.get() {
                 Some(c) => Reply::Raft(c.handle_rpc(bytes).await.map_err(|e| e.to_string())),
@@ -652,14 +702,58 @@ impl Inner {
             .as_ref()
             .map(|c| c.ignored_accusations())
             .unwrap_or(0);
+        s.no_quorum = self.no_quorum();
+        s.control_alarms = self.contacts.alarms();
         if let Some(c) = &self.control {
-            s.leader = c.current_leader();
-            s.is_leader = c.is_leader();
-        } else {
-            let hint = self.leader_hint.load(Ordering::Relaxed);
-            s.leader = (hint != 0).then_some(hint);
+            s.raft_digest = Some(c.state_digest());
+            s.raft_catching_up = c.is_catching_up();
         }
+        s.is_leader = self.is_leading();
+        // A leader not heard from within the election timeout is not named.
+        s.leader = match &s.no_quorum {
+            Some(_) => None,
+            None => self.known_leader(),
+        };
         s
+    }
+
+    /// Whether this node leads the control plane (as openraft sees it).
+    pub(crate) fn is_leading(&self) -> bool {
+        self.control.as_ref().is_some_and(|c| c.is_leader())
+    }
+
+    /// The leader this node knows of, if it heard from it recently: within
+    /// the election timeout (a worker: two heartbeat intervals, if longer).
+    fn known_leader(&self) -> Option<NodeId> {
+        let me = self.cfg.node_id;
+        let (leader, within) = match &self.control {
+            Some(c) => (c.current_leader(), self.cfg.raft.election_max_ms),
+            None => {
+                let hint = self.leader_hint.load(Ordering::Relaxed);
+                let hb = self.cfg.membership.heartbeat_interval_ms.saturating_mul(2);
+                (
+                    (hint != 0).then_some(hint),
+                    hb.max(self.cfg.raft.election_max_ms),
+                )
+            }
+        };
+        leader.filter(|l| *l == me || self.contacts.heard_within(*l, within))
+    }
+
+    /// Whether this node sees a quorum: `Some` names whom it can reach.
+    pub(crate) fn no_quorum(&self) -> Option<NoQuorum> {
+        let voters: Vec<NodeId> = self.cfg.voters().keys().copied().collect();
+        let leading_ack_age_ms = self.control.as_ref().filter(|c| c.is_leader()).map(|c| {
+            c.quorum_ack_age()
+                .map_or(u64::MAX, |a| a.as_millis() as u64)
+        });
+        let inputs = crate::quorum::Inputs {
+            me: self.cfg.node_id,
+            voters: &voters,
+            leading_ack_age_ms,
+            lost_after_ms: self.cfg.quorum.lost_after_ms,
+        };
+        crate::quorum::assess(&inputs, &self.contacts.snapshot())
     }
 
     /// Monotonic milliseconds since this process started.
@@ -735,7 +829,11 @@ impl Inner {
         if let Some(cycle) = detected {
             warn!(target: LOG, "wait cycle detected: {}", CallError::Deadlock { cycle: cycle.clone() });
             let cmd = Command::Deadlock {
-                cycle: cycle.iter().map(|h| h.to_string()).collect(),
+                cycle: orrery_core::state::limits::clip_list(
+                    cycle.iter().map(|h| h.to_string()).collect(),
+                    orrery_core::state::limits::MAX_CYCLE_ENTRIES,
+                    orrery_core::state::limits::MAX_CYCLE_ENTRY,
+                ),
                 at: now_ms(),
             };
             let _ = self.propose(cmd).await;
@@ -845,7 +943,7 @@ impl Inner {
                         .forward(from, c.current_leader(), Request::FetchShards)
                         .await;
                 }
-                Reply::Shards(Box::new(c.state().state.0.shards.clone()))
+                Reply::Shards(Box::new(ShardMap::clone(&c.state().state.0.shards)))
             }
             Request::HealthProbe { nonce } => Reply::HealthProof(self.health.proof(nonce)),
             Request::Accuse {
@@ -1009,8 +1107,48 @@ impl Inner {
     }
 
     /// Sends a control-plane request to the leader, following "not leader"
-    /// hints; tries each voter at most twice.
-    async fn ask(&self, req: Request) -> Result<Reply, String> {
+    /// hints; tries each voter at most twice. Refused at once while this
+    /// node has joined and sees no quorum: its heartbeats keep looking, and
+    /// the first renewed lease lifts the refusal. A proposal still waiting
+    /// after `quorum.slow_proposal_ms` raises an alarm naming the cause.
+    async fn ask(&self, req: Request) -> Result<Reply, AskError> {
+        if self.epoch.load(Ordering::Relaxed) != 0 {
+            if let Some(nq) = self.no_quorum() {
+                return Err(AskError::NoQuorum(nq));
+            }
+        }
+        let proposal = match &req {
+            Request::Propose(cmd) => Some(crate::quorum::command_name(cmd)),
+            _ => None,
+        };
+        let slow = Duration::from_millis(self.cfg.quorum.slow_proposal_ms);
+        let asked = self.ask_voters(req);
+        tokio::pin!(asked);
+        let result = match &proposal {
+            None => asked.await,
+            Some(name) => tokio::select! {
+                r = &mut asked => {
+                    if r.is_ok() {
+                        self.contacts.clear_alarm(crate::quorum::AlarmKey::SlowProposal);
+                    }
+                    r
+                }
+                _ = tokio::time::sleep(slow) => {
+                    crate::quorum::slow_proposal(self, name, slow);
+                    asked.await
+                }
+            },
+        };
+        result.map_err(|last| match self.no_quorum() {
+            Some(nq) => AskError::NoQuorum(nq),
+            None => AskError::Unreachable(last),
+        })
+    }
+
+    /// [`Self::ask`]'s tries; the error is the last failure. Every answer
+    /// (and every failure) is a contact with that voter; a commit or a
+    /// linearizable read proves a working quorum.
+    async fn ask_voters(&self, req: Request) -> Result<Reply, String> {
         let voters: Vec<NodeId> = self.cfg.voters().keys().copied().collect();
         let mut last = String::from("no voter configured");
         for attempt in 0..(2 * voters.len() + 1) {
@@ -1020,11 +1158,19 @@ impl Inner {
             } else {
                 voters[attempt % voters.len()]
             };
-            match self
+            let reply = self
                 .net
                 .call(target, req.clone(), self.cfg.call_timeout())
-                .await
-            {
+                .await;
+            match &reply {
+                Ok(Reply::Committed { .. } | Reply::State(_)) => {
+                    self.contacts.heard(target);
+                    self.contacts.quorum_seen();
+                }
+                Ok(_) => self.contacts.heard(target),
+                Err(e) => self.contacts.failed(target, &e.to_string()),
+            }
+            match reply {
                 Ok(Reply::NotLeader { leader }) => {
                     let next = leader
                         .filter(|l| *l != target)
@@ -1052,17 +1198,17 @@ impl Inner {
                 }
             }
         }
-        Err(format!("control plane unreachable: {last}"))
+        Err(last)
     }
 
-    pub(crate) async fn propose(&self, cmd: Command) -> Result<Response, String> {
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<Response, AskError> {
         match self.ask(Request::Propose(cmd)).await? {
             Reply::Committed { response, .. } => Ok(response),
-            other => Err(format!("unexpected reply {other:?}")),
+            other => Err(AskError::Unexpected(format!("{other:?}"))),
         }
     }
 
-    async fn report(&self) -> Result<Response, String> {
+    async fn report(&self) -> Result<Response, AskError> {
         let epoch = self.epoch.load(Ordering::Relaxed);
         let s = self.status_now();
         let stage = Stage::from_number(s.stage).unwrap_or(Stage::NOT_STARTED);
@@ -1327,6 +1473,7 @@ async fn start_up(node: Arc<Inner>) {
             }
             Ok(r) => warn!(target: LOG, "unexpected join response {r:?}"),
             Err(e) => {
+                let e = e.to_string();
                 if e != last_err {
                     warn!(target: LOG, "cannot join yet: {e}");
                     last_err = e.clone();
@@ -1373,10 +1520,12 @@ async fn start_up(node: Arc<Inner>) {
                     &reason,
                 ),
                 Ok(other) => debug!(target: LOG, "poll: unexpected {other:?}"),
-                Err(e) => {
-                    node.activity
-                        .wait("start-up", format!("barrier before stage {next}"), None, &e)
-                }
+                Err(e) => node.activity.wait(
+                    "start-up",
+                    format!("barrier before stage {next}"),
+                    None,
+                    &e.to_string(),
+                ),
             }
             tokio::time::sleep(poll).await;
         }
@@ -1430,16 +1579,19 @@ async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
                 match node.ask(Request::FetchState).await {
                     Ok(Reply::State(s)) => break s,
                     Ok(other) => debug!(target: LOG, "fetch: unexpected {other:?}"),
-                    Err(e) => node
-                        .activity
-                        .wait("start-up", "fetch the cluster state", None, &e),
+                    Err(e) => node.activity.wait(
+                        "start-up",
+                        "fetch the cluster state",
+                        None,
+                        &e.to_string(),
+                    ),
                 }
                 tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms)).await;
             };
             let version = state.applied_index;
             // The address cache: which node runs which shard.
             if let Some(router) = node.router() {
-                node.shards.adopt(Arc::new(state.shards.clone()), router);
+                node.shards.adopt(state.shards.clone(), router);
             }
             *node.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(*state));
             node.update_status(|s| s.address_cache_version = version);
@@ -1485,7 +1637,7 @@ async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
             Ok(_) => {}
             Err(e) => node
                 .activity
-                .wait("peers", "learn the participants", None, &e),
+                .wait("peers", "learn the participants", None, &e.to_string()),
         }
         tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms)).await;
     };

@@ -230,36 +230,82 @@ impl StoreConfig {
     }
 }
 
-/// The URL with any password replaced by `***`, for logs and errors.
+/// The connection string with every password replaced by `***`, for
+/// logs, errors and `config get`: the URL form's `user:password@` and
+/// `?password=` parameter, the key-value form's `password=` (quoted or not).
 pub fn redact_url(url: &str) -> String {
-    // URL form: scheme://user:password@host...
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if let Some(at) = authority.rfind('@') {
-            let userinfo = &authority[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &rest[at..]
-                );
-            }
+    let Some(scheme_end) = url.find("://") else {
+        return redact_key_values(url);
+    };
+    let (head, rest) = url.split_at(scheme_end + 3);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => match authority[..at].find(':') {
+            Some(colon) => format!("{}:***{}", &authority[..colon], &authority[at..]),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    format!("{head}{authority}{}", redact_query(tail))
+}
+
+/// `path?a=1&password=pw` -> `path?a=1&password=***`.
+fn redact_query(tail: &str) -> String {
+    let Some(q) = tail.find('?') else {
+        return tail.to_string();
+    };
+    let (path, query) = tail.split_at(q + 1);
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{path}{}", parts.join("&"))
+}
+
+/// Key-value form (`host=h password = 'p w' dbname=d`): every password
+/// value replaced, everything else kept as written.
+fn redact_key_values(s: &str) -> String {
+    const WORD: &str = "password";
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.to_ascii_lowercase().find(WORD) {
+        let (before, after) = rest.split_at(i + WORD.len());
+        out.push_str(before);
+        let word_start = i == 0 || rest[..i].ends_with(char::is_whitespace);
+        let eq = after.trim_start();
+        if !word_start || !eq.starts_with('=') {
+            rest = after;
+            continue;
         }
-        return url.to_string();
+        let value = eq[1..].trim_start();
+        out.push_str(&after[..after.len() - value.len()]);
+        out.push_str("***");
+        rest = &value[value_len(value)..];
     }
-    // Key-value form: password=... (possibly quoted).
-    let mut out = Vec::new();
-    for part in url.split_whitespace() {
-        if part.starts_with("password=") {
-            out.push("password=***".to_string());
-        } else {
-            out.push(part.to_string());
+    out.push_str(rest);
+    out
+}
+
+/// Length of a key-value form value at the start of `v`: single-quoted
+/// (backslash escapes) or up to the next whitespace.
+fn value_len(v: &str) -> usize {
+    let Some(quoted) = v.strip_prefix('\'') else {
+        return v.find(char::is_whitespace).unwrap_or(v.len());
+    };
+    let mut escaped = false;
+    for (i, c) in quoted.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\'' => return i + 2,
+            _ => {}
         }
     }
-    out.join(" ")
+    v.len()
 }
 
 #[cfg(test)]
@@ -315,5 +361,22 @@ mod tests {
             redact_url("host=h password=pw dbname=d"),
             "host=h password=*** dbname=d"
         );
+        assert_eq!(
+            redact_url("postgres://u:secretpw@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("postgresql://h/db?user=u&password=secretpw&sslmode=disable"),
+            "postgresql://h/db?user=u&password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("host=h password = 'se cret\\' pw' dbname=d"),
+            "host=h password = *** dbname=d"
+        );
+        assert_eq!(
+            redact_url("host=h PASSWORD=x user=password"),
+            "host=h PASSWORD=*** user=password"
+        );
+        assert_eq!(redact_url("host=h dbname=d"), "host=h dbname=d");
     }
 }

@@ -55,6 +55,24 @@ impl Op {
     }
 }
 
+/// How durable an acknowledged commit is, as the database itself reports
+/// it on one of the store's own connections ([`Store::durability`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Durability {
+    /// `PRAGMA synchronous` (0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA; orrery runs
+    /// 2) and `PRAGMA journal_mode` (`wal`).
+    Sqlite {
+        synchronous: i64,
+        journal_mode: String,
+    },
+    /// `SHOW synchronous_commit` (orrery sets `on` per session) and
+    /// `SHOW fsync` (the server's; `on` unless an administrator turned it off).
+    Postgres {
+        synchronous_commit: String,
+        fsync: String,
+    },
+}
+
 /// One committed period of a job, as [`Store::job_periods`] returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobCommitRow {
@@ -80,6 +98,12 @@ pub trait Store: Send + Sync {
 
     /// The schema version the database is at (== [`SCHEMA_VERSION`] after `open`).
     fn schema_version(&self) -> Result<u32, StoreError>;
+
+    /// The durability settings the store's connections run with: an
+    /// acknowledged fence, write or job commit survives a crash of the
+    /// machine (SQLite `synchronous = FULL`, PostgreSQL
+    /// `synchronous_commit = on`).
+    fn durability(&self) -> Result<Durability, StoreError>;
 
     /// Raises the shard's fence to `epoch`: the new owner calls it when it
     /// takes the shard, before it reads. Idempotent for the same epoch.

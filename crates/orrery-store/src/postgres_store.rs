@@ -13,7 +13,7 @@ use postgres::{Client, IsolationLevel, NoTls, Transaction};
 use crate::migrations::{self, Recorded, STATE_DONE, STATE_STARTED};
 use crate::pool::Pool;
 use crate::{
-    arg_i64, assemble_periods, redact_url, stored_u64, JobCommitRow, Limits, Op, Store,
+    arg_i64, assemble_periods, redact_url, stored_u64, Durability, JobCommitRow, Limits, Op, Store,
     StoreConfig, StoreError,
 };
 
@@ -76,9 +76,12 @@ fn connect(config: &postgres::Config, statement_timeout_ms: u64) -> Result<Clien
         }
         StoreError::Backend(msg)
     })?;
+    // `synchronous_commit = on` explicitly, whatever the server's or the
+    // role's default: a COMMIT returns only once its WAL is flushed (and,
+    // with synchronous standbys configured, flushed on them too).
     client
         .batch_execute(&format!(
-            "SET statement_timeout = {statement_timeout_ms}; SET idle_in_transaction_session_timeout = {}",
+            "SET synchronous_commit = on; SET statement_timeout = {statement_timeout_ms}; SET idle_in_transaction_session_timeout = {}",
             statement_timeout_ms.saturating_mul(2)
         ))
         .map_err(err)?;
@@ -274,6 +277,18 @@ impl PgStore {
 impl Store for PgStore {
     fn backend_name(&self) -> &'static str {
         "postgres"
+    }
+
+    fn durability(&self) -> Result<Durability, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut show = |what: &str| -> Result<String, StoreError> {
+            let row = conn.query_one(&format!("SHOW {what}"), &[]).map_err(err)?;
+            row.try_get::<_, String>(0).map_err(err)
+        };
+        Ok(Durability::Postgres {
+            synchronous_commit: show("synchronous_commit")?,
+            fsync: show("fsync")?,
+        })
     }
 
     fn schema_version(&self) -> Result<u32, StoreError> {

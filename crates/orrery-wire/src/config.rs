@@ -10,6 +10,11 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_INFLIGHT_PER_CONNECTION: usize = 256;
 /// Default capacity of the bounded outgoing frame queue per connection: 1024.
 pub const DEFAULT_REQUEST_QUEUE: usize = 1024;
+/// Default bound on accepted connections open at once (handshaking ones
+/// included): 512.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default bound on accepted connections whose handshake is in progress: 64.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 
 /// Configuration of one node's wire endpoint (used for both `serve` and `connect`).
 ///
@@ -36,12 +41,21 @@ pub struct WireConfig {
     pub max_inflight_per_connection: usize,
     /// Capacity of the bounded outgoing frame queue per connection. Default 1024.
     pub request_queue: usize,
+    /// `serve`: accepted connections open at once, handshaking ones included.
+    /// Beyond it a new connection evicts the oldest handshake in progress, or
+    /// is closed at once if none is (counted in `connections_refused`).
+    /// Default 512.
+    pub max_connections: usize,
+    /// `serve`: handshakes in progress at once. Beyond it the oldest one is
+    /// closed to make room (counted in `connections_evicted`). Default 64.
+    pub max_handshakes: usize,
 }
 
 impl WireConfig {
     /// A config with the required identity fields and all defaults:
     /// `max_frame_bytes` = 4 MiB, `handshake_timeout` = 5 s,
-    /// `max_inflight_per_connection` = 256, `request_queue` = 1024.
+    /// `max_inflight_per_connection` = 256, `request_queue` = 1024,
+    /// `max_connections` = 512, `max_handshakes` = 64.
     pub fn new(
         cluster_id: impl Into<String>,
         secret: impl Into<Vec<u8>>,
@@ -57,6 +71,8 @@ impl WireConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_inflight_per_connection: DEFAULT_MAX_INFLIGHT_PER_CONNECTION,
             request_queue: DEFAULT_REQUEST_QUEUE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
         }
     }
 }
@@ -76,6 +92,8 @@ impl std::fmt::Debug for WireConfig {
                 &self.max_inflight_per_connection,
             )
             .field("request_queue", &self.request_queue)
+            .field("max_connections", &self.max_connections)
+            .field("max_handshakes", &self.max_handshakes)
             .finish()
     }
 }

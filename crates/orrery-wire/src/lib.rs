@@ -9,7 +9,10 @@
 //!   binding both nonces, both node ids/epochs, the cluster id and the version);
 //! * **a multiplexed request/response channel** over one TCP connection: [`serve`]
 //!   with a [`Handler`] on the accepting side, [`connect`] / [`Channel`] on the
-//!   connecting side, and a [`PeerPool`] of lazily (re)connected channels.
+//!   connecting side, and a [`PeerPool`] of lazily (re)connected channels;
+//! * **connection admission** ([`limit`]): caps on open and pending
+//!   connections with eviction of the oldest pending one, used by [`serve`]
+//!   and by any other accepting endpoint of the node (the admin port).
 //!
 //! It is generic over the message types (`Req`/`Resp`, any serde type) and knows
 //! nothing of cluster policy; the only policy hook is [`Handler::admit`].
@@ -22,7 +25,8 @@
 //!   [`WireStats`];
 //! * send the cluster secret, or compare proofs in variable time;
 //! * queue without limit: in-flight requests and outgoing frames are bounded per
-//!   connection and excess work fails fast with an `Overloaded` error;
+//!   connection and excess work fails fast with an `Overloaded` error; accepted
+//!   connections and handshakes in progress are bounded per endpoint;
 //! * make cluster decisions (membership, routing, fencing policy) — callers do.
 
 #![warn(missing_docs)]
@@ -31,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod frame;
 pub mod handshake;
+pub mod limit;
 pub mod pool;
 pub mod server;
 pub mod stats;
@@ -42,6 +47,7 @@ pub use client::{connect, CallError, Channel};
 pub use config::WireConfig;
 pub use frame::{Envelope, FrameError, RemoteError, HANDSHAKE_MAX_FRAME_BYTES};
 pub use handshake::{HandshakeError, PeerInfo, RejectReason, PROTOCOL_MAX, PROTOCOL_MIN};
+pub use limit::{admit_yielding, Admission, ConnLimiter, ConnLimits, ConnSlot};
 pub use pool::{PeerPool, PoolError};
 pub use server::{serve, BoxFuture, Handler};
 pub use stats::{WireStats, WireStatsSnapshot};

@@ -12,6 +12,14 @@
 //! discards it). A handler panic is caught and answered with
 //! [`RemoteError::Handler`]; it never takes the connection or the process down.
 //!
+//! **Connection caps** ([`crate::limit`]): at most `max_connections` accepted
+//! connections are open and at most `max_handshakes` of them handshaking. A
+//! new connection beyond a cap evicts a handshake in progress (the oldest
+//! that has sent nothing yet first), or is closed right after `accept` when
+//! every open connection is established; both are counted in [`WireStats`]
+//! and never stop the accept loop. Handshake timeouts, refusals and
+//! evictions are logged at the 1st, 2nd, 4th, 8th... occurrence.
+//!
 //! **Bad input** (oversized or undecodable frame, a frame of the wrong kind) closes
 //! that connection only, logs the reason on target `orrery::wire` and bumps
 //! [`WireStats`] counters. In-flight handler tasks of a closed connection are aborted.
@@ -28,10 +36,12 @@ use futures::{FutureExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame::{decode, encode, Envelope, FrameError, RemoteError};
+use crate::frame::{decode, encode, Envelope, FrameError, RemoteError, WireCodec};
 use crate::handshake::{new_framed, server_handshake, HandshakeError, PeerInfo};
+use crate::limit::{admit_yielding, first_bytes, ConnLimiter, ConnLimits, ConnSlot, First};
 use crate::stats::WireStats;
 use crate::{Message, WireConfig, LOG_TARGET};
 
@@ -78,6 +88,16 @@ pub async fn serve<Req, Resp, H>(
     Resp: Message,
     H: Handler<Req, Resp>,
 {
+    if let Err(e) = crate::limit::widen_backlog(&listener) {
+        tracing::warn!(target: LOG_TARGET, "cannot widen the accept queue: {e}");
+    }
+    let limiter = ConnLimiter::new(
+        ConnLimits {
+            max_open: cfg.max_connections,
+            max_pending: cfg.max_handshakes,
+        },
+        stats.clone(),
+    );
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -86,9 +106,17 @@ pub async fn serve<Req, Resp, H>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => {
                     WireStats::bump(&stats.connections_accepted);
+                    let heard = crate::limit::has_data(&stream);
+                    let Some(slot) = admit_yielding(&limiter, heard).await else {
+                        // Closed right away: the peer sees EOF.
+                        drop(stream);
+                        log_refused(&stats, addr);
+                        continue;
+                    };
                     conns.spawn(connection::<Req, Resp, H>(
                         stream,
                         addr,
+                        slot,
                         cfg.clone(),
                         handler.clone(),
                         stats.clone(),
@@ -108,11 +136,26 @@ pub async fn serve<Req, Resp, H>(
     conns.shutdown().await;
 }
 
+/// Logs refusals at the connection cap without flooding the log: the 1st,
+/// 2nd, 4th, 8th... refusal is logged (the counter has them all).
+fn log_refused(stats: &WireStats, addr: SocketAddr) {
+    let n = stats
+        .connections_refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if n.is_power_of_two() {
+        tracing::warn!(target: LOG_TARGET, "refused connection from {addr}: connection cap reached (rpc.max_connections); {n} refused so far");
+    }
+}
+
 /// Count and log a frame-level failure; returns nothing, the caller closes.
 pub(crate) fn close_bad_input(stats: &WireStats, who: &str, err: &FrameError) {
     match err {
-        FrameError::TooLarge { .. } => WireStats::bump(&stats.frames_oversized),
-        FrameError::Malformed(_) => WireStats::bump(&stats.frames_malformed),
+        FrameError::TooLarge { .. } => {
+            WireStats::bump(&stats.frames_oversized);
+        }
+        FrameError::Malformed(_) => {
+            WireStats::bump(&stats.frames_malformed);
+        }
         FrameError::Io(e) => {
             // Transport failure, not the peer's bytes.
             tracing::debug!(target: LOG_TARGET, "connection to {who} failed: {e}");
@@ -123,23 +166,48 @@ pub(crate) fn close_bad_input(stats: &WireStats, who: &str, err: &FrameError) {
     tracing::warn!(target: LOG_TARGET, "closing connection to {who}: {err}");
 }
 
-async fn connection<Req, Resp, H>(
+/// The server side of the handshake on a new connection, within
+/// `handshake_timeout`; `None` (counted and logged) if it fails, times out
+/// or is evicted. Until its first byte the connection is silent, then it
+/// has spoken (evicted later than silent ones; see [`crate::limit`]).
+async fn accept_peer<Req, Resp, H>(
     stream: TcpStream,
     addr: SocketAddr,
-    cfg: Arc<WireConfig>,
-    handler: Arc<H>,
-    stats: Arc<WireStats>,
-    shutdown: CancellationToken,
-) where
+    slot: &ConnSlot,
+    cfg: &WireConfig,
+    handler: &H,
+    stats: &WireStats,
+) -> Option<(PeerInfo, Framed<TcpStream, WireCodec>)>
+where
     Req: Message,
     Resp: Message,
     H: Handler<Req, Resp>,
 {
     let _ = stream.set_nodelay(true);
-    let mut framed = new_framed(stream);
-    let handshake = server_handshake(&mut framed, &cfg, addr, &stats, |peer| handler.admit(peer));
-    let peer = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
-        Ok(Ok(peer)) => peer,
+    let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+    let outcome = match first_bytes(&stream, slot, deadline).await {
+        First::Spoke => {
+            slot.heard();
+            let mut framed = new_framed(stream);
+            let handshake = server_handshake(&mut framed, cfg, addr, stats, |p| handler.admit(p));
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, handshake) => match r {
+                    Ok(r) => Ok(r.map(|peer| (peer, framed))),
+                    Err(_) => Err(()),
+                },
+                _ = slot.evicted(|| false) => return log_evicted(stats, addr),
+            }
+        }
+        First::Evicted => return log_evicted(stats, addr),
+        First::Closed => return None,
+        First::TimedOut => Err(()),
+    };
+    match outcome {
+        Ok(Ok(done)) => {
+            slot.established();
+            WireStats::bump(&stats.handshakes_ok);
+            Some(done)
+        }
         Ok(Err(err)) => {
             match &err {
                 // Already counted and logged ("refused node N at ADDR: wrong cluster secret").
@@ -152,15 +220,51 @@ async fn connection<Req, Resp, H>(
                     tracing::warn!(target: LOG_TARGET, "refused connection from {addr}: {err}");
                 }
             }
-            return;
+            None
         }
         Err(_) => {
             WireStats::bump(&stats.handshakes_refused_other);
-            tracing::warn!(target: LOG_TARGET, "refused connection from {addr}: handshake timed out");
-            return;
+            // Logged 1st, 2nd, 4th, 8th... time: a flood of idle sockets
+            // times out by the hundred.
+            let n = WireStats::bump(&stats.connections_timed_out);
+            if n.is_power_of_two() {
+                tracing::warn!(target: LOG_TARGET, "refused connection from {addr}: handshake timed out; {n} timed out so far");
+            }
+            None
         }
+    }
+}
+
+/// Logs evictions without flooding the log (1st, 2nd, 4th, 8th...).
+fn log_evicted<T>(stats: &WireStats, addr: SocketAddr) -> Option<T> {
+    let n = stats
+        .connections_evicted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if n.is_power_of_two() {
+        tracing::warn!(target: LOG_TARGET, "closed the handshake from {addr} to make room (rpc.max_handshakes); {n} closed so far");
+    }
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connection<Req, Resp, H>(
+    stream: TcpStream,
+    addr: SocketAddr,
+    slot: ConnSlot,
+    cfg: Arc<WireConfig>,
+    handler: Arc<H>,
+    stats: Arc<WireStats>,
+    shutdown: CancellationToken,
+) where
+    Req: Message,
+    Resp: Message,
+    H: Handler<Req, Resp>,
+{
+    let Some((peer, mut framed)) =
+        accept_peer::<Req, Resp, H>(stream, addr, &slot, &cfg, &*handler, &stats).await
+    else {
+        return;
     };
-    WireStats::bump(&stats.handshakes_ok);
     let who = format!("node {} at {addr}", peer.node_id);
     tracing::debug!(target: LOG_TARGET, "accepted {who} (epoch {}, protocol v{})", peer.epoch, peer.protocol_version);
 

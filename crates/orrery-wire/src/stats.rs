@@ -1,4 +1,5 @@
-//! Process-wide wire counters.
+//! Process-wide wire counters (one set per endpoint: the node's cluster port
+//! has one, its admin port another).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -52,6 +53,22 @@ stats! {
     requests_overloaded,
     /// Client calls that hit their deadline.
     calls_timed_out,
+    /// Gauge: accepted connections open now (pending ones included).
+    connections_open,
+    /// Gauge: connections still pending (handshake in progress; on the admin
+    /// port: no request byte received yet).
+    connections_pending,
+    /// Connections closed right after `accept` because the endpoint's
+    /// connection cap was reached and nothing could be evicted.
+    connections_refused,
+    /// Pending connections closed to make room for a newer one (the pending
+    /// cap, or the connection cap, was reached).
+    connections_evicted,
+    /// Connections closed because a handshake (or, on the admin port, a
+    /// request head) did not arrive in time.
+    connections_timed_out,
+    /// Admin connections closed after making no progress for the idle bound.
+    connections_idle_closed,
 }
 
 impl WireStats {
@@ -60,7 +77,8 @@ impl WireStats {
         Self::default()
     }
 
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Adds one to `counter`; returns the new value.
+    pub fn bump(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
     }
 }

@@ -700,6 +700,123 @@ async fn server_times_out_a_silent_client() {
 }
 
 #[tokio::test]
+async fn idle_sockets_cannot_lock_out_a_peer() {
+    let mut scfg = cfg(100);
+    scfg.max_handshakes = 4;
+    scfg.max_connections = 8;
+    let server = start_server_with(scfg, TestHandler::default()).await;
+    let mut idle = vec![];
+    for _ in 0..50 {
+        idle.push(TcpStream::connect(&server.addr).await.unwrap());
+    }
+    eventually("the oldest handshakes evicted", || {
+        let s = server.stats.snapshot();
+        s.connections_evicted >= 46 && s.connections_pending <= 4 && s.connections_open <= 4
+    })
+    .await;
+    // A real peer still gets in (it evicts the oldest idle socket), at once.
+    let t0 = tokio::time::Instant::now();
+    assert_good_client_works(&server).await;
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    // Evicted sockets were closed by the server.
+    let closed = expect_closed(&mut idle[0]).await;
+    assert_eq!(closed, 0);
+    assert_eq!(server.stats.snapshot().connections_refused, 0);
+    assert!(server.stats.snapshot().connections_pending <= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_get_in_while_a_flood_of_idle_sockets_goes_on() {
+    // The default caps; the flood runs on its own thread, the peers share
+    // the server's runtime (so they are slower to speak than real peers).
+    let server = start_server().await;
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            let mut opened = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, BOUND) {
+                    held.push_back(s);
+                    opened += 1;
+                }
+                if held.len() > 2_000 {
+                    held.pop_front();
+                }
+            }
+            opened
+        })
+    };
+    // Peers run on their own runtime, as another process would.
+    let peer_addr = server.addr.clone();
+    let snapshot = {
+        let stats = server.stats.clone();
+        move || stats.snapshot()
+    };
+    let peers = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            for i in 0..50 {
+                let t0 = tokio::time::Instant::now();
+                let chan =
+                    connect::<Req, Resp>(&peer_addr, Arc::new(cfg(7)), Arc::new(WireStats::new()))
+                        .await
+                        .unwrap_or_else(|e| panic!("peer {i} kept out ({e}): {:?}", snapshot()));
+                assert_eq!(chan.call(Req::Echo(i), CALL).await, Ok(Resp::Echo(i)));
+                assert!(
+                    t0.elapsed() < Duration::from_millis(500),
+                    "{:?}",
+                    t0.elapsed()
+                );
+                chan.close();
+            }
+        })
+    });
+    let peers = tokio::task::spawn_blocking(move || peers.join())
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    peers.expect("every peer got in");
+    let s = server.stats.snapshot();
+    eprintln!("flood of {opened}: {s:?}");
+    assert!(s.connections_evicted + s.connections_refused + 64 >= opened);
+    assert_eq!(s.handshakes_ok, 50);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let mut scfg = cfg(100);
+    scfg.max_connections = 3;
+    scfg.max_handshakes = 3;
+    let server = start_server_with(scfg, TestHandler::default()).await;
+    let mut held = vec![];
+    for _ in 0..3 {
+        let chan = client(&server, cfg(7)).await.expect("within the cap");
+        assert_eq!(chan.call(Req::Echo(1), CALL).await, Ok(Resp::Echo(1)));
+        held.push(chan);
+    }
+    let mut extra = TcpStream::connect(&server.addr).await.unwrap();
+    assert_eq!(expect_closed(&mut extra).await, 0, "refused without a word");
+    let s = server.stats.snapshot();
+    assert_eq!((s.connections_refused, s.connections_evicted), (1, 0));
+    assert_eq!(s.connections_open, 3);
+    // Established peers keep working at the cap.
+    assert_eq!(held[0].call(Req::Echo(2), CALL).await, Ok(Resp::Echo(2)));
+    held.pop().unwrap().close();
+    eventually("a place freed", || {
+        server.stats.snapshot().connections_open == 2
+    })
+    .await;
+    assert_good_client_works(&server).await;
+}
+
+#[tokio::test]
 async fn pool_reuses_and_reconnects() {
     let server = start_server().await;
     let pool: PeerPool<Req, Resp> = PeerPool::new(
@@ -758,6 +875,7 @@ fn config_defaults() {
     assert_eq!(c.handshake_timeout, Duration::from_secs(5));
     assert_eq!(c.max_inflight_per_connection, 256);
     assert_eq!(c.request_queue, 1024);
+    assert_eq!((c.max_connections, c.max_handshakes), (512, 64));
     let dbg = format!("{c:?}");
     assert!(
         !dbg.contains("hunter2") && !dbg.contains("104, 117"),

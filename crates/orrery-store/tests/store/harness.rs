@@ -110,6 +110,11 @@ impl Harness {
         }
     }
 
+    /// The PostgreSQL database of this test (`None` on SQLite).
+    pub fn pg_database(&self) -> Option<&str> {
+        self._db.as_ref().map(|d| d.name.as_str())
+    }
+
     /// Runs a query returning one integer.
     pub fn query_i64(&self, sql: &str) -> i64 {
         match &self.raw {

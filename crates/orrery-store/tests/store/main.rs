@@ -47,4 +47,5 @@ both_backends!(
     scan_pages,
     job_periods_bounded,
     corrupt_rows_reported,
+    durable_commits,
 );

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Barrier;
 
-use orrery_store::{Op, Store, StoreError, SCHEMA_VERSION};
+use orrery_store::{Durability, Op, Store, StoreError, SCHEMA_VERSION};
 
 use crate::harness::Harness;
 
@@ -281,6 +281,13 @@ pub fn concurrent_writers(h: &Harness) {
                     Ok(()) => {
                         old_writes.fetch_add(1, Ordering::SeqCst);
                         started.store(true, Ordering::SeqCst);
+                        // A shard writes at its own pace, not in a loop that
+                        // never lets go: SQLite's write lock is not fair, and
+                        // with `synchronous = FULL` (an fsync per commit) a
+                        // writer that re-takes it at once can starve the
+                        // claim past `busy_timeout_ms` (a liveness limit of
+                        // the shared-file back end, not a fencing hole).
+                        std::thread::sleep(std::time::Duration::from_millis(1));
                     }
                     Err(StoreError::StaleOwner { current: 2, .. }) => return,
                     Err(e) => panic!("old owner: {e}"),
@@ -320,6 +327,36 @@ pub fn concurrent_openers(h: &Harness) {
         h.query_i64("SELECT count(*) FROM schema_migrations"),
         i64::from(SCHEMA_VERSION)
     );
+}
+
+/// An acknowledged commit is durable: SQLite runs `synchronous = FULL`
+/// (2) in WAL mode on the store's connections; PostgreSQL sets
+/// `synchronous_commit = on` per session, even where the database's default
+/// says `off`.
+pub fn durable_commits(h: &Harness) {
+    if let Some(db) = h.pg_database() {
+        h.exec(&format!("ALTER DATABASE {db} SET synchronous_commit = off"));
+    }
+    let s = h.open();
+    s.write("s", 1, &[Op::put("t", "k", "v")]).unwrap();
+    match s.durability().unwrap() {
+        Durability::Sqlite {
+            synchronous,
+            journal_mode,
+        } => {
+            assert_eq!(h.pg_database(), None);
+            assert_eq!(synchronous, 2, "PRAGMA synchronous must be FULL");
+            assert_eq!(journal_mode, "wal");
+        }
+        // The throwaway test server runs `fsync = off` (speed): a server
+        // setting orrery reports but does not own.
+        Durability::Postgres {
+            synchronous_commit, ..
+        } => {
+            assert!(h.pg_database().is_some());
+            assert_eq!(synchronous_commit, "on");
+        }
+    }
 }
 
 /// Re-opening is a no-op: same version, same records, data intact.
