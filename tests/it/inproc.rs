@@ -136,3 +136,72 @@ async fn arbiters_vote_and_host_nothing() {
     assert_eq!(c.nodes[&1].status().services, vec!["demo".to_string()]);
     c.shutdown().await;
 }
+
+/// Issue 10, proposer clocks: a peer that dates its alarms far in the future
+/// (a hostile node, or one whose clock runs ahead) is refused by the leader,
+/// so it cannot use up the cluster-wide alarm budget and a present alarm
+/// still lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn future_dated_alarms_do_not_block_a_present_one() {
+    use orrery_node::messages::{Reply, Request};
+    use orrery_node::transport::MemTransport;
+    use orrery_node::Transport;
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = InProcCluster::plan(&Plan::new(3, 3, dir.path()), 11).expect("plan");
+    c.start_all().await.unwrap();
+    let s = c
+        .wait_for(T, ready)
+        .await
+        .unwrap_or_else(|s| panic!("not ready:\n{}", show(s)));
+    let leader = s.leader.expect("a leader");
+    let me = (1..=3).find(|i| *i != leader).unwrap();
+    let epoch = s.members[&me].epoch;
+    let peer = MemTransport::new(me, c.net.clone());
+    let alarm = |what: &str, at: u64| {
+        Request::Propose(orrery_core::Command::Alarm {
+            node: me,
+            epoch,
+            what: what.into(),
+            at,
+        })
+    };
+    let far = orrery_node::clock::now_ms() + 1_000 * 3_600_000;
+    for i in 0..31 {
+        let r = peer
+            .call(
+                leader,
+                alarm(&format!("future {i}"), far),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("the leader answers");
+        match r {
+            Reply::Error(e) => assert!(e.contains("ahead of the leader's clock"), "{e}"),
+            other => panic!("future-dated alarm {i} was not refused: {other:?}"),
+        }
+    }
+    let now = orrery_node::clock::now_ms();
+    let r = peer
+        .call(leader, alarm("present alarm", now), Duration::from_secs(5))
+        .await
+        .expect("the leader answers");
+    assert!(
+        matches!(
+            r,
+            Reply::Committed {
+                response: orrery_core::Response::Ok,
+                ..
+            }
+        ),
+        "the present alarm was refused: {r:?}"
+    );
+    let s = c.state().await.expect("state");
+    let alarms = events(&s, EventKind::Alarm);
+    assert!(
+        alarms.iter().any(|a| a.contains("present alarm")),
+        "{alarms:?}"
+    );
+    assert!(!alarms.iter().any(|a| a.contains("future")), "{alarms:?}");
+    c.shutdown().await;
+}

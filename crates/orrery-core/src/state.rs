@@ -477,6 +477,40 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The proposer's timestamp (every command carries one). The leader
+    /// checks it against its own clock before proposing a peer's command:
+    /// windows and budgets in `apply` are kept on it.
+    pub fn at(&self) -> Millis {
+        match self {
+            Command::Configure { at, .. }
+            | Command::Join { at, .. }
+            | Command::Report { at, .. }
+            | Command::Advance { at, .. }
+            | Command::Stuck { at, .. }
+            | Command::Exclude { at, .. }
+            | Command::AdmitLate { at, .. }
+            | Command::BeginBoot { at, .. }
+            | Command::LeaderChanged { at, .. }
+            | Command::Suspect { at, .. }
+            | Command::Refute { at, .. }
+            | Command::Remove { at, .. }
+            | Command::DeclareShards { at, .. }
+            | Command::MoveShards { at, .. }
+            | Command::Drain { at, .. }
+            | Command::Deadlock { at, .. }
+            | Command::Alarm { at, .. }
+            | Command::HealthChanged { at, .. }
+            | Command::DeclareJobs { at, .. }
+            | Command::GrantJob { at, .. }
+            | Command::CommitJob { at, .. }
+            | Command::JobUnassigned { at, .. }
+            | Command::JobOverdue { at, .. }
+            | Command::AdoptJobCommit { at, .. } => *at,
+        }
+    }
+}
+
 /// The result of applying a command.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {

@@ -263,6 +263,10 @@ pub struct RaftTiming {
     pub snapshot_chunk_bytes: usize,
     /// Largest snapshot a voter accepts from its leader. Default 1 GiB.
     pub max_snapshot_bytes: u64,
+    /// A peer's proposal dated more than this ahead of the leader's clock
+    /// is refused (alarm budgets are kept on proposers' timestamps).
+    /// Default 5000.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for RaftTiming {
@@ -274,6 +278,7 @@ impl Default for RaftTiming {
             max_proposal_bytes: 64 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
             max_snapshot_bytes: 1 << 30,
+            max_clock_skew_ms: 5_000,
         }
     }
 }
@@ -486,6 +491,9 @@ impl NodeConfig {
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let r = &self.raft;
+        if !(100..=600_000).contains(&r.max_clock_skew_ms) {
+            return bad("raft.max_clock_skew_ms must be in 100..=600000".into());
+        }
         if !(r.heartbeat_ms < r.election_min_ms && r.election_min_ms < r.election_max_ms) {
             return bad(
                 "raft timing must satisfy heartbeat_ms < election_min_ms < election_max_ms".into(),

@@ -1044,11 +1044,28 @@ impl Inner {
                 let Some(c) = &self.control else {
                     return not_voter();
                 };
-                if let Command::Report { node, epoch, .. } = &cmd {
-                    self.contact(*node, *epoch);
+                // Budgets and windows in `apply` run on proposers' clocks: a
+                // command dated beyond the allowed skew is refused here, so a
+                // node whose clock runs ahead (or a hostile one) cannot use
+                // up the cluster's alarm budget with far-future dates.
+                let (at, now) = (cmd.at(), now_ms());
+                let skew = self.cfg.raft.max_clock_skew_ms;
+                if c.is_leader() && at > now.saturating_add(skew) {
+                    return Reply::Error(format!(
+                        "proposal dated {} ms ahead of the leader's clock (raft.max_clock_skew_ms = {skew})",
+                        at - now
+                    ));
                 }
                 match c.write(cmd.clone()).await {
-                    Ok((index, response)) => Reply::Committed { index, response },
+                    Ok((index, response)) => {
+                        // Liveness counts only for a report that passed validation.
+                        if let (Command::Report { node, epoch, .. }, Response::Ok) =
+                            (&cmd, &response)
+                        {
+                            self.contact(*node, *epoch);
+                        }
+                        Reply::Committed { index, response }
+                    }
                     Err(ControlError::NotLeader { leader }) => {
                         self.forward(from, leader.map(|(id, _)| id), Request::Propose(cmd))
                             .await
