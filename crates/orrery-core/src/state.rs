@@ -723,13 +723,16 @@ impl ClusterState {
                 Response::Ok
             }
             Command::Drain { node, drain, at } => {
-                let Some(m) = Arc::make_mut(&mut self.members).get_mut(&node) else {
-                    return reject(format!("node {node} is not in the cluster configuration"));
-                };
-                if m.draining == drain {
-                    return reject("no change");
+                match self.members.get(&node) {
+                    None => {
+                        return reject(format!("node {node} is not in the cluster configuration"))
+                    }
+                    Some(m) if m.draining == drain => return reject("no change"),
+                    Some(_) => {}
                 }
-                m.draining = drain;
+                if let Some(m) = Arc::make_mut(&mut self.members).get_mut(&node) {
+                    m.draining = drain;
+                }
                 let what = if drain {
                     "draining: it hands all its shards off"
                 } else {
@@ -1024,7 +1027,8 @@ impl ClusterState {
         mut unreachable: Vec<NodeId>,
         at: Millis,
     ) -> Response {
-        let Some(m) = Arc::make_mut(&mut self.members).get_mut(&node) else {
+        // Every check reads; only an accepted report copies the members.
+        let Some(m) = self.members.get(&node) else {
             return reject(format!("node {node} is not in the cluster configuration"));
         };
         if let Some(reason) = m.fenced_reason(node, epoch) {
@@ -1036,13 +1040,16 @@ impl ClusterState {
                 m.report.stage
             ));
         }
+        if stage > m.report.stage && stage.number() - m.report.stage.number() != 1 {
+            return reject(format!(
+                "node {node} skipped from stage {} to {stage}",
+                m.report.stage
+            ));
+        }
+        let Some(m) = Arc::make_mut(&mut self.members).get_mut(&node) else {
+            return reject(format!("node {node} is not in the cluster configuration"));
+        };
         if stage > m.report.stage {
-            if stage.number() - m.report.stage.number() != 1 {
-                return reject(format!(
-                    "node {node} skipped from stage {} to {stage}",
-                    m.report.stage
-                ));
-            }
             m.report.completed_at.insert(stage.number(), at);
         }
         unreachable.truncate(self.config.nodes.len());
