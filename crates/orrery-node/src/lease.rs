@@ -263,8 +263,18 @@ async fn probe_raw(node: &Inner, net: &dyn Transport, suspect: NodeId) -> Reply 
     };
     let timeout = Duration::from_millis(node.cfg.membership.probe_timeout_ms * factor);
     // The whole probe, connecting included, is bounded by probe_timeout.
+    let started = std::time::Instant::now();
     let call = net.call(suspect, Request::HealthProbe { nonce }, timeout);
     let answer = tokio::time::timeout(timeout, call).await;
+    if answer.is_err() && prober_stalled(started.elapsed(), timeout) {
+        // Our own timer fired this late: we were stalled (a blocked worker,
+        // a paused process), so the silence proves nothing about the
+        // suspect. Give no verdict rather than a false failure.
+        return Reply::Error(format!(
+            "probe of node {suspect} inconclusive: this node stalled ({:?} for a {timeout:?} probe)",
+            started.elapsed()
+        ));
+    }
     if let Ok(r) = &answer {
         note_contact(node, suspect, r);
     }
@@ -276,6 +286,12 @@ async fn probe_raw(node: &Inner, net: &dyn Transport, suspect: NodeId) -> Reply 
         Err(_) => (false, format!("no answer within {timeout:?}")),
     };
     Reply::ProbeResult { ok, detail }
+}
+
+/// Whether a probe that timed out took so much longer than its timeout
+/// that the prober itself, not the suspect, was the one not running.
+fn prober_stalled(elapsed: Duration, timeout: Duration) -> bool {
+    elapsed > timeout + timeout / 2
 }
 
 fn check_proof(node: &Inner, p: &HealthProof, nonce: u64) -> (bool, String) {
@@ -308,4 +324,18 @@ pub(crate) fn refresh_view(node: &Inner, state: &orrery_core::ClusterState) -> A
     info!(target: LOG, version = fresh.version, "membership view changed");
     node.lease.set_view(fresh);
     node.lease.view()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_timer_is_the_probers_stall_not_the_suspects_silence() {
+        let t = Duration::from_millis(300);
+        assert!(!prober_stalled(Duration::from_millis(310), t));
+        assert!(!prober_stalled(Duration::from_millis(450), t));
+        assert!(prober_stalled(Duration::from_millis(451), t));
+        assert!(prober_stalled(Duration::from_millis(1800), t));
+    }
 }
