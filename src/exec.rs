@@ -21,6 +21,7 @@ use orrery_core::{ClusterState, NodeId, Role};
 use orrery_node::admin::{ConsoleAnswer, ConsoleRequest};
 use orrery_node::config::NodeEntry;
 use orrery_node::console::ConsoleCommand;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -71,6 +72,10 @@ impl std::str::FromStr for Targets {
 #[derive(Clone, Debug)]
 pub struct Fleet {
     pub nodes: Vec<NodeEntry>,
+    /// The admin addresses the user vouched for (named with `--admin`):
+    /// the only ones the token is sent to. `None`: every address (they come
+    /// from the user's own manifest).
+    pub vouched: Option<BTreeSet<String>>,
 }
 
 impl Fleet {
@@ -78,17 +83,20 @@ impl Fleet {
     pub fn local(data_dir: &Path) -> Result<Fleet> {
         Ok(Fleet {
             nodes: Manifest::load(data_dir)?.nodes,
+            vouched: None,
         })
     }
 
-    /// From any node's view of the cluster configuration.
-    pub fn discover(admin_addr: &str, timeout: Duration) -> Result<Fleet> {
+    /// From the first named node's view of the cluster configuration.
+    pub fn discover(admin_addrs: &[String], timeout: Duration) -> Result<Fleet> {
+        let admin_addr = admin_addrs.first().context("no admin address given")?;
         let state: ClusterState = agent(timeout)
             .get(&format!("http://{admin_addr}/cluster"))
             .call()
             .with_context(|| format!("cannot read the cluster from {admin_addr}"))?
             .into_json()?;
         Ok(Fleet {
+            vouched: Some(admin_addrs.iter().cloned().collect()),
             nodes: state
                 .config
                 .nodes
@@ -126,6 +134,13 @@ impl Fleet {
                 })
                 .collect(),
         }
+    }
+
+    /// Whether the token may be sent to `n`'s admin address.
+    pub fn vouches(&self, n: &NodeEntry) -> bool {
+        self.vouched
+            .as_ref()
+            .is_none_or(|v| v.contains(&n.admin_addr))
     }
 
     fn ids(&self) -> String {
@@ -216,13 +231,39 @@ pub fn run_one(
 
 /// Runs `args` on every node in `nodes` in parallel, all within `timeout`.
 /// Every node gets a row: its answer, its error, or `timeout`.
+/// A node whose address the user did not name gets an error row instead,
+/// and the token is not sent to it.
 pub fn exec(
-    nodes: &[NodeEntry],
+    fleet: &Fleet,
+    chosen: &[NodeEntry],
     args: &[String],
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<Vec<NodeOutcome>> {
     ConsoleCommand::parse(args).map_err(|e| anyhow!("{e}"))?;
+    let (nodes, withheld): (Vec<NodeEntry>, Vec<NodeEntry>) = chosen
+        .iter()
+        .cloned()
+        .partition(|n| token.is_none() || fleet.vouches(n));
+    let mut got = fan_out(&nodes, args, token, timeout);
+    got.extend(withheld.iter().map(|n| NodeOutcome {
+        node: n.id,
+        outcome: Outcome::Error(format!(
+            "token not sent: {} was listed by the cluster, not named by you (add --admin {})",
+            n.admin_addr, n.admin_addr
+        )),
+        took: Duration::ZERO,
+    }));
+    got.sort_by_key(|o| o.node);
+    Ok(got)
+}
+
+fn fan_out(
+    nodes: &[NodeEntry],
+    args: &[String],
+    token: Option<&str>,
+    timeout: Duration,
+) -> Vec<NodeOutcome> {
     let started = Instant::now();
     let deadline = started + timeout;
     let agent = agent(timeout);
@@ -268,8 +309,7 @@ pub fn exec(
             });
         }
     }
-    got.sort_by_key(|o| o.node);
-    Ok(got)
+    got
 }
 
 /// The table `orrery exec` prints: node, ok/error/timeout, result.
@@ -412,15 +452,47 @@ mod tests {
                 admin_addr: "b".into(),
                 role: Role::Voter,
             }],
+            vouched: None,
         };
         let e = fleet.select(&Targets::Ids(vec![1, 7])).unwrap_err();
         assert!(e.to_string().contains("unknown node 7"), "{e}");
     }
 
     #[test]
+    fn the_token_goes_only_to_addresses_the_user_named() {
+        let node = |id, admin_addr: &str| NodeEntry {
+            id,
+            addr: "x".into(),
+            admin_addr: admin_addr.into(),
+            role: Role::Voter,
+        };
+        // Node 1 is named (and refuses the connection at once); node 2's
+        // address came from the cluster's answer: never contacted.
+        let fleet = Fleet {
+            nodes: vec![node(1, "127.0.0.1:1"), node(2, "198.51.100.7:9")],
+            vouched: Some(["127.0.0.1:1".to_string()].into()),
+        };
+        let args = vec!["status".to_string()];
+        let t = Duration::from_secs(5);
+        let out = exec(&fleet, &fleet.nodes, &args, Some("0123456789abcdef"), t).unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(matches!(&out[0].outcome, Outcome::Error(e) if !e.contains("not sent")));
+        assert!(
+            matches!(&out[1].outcome, Outcome::Error(e) if e.contains("token not sent") && e.contains("--admin 198.51.100.7:9")),
+            "{:?}",
+            out[1]
+        );
+        assert!(fleet.vouches(&fleet.nodes[0]) && !fleet.vouches(&fleet.nodes[1]));
+    }
+
+    #[test]
     fn a_bad_command_is_refused_before_anything_is_sent() {
         let args: Vec<String> = ["log", "level", "x", "loud"].map(String::from).to_vec();
-        let e = exec(&[], &args, None, Duration::from_secs(1)).unwrap_err();
+        let fleet = Fleet {
+            nodes: vec![],
+            vouched: None,
+        };
+        let e = exec(&fleet, &[], &args, None, Duration::from_secs(1)).unwrap_err();
         assert!(e.to_string().contains("unknown level"), "{e}");
     }
 

@@ -5,6 +5,7 @@
 //! talking to a local cluster of real node processes). The runtime itself
 //! lives in the workspace crates re-exported here.
 
+pub mod ca;
 pub mod exec;
 pub mod inproc;
 pub mod local;

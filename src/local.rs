@@ -139,6 +139,11 @@ impl Manifest {
     }
 
     /// The SQLite store every node of a local cluster shares.
+    /// The cluster's CA (its key signs node certificates): `data_dir/ca`.
+    pub fn ca_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("ca")
+    }
+
     pub fn store_path(data_dir: &Path) -> PathBuf {
         data_dir.join("store.db")
     }
@@ -271,11 +276,14 @@ pub fn prepare(plan: &Plan) -> Result<Manifest> {
         store_path: Manifest::store_path(&plan.data_dir.canonicalize()?),
         nodes: nodes.clone(),
     };
+    let ca_dir = Manifest::ca_path(&plan.data_dir);
+    crate::ca::init(&ca_dir, &manifest.cluster_id)?;
     for n in &nodes {
         let dir = plan.data_dir.join(format!("node-{}", n.id));
         private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let cfg = node_config(plan, n, &shared, dir.canonicalize()?);
         cfg.validate()?;
+        crate::ca::issue(&ca_dir, n.id, n.role, &cfg.tls_dir())?;
         // The secret and the admin token are inside: 0600.
         write_private(
             &Manifest::node_config_path(&plan.data_dir, n.id),
@@ -314,6 +322,7 @@ fn node_config(plan: &Plan, n: &NodeEntry, shared: &Shared, data_dir: PathBuf) -
         },
         raft: RaftTiming::default(),
         rpc: RpcConfig::default(),
+        tls: Default::default(),
         demo: plan
             .demo
             .iter()

@@ -146,6 +146,12 @@ enum Cmd {
         #[command(subcommand)]
         which: Bench,
     },
+    /// The cluster's certificate authority, for machines set up by hand
+    /// (`orrery up` makes its own).
+    Ca {
+        #[command(subcommand)]
+        which: CaCmd,
+    },
     /// Rebuild a stopped voter whose Raft store is damaged: the damaged file is
     /// moved aside and the voter is brought back by its peers (it votes again
     /// once it has caught up). Name the node by its config file, or by a local
@@ -160,6 +166,36 @@ enum Cmd {
         /// The node id within `--data-dir`.
         #[arg(long, requires = "data_dir")]
         node: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create the CA (key and certificate) for a cluster id in DIR. Keep DIR
+    /// off the nodes: whoever holds its key can issue node certificates.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster id every node's `cluster_id` must equal (a-z, 0-9, '-').
+        #[arg(long)]
+        cluster_id: String,
+    },
+    /// Issue node N a certificate for its role (the next serial) and write
+    /// its directory (`ca.crt`, `node.crt`, `node.key`; the node's
+    /// `tls.dir`, default `data_dir/tls`). Issuing again replaces a revoked
+    /// certificate.
+    Issue {
+        /// The CA's directory (from `orrery ca init`).
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        node: u64,
+        /// voter, worker or arbiter: as in the cluster's node list.
+        #[arg(long)]
+        role: String,
+        /// Where to write the node's credentials.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -204,9 +240,12 @@ struct ClusterTarget {
     /// A local cluster's data directory (its manifest lists the nodes).
     #[arg(long, default_value = "orrery-data")]
     data_dir: PathBuf,
-    /// Instead: any node's admin address; the nodes are read from it.
+    /// Instead: a node's admin address (repeatable); the nodes are read
+    /// from the first. The admin token is sent only to the addresses named
+    /// here, never to one a node's answer lists (name each node you want
+    /// to reach, or use --data-dir, whose manifest is your own).
     #[arg(long)]
-    admin: Option<String>,
+    admin: Vec<String>,
     /// Admin token (else ORRERY_ADMIN_TOKEN, else DATA_DIR/admin.token).
     #[arg(long)]
     token: Option<String>,
@@ -214,9 +253,10 @@ struct ClusterTarget {
 
 impl ClusterTarget {
     fn fleet(&self, timeout: Duration) -> Result<exec::Fleet> {
-        match &self.admin {
-            Some(a) => exec::Fleet::discover(a, timeout),
-            None => exec::Fleet::local(&self.data_dir),
+        if self.admin.is_empty() {
+            exec::Fleet::local(&self.data_dir)
+        } else {
+            exec::Fleet::discover(&self.admin, timeout)
         }
     }
 
@@ -360,6 +400,36 @@ fn main() -> Result<()> {
             data_dir,
             node,
         } => run_repair(config, data_dir, node),
+        Cmd::Ca {
+            which: CaCmd::Init { dir, cluster_id },
+        } => {
+            let ca = orrery::ca::init(&dir, &cluster_id)?;
+            println!(
+                "created the CA of cluster {} in {} (keep ca.key off the nodes)",
+                ca.cluster_id().as_str(),
+                dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Ca {
+            which:
+                CaCmd::Issue {
+                    ca,
+                    node,
+                    role,
+                    out,
+                },
+        } => {
+            let role = orrery::ca::parse_role(&role)?;
+            let creds = orrery::ca::issue(&ca, node, role, &out)?;
+            println!(
+                "issued node {node} ({}) certificate serial {} into {}",
+                orrery_trust::names::role_name(role),
+                creds.serial(),
+                out.display()
+            );
+            Ok(())
+        }
         Cmd::Up {
             nodes,
             voters,
@@ -410,7 +480,7 @@ fn main() -> Result<()> {
             if token.is_none() {
                 bail!("no admin token: pass --token, set ORRERY_ADMIN_TOKEN, or run against a local cluster whose data dir holds admin.token");
             }
-            let out = exec::exec(&chosen, &command, token.as_deref(), timeout)?;
+            let out = exec::exec(&fleet, &chosen, &command, token.as_deref(), timeout)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&exec::to_json(&out))?);
             } else {
@@ -860,7 +930,7 @@ fn console(nodes: String, timeout: Duration, target: ClusterTarget) -> Result<()
                     Err(e) => println!("error: {e}"),
                 }
             }
-            Some(_) => match exec::exec(&chosen, &words, Some(&token), timeout) {
+            Some(_) => match exec::exec(&fleet, &chosen, &words, Some(&token), timeout) {
                 Ok(out) => print!("{}", exec::render(&out)),
                 Err(e) => println!("error: {e}"),
             },

@@ -390,12 +390,12 @@ fn admin_connections_are_bounded_in_time_and_number() {
     // Silent, and a request head that never ends: closed at the header
     // timeout.
     let (_, silent) = until_closed(&mut TcpStream::connect(admin).expect("connect"), bound);
-    let mut partial = send(admin, "GET /status HTTP/1.1\r\nHost: x\r\n");
+    let mut partial = send(admin, &format!("GET /status HTTP/1.1\r\nHost: {admin}\r\n"));
     let (_, head) = until_closed(&mut partial, bound);
     // A body that stalls: closed at the idle bound, with no answer.
     let token = c.token();
     let stalled = format!(
-        "POST /console HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+        "POST /console HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"args\""
     );
     let (answered, body) = until_closed(&mut send(admin, &stalled), bound);
@@ -419,7 +419,10 @@ fn admin_connections_are_bounded_in_time_and_number() {
     let mut held: Vec<TcpStream> = (0..4)
         .map(|_| {
             use std::io::Read;
-            let mut s = send(admin, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut s = send(
+                admin,
+                &format!("GET /status HTTP/1.1\r\nHost: {admin}\r\n\r\n"),
+            );
             let mut buf = [0u8; 1024];
             let n = s.read(&mut buf).expect("answer");
             assert!(
@@ -431,7 +434,10 @@ fn admin_connections_are_bounded_in_time_and_number() {
         })
         .collect();
     let (n, refused) = until_closed(
-        &mut send(admin, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n"),
+        &mut send(
+            admin,
+            &format!("GET /status HTTP/1.1\r\nHost: {admin}\r\n\r\n"),
+        ),
         bound,
     );
     assert_eq!(n, 0);

@@ -7,7 +7,7 @@
 //! dashboard (headless Chromium) and the timeline;
 //! `startup` starts real `orrery node` processes on 127.0.0.1 through the
 //! harness in `cluster`; `jobs` kills per-period jobs' holders and reads
-//! the store they share.
+//! the store they share; `trust` attacks the mutual-TLS boundary.
 
 // Tests run real processes against real time; the determinism rules bind
 // decision logic, not the harness that watches it.
@@ -24,4 +24,5 @@ mod quorum;
 mod shards;
 mod sim;
 mod startup;
+mod trust;
 mod universe;

@@ -1,24 +1,34 @@
 //! `orrery-bench-rpc`: request/response throughput and latency of orrery-wire
-//! (`serve` + `connect`/`Channel::call`) side by side with a tonic gRPC unary echo,
-//! over 127.0.0.1, at several concurrency levels and payload sizes.
+//! (`serve` + `connect`/`Channel::call`), plain and over mutual TLS 1.3, side by side
+//! with a tonic gRPC unary echo, plain and over mutual TLS 1.3, over 127.0.0.1, at
+//! several concurrency levels and payload sizes; and the cost of setting up one
+//! connection (TCP connect + TLS + handshake) for each.
 //!
 //! Setup (printed in the output header too): the servers run on one Tokio runtime
 //! (`--server-threads` workers, threads named `bench-srv`), the load generator and
 //! the RPC clients on another (`--client-threads` workers, `bench-cli`). Each system
 //! uses exactly one TCP connection per cell, multiplexing `concurrency` closed-loop
 //! callers. Each cell warms up, then measures for a fixed time, then stops by itself.
+//! The TLS systems use the same certificates (one orrery cluster CA, ECDSA P-256), TLS
+//! 1.3, mutual authentication and rustls' `ring` provider on both sides.
+
+#![allow(clippy::disallowed_methods)] // A benchmark measures wall time.
 
 use std::fmt::Write as _;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use orrery_wire::{BoxFuture, CancellationToken, Handler, PeerInfo, WireConfig, WireStats};
+use orrery_core::Role;
+use orrery_trust::{names, ClusterCa, NodeCredentials, Revocations, TrustConfig, TrustError};
+use orrery_wire::{
+    BoxFuture, CancellationToken, Channel, Handler, Message, PeerInfo, WireConfig, WireStats,
+};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 mod pb {
     tonic::include_proto!("orrery.bench");
@@ -29,7 +39,7 @@ use pb::echo_server::{Echo, EchoServer};
 use pb::{EchoReply, EchoRequest};
 
 const USAGE: &str = "\
-orrery-bench-rpc: orrery-wire RPC vs tonic gRPC unary echo over 127.0.0.1
+orrery-bench-rpc: orrery-wire RPC vs tonic gRPC unary echo over 127.0.0.1, plain and mutual TLS 1.3
 
 USAGE: orrery-bench-rpc [FLAGS]
 
@@ -37,13 +47,31 @@ USAGE: orrery-bench-rpc [FLAGS]
   --warmup S           warm-up seconds per cell, not measured  (default 1)
   --concurrency LIST   in-flight calls per cell, comma list    (default 1,16,64,256)
   --payload LIST       payload bytes, comma list               (default 64,1024)
-  --systems LIST       orrery,orrery-bytes,tonic               (default all three)
+  --systems LIST       orrery,orrery-bytes,orrery-tls,tonic,tonic-tls (default all five)
+  --handshakes N       fresh connections timed per system, 0 = skip (default 200)
   --server-threads N   worker threads of the server runtime    (default 1)
   --client-threads N   worker threads of the client runtime    (default 1)
   --rounds N           repeat each cell N times, systems interleaved, results merged (default 1)
-  --timeout-ms MS      per-call timeout                        (default 5000)
+  --timeout-ms MS      per-call and per-connect timeout        (default 5000)
   -h, --help           this text
 ";
+
+/// The benchmark's cluster: its id (the CA's and both `WireConfig`s'), HMAC secret,
+/// and the two nodes (the server and the client).
+const CLUSTER_ID: &str = "bench-rpc";
+const SECRET: &[u8] = b"bench-rpc-secret";
+const SERVER_NODE: u64 = 1;
+const CLIENT_NODE: u64 = 2;
+
+/// Targets printed beside the figures (issue 10): TLS may cost orrery at most this share
+/// of its throughput at this concurrency ...
+const TLS_COST_TARGET_PCT: f64 = 15.0;
+const TLS_COST_TARGET_CONC: usize = 16;
+/// ... and orrery must do at least this many times tonic's calls/s, at equal or better p99.
+const SPEEDUP_TARGET: f64 = 2.0;
+
+/// Unmeasured connections before the timed ones of `--handshakes`.
+const HANDSHAKE_WARMUP: usize = 10;
 
 // ---------------------------------------------------------------------------------
 // Arguments
@@ -54,25 +82,42 @@ enum System {
     Orrery,
     /// orrery-wire with the payload as `bytes::Bytes` (serde `serialize_bytes`).
     OrreryBytes,
+    /// `Orrery` inside mutual TLS 1.3 (`WireConfig::trust`).
+    OrreryTls,
     /// tonic 0.14 gRPC unary (HTTP/2, prost).
     Tonic,
+    /// `Tonic` inside mutual TLS 1.3 (tonic's rustls TLS, `https://`).
+    TonicTls,
 }
 
 impl System {
+    const ALL: [System; 5] = [
+        System::Orrery,
+        System::OrreryBytes,
+        System::OrreryTls,
+        System::Tonic,
+        System::TonicTls,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             System::Orrery => "orrery",
             System::OrreryBytes => "orrery-bytes",
+            System::OrreryTls => "orrery-tls",
             System::Tonic => "tonic",
+            System::TonicTls => "tonic-tls",
         }
     }
+
     fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "orrery" => Ok(System::Orrery),
-            "orrery-bytes" => Ok(System::OrreryBytes),
-            "tonic" => Ok(System::Tonic),
-            other => Err(format!("unknown system {other:?}")),
-        }
+        System::ALL
+            .into_iter()
+            .find(|sys| sys.name() == s)
+            .ok_or_else(|| format!("unknown system {s:?}"))
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, System::OrreryTls | System::TonicTls)
     }
 }
 
@@ -82,6 +127,7 @@ struct Args {
     concurrency: Vec<usize>,
     payloads: Vec<usize>,
     systems: Vec<System>,
+    handshakes: usize,
     server_threads: usize,
     client_threads: usize,
     timeout: Duration,
@@ -105,7 +151,8 @@ fn parse_args() -> Result<Args, String> {
         warmup: 1.0,
         concurrency: vec![1, 16, 64, 256],
         payloads: vec![64, 1024],
-        systems: vec![System::Orrery, System::OrreryBytes, System::Tonic],
+        systems: System::ALL.to_vec(),
+        handshakes: 200,
         server_threads: 1,
         client_threads: 1,
         timeout: Duration::from_millis(5000),
@@ -143,9 +190,10 @@ fn parse_args() -> Result<Args, String> {
                 a.systems = value()?
                     .split(',')
                     .filter(|s| !s.is_empty())
-                    .map(System::parse)
+                    .map(|s| System::parse(s.trim()))
                     .collect::<Result<_, _>>()?
             }
+            "--handshakes" => a.handshakes = int(value()?)?,
             "--server-threads" => a.server_threads = int(value()?)?,
             "--client-threads" => a.client_threads = int(value()?)?,
             "--rounds" => a.rounds = int(value()?)?,
@@ -153,7 +201,7 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown flag {other:?}")),
         }
     }
-    if !(a.secs > 0.0 && a.secs <= 600.0) || !(a.warmup >= 0.0 && a.warmup <= 600.0) {
+    if !(a.secs > 0.0 && a.secs <= 600.0 && (0.0..=600.0).contains(&a.warmup)) {
         return Err("--secs must be in (0, 600] and --warmup in [0, 600]".into());
     }
     if a.concurrency.is_empty() || a.concurrency.iter().any(|&c| c == 0 || c > 4096) {
@@ -165,10 +213,47 @@ fn parse_args() -> Result<Args, String> {
     if a.rounds == 0 || a.rounds > 100 {
         return Err("--rounds must be in 1..=100".into());
     }
+    if a.handshakes > 100_000 {
+        return Err("--handshakes must be at most 100000".into());
+    }
     if a.systems.is_empty() || a.server_threads == 0 || a.client_threads == 0 {
         return Err("need at least one system and one thread per runtime".into());
     }
     Ok(a)
+}
+
+// ---------------------------------------------------------------------------------
+// Certificates
+
+/// The credentials of the TLS systems, issued once per run by one cluster CA: the
+/// server is node 1, the client node 2, both voters. orrery-tls and tonic-tls use the
+/// very same certificates and keys (ECDSA P-256).
+struct Keys {
+    server: NodeCredentials,
+    client: NodeCredentials,
+    server_trust: TrustConfig,
+    client_trust: TrustConfig,
+    /// The DNS name in the server's certificate, which the tonic client checks.
+    server_name: String,
+}
+
+impl Keys {
+    fn issue() -> Result<Self, TrustError> {
+        let mut ca = ClusterCa::init(CLUSTER_ID)?;
+        let server = ca.issue_next(SERVER_NODE, Role::Voter)?;
+        let client = ca.issue_next(CLIENT_NODE, Role::Voter)?;
+        Ok(Keys {
+            server_trust: TrustConfig::new(&server, Revocations::default())?,
+            client_trust: TrustConfig::new(&client, Revocations::default())?,
+            server_name: names::node_dns_name(ca.cluster_id(), SERVER_NODE),
+            server,
+            client,
+        })
+    }
+}
+
+fn tonic_identity(creds: &NodeCredentials) -> Identity {
+    Identity::from_pem(creds.cert_pem(), creds.key_pem())
 }
 
 // ---------------------------------------------------------------------------------
@@ -198,11 +283,12 @@ impl Handler<EchoBytes, EchoBytes> for OrreryEcho {
     }
 }
 
-fn wire_config(node_id: u64, concurrency: usize) -> Arc<WireConfig> {
-    let mut cfg = WireConfig::new("bench-rpc", b"bench-rpc-secret".to_vec(), node_id, 1);
+fn wire_config(node_id: u64, concurrency: usize, trust: Option<&TrustConfig>) -> Arc<WireConfig> {
+    let mut cfg = WireConfig::new(CLUSTER_ID, SECRET, node_id, 1);
     // Defaults (256) already fit the default concurrency levels; only raise it when a
     // cell asks for more in flight than the default bound.
     cfg.max_inflight_per_connection = cfg.max_inflight_per_connection.max(concurrency);
+    cfg.trust = trust.cloned();
     Arc::new(cfg)
 }
 
@@ -251,32 +337,45 @@ fn start_server(
     rt: &Runtime,
     system: System,
     concurrency: usize,
-) -> std::io::Result<RunningServer> {
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
+    keys: &Keys,
+) -> Result<RunningServer, String> {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .map_err(|e| format!("bind: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| format!("bind: {e}"))?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
+    let trust = system.tls().then_some(&keys.server_trust);
     let task = match system {
-        System::Orrery => rt.spawn(orrery_wire::serve::<EchoVec, EchoVec, _>(
+        System::Orrery | System::OrreryTls => rt.spawn(orrery_wire::serve::<EchoVec, EchoVec, _>(
             listener,
-            wire_config(1, concurrency),
+            wire_config(SERVER_NODE, concurrency, trust),
             Arc::new(OrreryEcho),
             Arc::new(WireStats::new()),
             stop,
         )),
         System::OrreryBytes => rt.spawn(orrery_wire::serve::<EchoBytes, EchoBytes, _>(
             listener,
-            wire_config(1, concurrency),
+            wire_config(SERVER_NODE, concurrency, trust),
             Arc::new(OrreryEcho),
             Arc::new(WireStats::new()),
             stop,
         )),
-        System::Tonic => {
+        System::Tonic | System::TonicTls => {
+            let mut builder = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(concurrency.max(1024) as u32));
+            if system.tls() {
+                let tls = ServerTlsConfig::new()
+                    .identity(tonic_identity(&keys.server))
+                    .client_ca_root(Certificate::from_pem(keys.server.ca_cert_pem()));
+                builder = builder
+                    .tls_config(tls)
+                    .map_err(|e| format!("tonic TLS config: {e}"))?;
+            }
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             rt.spawn(async move {
-                let res = tonic::transport::Server::builder()
-                    .max_concurrent_streams(Some(concurrency.max(1024) as u32))
+                let res = builder
                     .add_service(EchoServer::new(TonicEcho))
                     .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                     .await;
@@ -294,6 +393,163 @@ fn start_server(
 }
 
 // ---------------------------------------------------------------------------------
+// Clients (on the client runtime)
+
+/// An orrery-wire connection about to be made.
+struct WireDial {
+    addr: String,
+    cfg: Arc<WireConfig>,
+    stats: Arc<WireStats>,
+}
+
+impl WireDial {
+    async fn connect<M: Message>(&self) -> Result<Channel<M, M>, String> {
+        orrery_wire::connect(
+            SERVER_NODE,
+            &self.addr,
+            self.cfg.clone(),
+            self.stats.clone(),
+        )
+        .await
+        .map_err(|e| format!("orrery connect: {e}"))
+    }
+}
+
+/// A connection about to be made: everything but the connect itself (configurations,
+/// parsed certificates) is built up front, so timing [`Dialer::connect`] times only
+/// the connection set-up.
+enum Dialer {
+    Vec(WireDial),
+    Bytes(WireDial),
+    Tonic(Box<Endpoint>),
+}
+
+impl Dialer {
+    fn new(
+        system: System,
+        addr: SocketAddr,
+        concurrency: usize,
+        keys: &Keys,
+    ) -> Result<Self, String> {
+        let trust = system.tls().then_some(&keys.client_trust);
+        let wire = || WireDial {
+            addr: addr.to_string(),
+            cfg: wire_config(CLIENT_NODE, concurrency, trust),
+            stats: Arc::new(WireStats::new()),
+        };
+        match system {
+            System::Orrery | System::OrreryTls => Ok(Dialer::Vec(wire())),
+            System::OrreryBytes => Ok(Dialer::Bytes(wire())),
+            System::Tonic | System::TonicTls => {
+                let scheme = if system.tls() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                    .map_err(|e| format!("tonic endpoint: {e}"))?
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(5));
+                if system.tls() {
+                    // A fresh rustls client config per Endpoint: no session to resume.
+                    let tls = ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(keys.client.ca_cert_pem()))
+                        .identity(tonic_identity(&keys.client))
+                        .domain_name(keys.server_name.clone());
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| format!("tonic TLS config: {e}"))?;
+                }
+                Ok(Dialer::Tonic(Box::new(endpoint)))
+            }
+        }
+    }
+
+    /// Connects, bounded by `timeout` (tonic bounds only its TCP connect itself).
+    async fn connect(&self, timeout: Duration) -> Result<Client, String> {
+        let connect = async {
+            match self {
+                Dialer::Vec(wire) => wire.connect().await.map(Client::Vec),
+                Dialer::Bytes(wire) => wire.connect().await.map(Client::Bytes),
+                Dialer::Tonic(endpoint) => endpoint
+                    .connect()
+                    .await
+                    .map(|ch| Client::Tonic(EchoClient::new(ch)))
+                    .map_err(|e| format!("tonic connect: {e}")),
+            }
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| format!("connect timed out after {timeout:?}"))?
+    }
+}
+
+/// One open connection; clones share it.
+#[derive(Clone)]
+enum Client {
+    Vec(Channel<EchoVec, EchoVec>),
+    Bytes(Channel<EchoBytes, EchoBytes>),
+    Tonic(EchoClient<tonic::transport::Channel>),
+}
+
+/// The payload, in the form each system's request carries it.
+struct Body {
+    vec: Vec<u8>,
+    bytes: bytes::Bytes,
+}
+
+impl Body {
+    fn new(len: usize) -> Self {
+        let vec = vec![0xA5u8; len];
+        Body {
+            bytes: bytes::Bytes::from(vec.clone()),
+            vec,
+        }
+    }
+}
+
+impl Client {
+    /// One echo call; checks that the payload came back whole.
+    async fn call(&self, body: &Body, timeout: Duration) -> Result<(), String> {
+        let got = match self {
+            Client::Vec(ch) => {
+                let req = EchoVec {
+                    payload: body.vec.clone(),
+                };
+                ch.call(req, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .payload
+                    .len()
+            }
+            Client::Bytes(ch) => {
+                // A refcount bump, no copy: the Bytes variant is zero-copy on send.
+                let req = EchoBytes {
+                    payload: body.bytes.clone(),
+                };
+                ch.call(req, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .payload
+                    .len()
+            }
+            Client::Tonic(client) => {
+                let mut req = tonic::Request::new(EchoRequest {
+                    payload: body.vec.clone(),
+                });
+                req.set_timeout(timeout);
+                let resp = client.clone().echo(req).await.map_err(|e| e.to_string())?;
+                resp.into_inner().payload.len()
+            }
+        };
+        if got == body.vec.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "echo returned {got} bytes, sent {}",
+                body.vec.len()
+            ))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Load generation (on the client runtime)
 
 /// What one closed-loop caller saw inside the measurement window.
@@ -308,13 +564,20 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
 }
 
+fn record(hist: &mut Histogram<u64>, d: Duration) {
+    let ns = d.as_nanos().min(u128::from(u64::MAX)) as u64;
+    hist.saturating_record(ns.max(1));
+}
+
 /// One caller: issue a call, wait for the answer, repeat, until `end`. Only calls
 /// that start at or after `measure_from` and finish by `end` are counted.
-async fn caller<F, Fut>(mut call: F, measure_from: Instant, end: Instant) -> Tally
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
-{
+async fn caller(
+    client: Client,
+    body: Arc<Body>,
+    timeout: Duration,
+    measure_from: Instant,
+    end: Instant,
+) -> Tally {
     let mut tally = Tally {
         hist: new_hist(),
         errors: 0,
@@ -325,14 +588,11 @@ where
         if t0 >= end {
             break;
         }
-        let outcome = call().await;
+        let outcome = client.call(&body, timeout).await;
         let t1 = Instant::now();
         let counted = t0 >= measure_from && t1 <= end;
         match outcome {
-            Ok(()) if counted => {
-                let ns = (t1 - t0).as_nanos().min(u128::from(u64::MAX)) as u64;
-                tally.hist.saturating_record(ns.max(1));
-            }
+            Ok(()) if counted => record(&mut tally.hist, t1 - t0),
             Ok(()) => {}
             Err(e) => {
                 tally.errors += 1;
@@ -345,116 +605,30 @@ where
     tally
 }
 
-fn check_len(got: usize, want: usize) -> Result<(), String> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(format!("echo returned {got} bytes, sent {want}"))
-    }
-}
-
 /// Connect, run `concurrency` callers for warm-up + measurement, merge their tallies.
 async fn drive(
-    system: System,
-    addr: SocketAddr,
+    dialer: Dialer,
     payload: usize,
     concurrency: usize,
     warmup: Duration,
     measure: Duration,
     timeout: Duration,
 ) -> Result<(Tally, Window), String> {
-    let body = vec![0xA5u8; payload];
-    let mut callers: tokio::task::JoinSet<Tally> = tokio::task::JoinSet::new();
-    // Connection set-up (handshake) is outside the measured window.
+    // Connection set-up (TCP, TLS, handshake) comes before the warm-up.
+    let client = dialer.connect(timeout).await?;
+    let body = Arc::new(Body::new(payload));
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + measure;
-    match system {
-        System::Orrery => {
-            let ch = orrery_wire::connect::<EchoVec, EchoVec>(
-                &addr.to_string(),
-                wire_config(2, concurrency),
-                Arc::new(WireStats::new()),
-            )
-            .await
-            .map_err(|e| format!("orrery connect: {e}"))?;
-            for _ in 0..concurrency {
-                let ch = ch.clone();
-                let body = body.clone();
-                callers.spawn(caller(
-                    move || {
-                        let ch = ch.clone();
-                        let req = EchoVec {
-                            payload: body.clone(),
-                        };
-                        async move {
-                            let resp = ch.call(req, timeout).await.map_err(|e| e.to_string())?;
-                            check_len(resp.payload.len(), payload)
-                        }
-                    },
-                    measure_from,
-                    end,
-                ));
-            }
-        }
-        System::OrreryBytes => {
-            let ch = orrery_wire::connect::<EchoBytes, EchoBytes>(
-                &addr.to_string(),
-                wire_config(2, concurrency),
-                Arc::new(WireStats::new()),
-            )
-            .await
-            .map_err(|e| format!("orrery connect: {e}"))?;
-            let body = bytes::Bytes::from(body);
-            for _ in 0..concurrency {
-                let ch = ch.clone();
-                let body = body.clone();
-                callers.spawn(caller(
-                    move || {
-                        let ch = ch.clone();
-                        // A refcount bump, no copy: the Bytes variant is zero-copy on send.
-                        let req = EchoBytes {
-                            payload: body.clone(),
-                        };
-                        async move {
-                            let resp = ch.call(req, timeout).await.map_err(|e| e.to_string())?;
-                            check_len(resp.payload.len(), payload)
-                        }
-                    },
-                    measure_from,
-                    end,
-                ));
-            }
-        }
-        System::Tonic => {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| format!("tonic endpoint: {e}"))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await
-                .map_err(|e| format!("tonic connect: {e}"))?;
-            let client = EchoClient::new(channel);
-            for _ in 0..concurrency {
-                let client = client.clone();
-                let body = body.clone();
-                callers.spawn(caller(
-                    move || {
-                        let mut client = client.clone();
-                        let mut req = tonic::Request::new(EchoRequest {
-                            payload: body.clone(),
-                        });
-                        req.set_timeout(timeout);
-                        async move {
-                            let resp = client.echo(req).await.map_err(|e| e.to_string())?;
-                            check_len(resp.into_inner().payload.len(), payload)
-                        }
-                    },
-                    measure_from,
-                    end,
-                ));
-            }
-        }
+    let mut callers: tokio::task::JoinSet<Tally> = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        callers.spawn(caller(
+            client.clone(),
+            body.clone(),
+            timeout,
+            measure_from,
+            end,
+        ));
     }
 
     tokio::time::sleep_until(measure_from.into()).await;
@@ -492,6 +666,126 @@ async fn drive(
         .await
         .map_err(|_| "callers did not stop in time".to_string())??;
     Ok((total, window))
+}
+
+// ---------------------------------------------------------------------------------
+// Connection set-up cost (`--handshakes`)
+
+/// What `n` fresh connections to one server cost, one after the other.
+struct SetupCost {
+    /// The system's connect call: TCP connect + TLS (if any) + its own handshake.
+    connect: Histogram<u64>,
+    /// Connect + the first echo answered: the connection proven usable both ways.
+    ready: Histogram<u64>,
+}
+
+/// Opens `HANDSHAKE_WARMUP` unmeasured, then `n` measured fresh connections to `addr`,
+/// one after the other; each makes one call and is closed.
+async fn setups(
+    system: System,
+    addr: SocketAddr,
+    keys: &Keys,
+    body: &Body,
+    n: usize,
+    timeout: Duration,
+) -> Result<SetupCost, String> {
+    let mut cost = SetupCost {
+        connect: new_hist(),
+        ready: new_hist(),
+    };
+    for i in 0..HANDSHAKE_WARMUP + n {
+        // Built afresh each time (outside the timing): nothing carries over between
+        // connections, so no TLS session can be resumed.
+        let dialer = Dialer::new(system, addr, 1, keys)?;
+        let t0 = Instant::now();
+        let client = dialer.connect(timeout).await?;
+        let t1 = Instant::now();
+        client.call(body, timeout).await?;
+        let t2 = Instant::now();
+        if i >= HANDSHAKE_WARMUP {
+            record(&mut cost.connect, t1 - t0);
+            record(&mut cost.ready, t2 - t0);
+        }
+    }
+    Ok(cost)
+}
+
+/// Runs the connection set-up cell for every selected system except orrery-bytes
+/// (its connect is orrery's), then, if a TLS system is among them, the TLS handshake
+/// alone; prints the table.
+fn print_setups(server_rt: &Runtime, client_rt: &Runtime, args: &Args, keys: &Keys) -> bool {
+    let systems: Vec<System> = args
+        .systems
+        .iter()
+        .copied()
+        .filter(|&s| s != System::OrreryBytes)
+        .collect();
+    if systems.is_empty() {
+        return true;
+    }
+    let payload = args.payloads[0];
+    let body = Body::new(payload);
+    println!();
+    println!(
+        "# connection set-up: {} fresh connections per system, one after another (after {HANDSHAKE_WARMUP} unmeasured), each to the same server, then closed",
+        args.handshakes
+    );
+    println!("#   connect = the system's connect call returns: TCP connect + TLS 1.3 mutual handshake (-tls) + orrery's HMAC handshake / tonic's HTTP/2 preface");
+    println!("#   ready   = connect + the first echo ({payload} B) answered; under TLS 1.3 a client's connect can return before the server has checked its certificate (tonic's does), the first answer proves it was accepted");
+    let header = format!(
+        "{:<13} {:>6} {:>15} {:>15} {:>13} {:>13}",
+        "system", "conns", "connect p50 µs", "connect p99 µs", "ready p50 µs", "ready p99 µs"
+    );
+    println!("{header}");
+    println!("{}", "-".repeat(header.chars().count()));
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let mut ok = true;
+    for &system in &systems {
+        let outcome = start_server(server_rt, system, 1, keys).and_then(|server| {
+            let cost = client_rt.block_on(setups(
+                system,
+                server.addr,
+                keys,
+                &body,
+                args.handshakes,
+                args.timeout,
+            ));
+            server.stop(server_rt);
+            cost
+        });
+        match outcome {
+            Ok(c) => println!(
+                "{:<13} {:>6} {:>15.1} {:>15.1} {:>13.1} {:>13.1}",
+                system.name(),
+                args.handshakes,
+                us(&c.connect, 0.50),
+                us(&c.connect, 0.99),
+                us(&c.ready, 0.50),
+                us(&c.ready, 0.99),
+            ),
+            Err(e) => {
+                println!("{:<13} {:>6} FAILED: {e}", system.name(), args.handshakes);
+                ok = false;
+            }
+        }
+    }
+    if !systems.iter().any(|s| s.tls()) {
+        return ok;
+    }
+    match client_rt.block_on(orrery_trust::bench_handshakes(args.handshakes)) {
+        Ok(c) => println!(
+            "{:<13} {:>6} {:>15.1} {:>15.1}    (orrery_trust::bench_handshakes: TLS 1.3 mutual handshake alone, both sides in memory on the client runtime, no TCP)",
+            "tls-only",
+            c.n,
+            c.p50.as_secs_f64() * 1e6,
+            c.p99.as_secs_f64() * 1e6,
+        ),
+        Err(e) => {
+            println!("{:<13} {:>6} FAILED: {e}", "tls-only", args.handshakes);
+            ok = false;
+        }
+    }
+    ok
 }
 
 // ---------------------------------------------------------------------------------
@@ -650,28 +944,31 @@ impl Acc {
 }
 
 /// Run one round of one cell and add it to `acc`.
+#[allow(clippy::too_many_arguments)]
 fn run_once(
     server_rt: &Runtime,
     client_rt: &Runtime,
     args: &Args,
+    keys: &Keys,
     system: System,
     payload: usize,
     concurrency: usize,
     acc: &mut Acc,
 ) -> Result<(), String> {
-    let server = start_server(server_rt, system, concurrency)
+    let server = start_server(server_rt, system, concurrency, keys)
         .map_err(|e| format!("cannot start {} server: {e}", system.name()))?;
-    let outcome = client_rt.block_on(drive(
-        system,
-        server.addr,
-        payload,
-        concurrency,
-        Duration::from_secs_f64(args.warmup),
-        Duration::from_secs_f64(args.secs),
-        args.timeout,
-    ));
+    let outcome = Dialer::new(system, server.addr, concurrency, keys).map(|dialer| {
+        client_rt.block_on(drive(
+            dialer,
+            payload,
+            concurrency,
+            Duration::from_secs_f64(args.warmup),
+            Duration::from_secs_f64(args.secs),
+            args.timeout,
+        ))
+    });
     server.stop(server_rt);
-    let (tally, w) = outcome?;
+    let (tally, w) = outcome??;
     if let Some(e) = &tally.first_error {
         eprintln!(
             "warning: {} payload={payload} c={concurrency}: {} errors, first: {e}",
@@ -711,33 +1008,135 @@ fn human_rate(r: f64) -> String {
     }
 }
 
-fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) if e.is_empty() => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("error: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    let (server_rt, client_rt) = match (
-        runtime("bench-srv", args.server_threads),
-        runtime("bench-cli", args.client_threads),
-    ) {
-        (Ok(s), Ok(c)) => (s, c),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("error: cannot build runtimes: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
 
+/// The cells of one run, looked up by system, payload and concurrency.
+struct Results<'a> {
+    cells: &'a [Cell],
+    payloads: &'a [usize],
+    concurrency: &'a [usize],
+}
+
+impl Results<'_> {
+    fn find(&self, s: System, payload: usize, concurrency: usize) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|x| x.system == s && x.payload == payload && x.concurrency == concurrency)
+    }
+
+    /// Every (payload, concurrency) at which both systems have a cell.
+    fn pairs(&self, a: System, b: System) -> Vec<(&Cell, &Cell)> {
+        let mut out = Vec::new();
+        for &payload in self.payloads {
+            for &concurrency in self.concurrency {
+                if let (Some(x), Some(y)) = (
+                    self.find(a, payload, concurrency),
+                    self.find(b, payload, concurrency),
+                ) {
+                    out.push((x, y));
+                }
+            }
+        }
+        out
+    }
+
+    /// Throughput `tls` loses against `plain` at each payload and concurrency; with
+    /// `target`, the issue-10 bound is checked at `TLS_COST_TARGET_CONC`.
+    fn print_tls_cost(&self, plain: System, tls: System, target: bool) {
+        let pairs = self.pairs(plain, tls);
+        if pairs.is_empty() {
+            return;
+        }
+        let (p, t) = (plain.name(), tls.name());
+        println!();
+        let goal = if target {
+            format!(
+                "target: at most {TLS_COST_TARGET_PCT:.0} % at concurrency {TLS_COST_TARGET_CONC}"
+            )
+        } else {
+            "for reference, no target".to_string()
+        };
+        println!("# TLS throughput cost, {t} vs {p}; {goal}");
+        let mut checked = 0;
+        for (x, y) in pairs {
+            let cost = (1.0 - y.rate / x.rate.max(1e-9)) * 100.0;
+            let mark = if target && x.concurrency == TLS_COST_TARGET_CONC {
+                checked += 1;
+                format!(
+                    "  [target <= {TLS_COST_TARGET_PCT:.0} %: {}]",
+                    verdict(cost <= TLS_COST_TARGET_PCT)
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "#   payload {:>5} conc {:>4}: {t} {} vs {p} {} calls/s = TLS costs {cost:.1} %; p99 {:.1} vs {:.1} µs{mark}",
+                x.payload,
+                x.concurrency,
+                human_rate(y.rate),
+                human_rate(x.rate),
+                y.p99_us,
+                x.p99_us,
+            );
+        }
+        if target && checked == 0 {
+            println!(
+                "#   (no cell at concurrency {TLS_COST_TARGET_CONC}: the target was not measured)"
+            );
+        }
+    }
+
+    /// Throughput ratio `a`/`b` and p99s at each payload and concurrency, against the
+    /// target "a >= 2x b at equal or better p99".
+    fn print_versus(&self, a: System, b: System) {
+        let pairs = self.pairs(a, b);
+        if pairs.is_empty() {
+            return;
+        }
+        let (an, bn) = (a.name(), b.name());
+        let mut out = String::new();
+        let mut ratios = Vec::new();
+        let mut met = 0;
+        for (x, y) in pairs {
+            let r = x.rate / y.rate.max(1e-9);
+            let ok = r >= SPEEDUP_TARGET && x.p99_us <= y.p99_us;
+            met += usize::from(ok);
+            ratios.push(r);
+            let _ = write!(
+                out,
+                "\n#   payload {:>5} conc {:>4}: {an}/{bn} calls/s = {r:.2}x ({} vs {}), p99 {:.1} vs {:.1} µs  [target: {}]",
+                x.payload,
+                x.concurrency,
+                human_rate(x.rate),
+                human_rate(y.rate),
+                x.p99_us,
+                y.p99_us,
+                verdict(ok),
+            );
+        }
+        println!();
+        println!("# {an} vs {bn} at equal payload and concurrency; target: >= {SPEEDUP_TARGET:.0}x calls/s at equal or better p99{out}");
+        let geo = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{an}/{bn} throughput ratio at equal concurrency: geomean {geo:.2}x (min {min:.2}x, max {max:.2}x); target >= {SPEEDUP_TARGET:.0}x at equal or better p99 met in {met}/{} cells",
+            ratios.len()
+        );
+    }
+}
+
+fn print_header(args: &Args) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cells_n = args.systems.len() * args.payloads.len() * args.concurrency.len() * args.rounds;
     let per_cell = args.warmup + args.secs;
-    println!("# orrery bench rpc — request/response echo over 127.0.0.1");
+    println!("# orrery bench rpc — request/response echo over 127.0.0.1, plain and mutual TLS 1.3");
     println!(
         "# machine: {cores} cores; server runtime: {} worker thread(s) (bench-srv), client runtime: {} worker thread(s) (bench-cli), separate OS threads",
         args.server_threads, args.client_threads
@@ -752,11 +1151,23 @@ fn main() -> ExitCode {
     );
     println!("# orrery       = orrery-wire serve + connect/Channel::call, HMAC handshake, postcard frames; payload Vec<u8> (as orrery-node messages); default WireConfig");
     println!("# orrery-bytes = same, payload bytes::Bytes (serde serialize_bytes)");
-    println!("# tonic        = tonic {} gRPC unary over HTTP/2, prost `bytes` field (Vec<u8>), tonic/hyper defaults, max_concurrent_streams >= 1024", "0.14");
+    println!("# orrery-tls   = orrery inside mutual TLS 1.3 (WireConfig::trust: orrery-trust's rustls configs, no resumption), then the HMAC handshake");
+    println!("# tonic        = tonic 0.14 gRPC unary over HTTP/2, prost `bytes` field (Vec<u8>), tonic/hyper defaults, max_concurrent_streams >= 1024");
+    println!("# tonic-tls    = tonic over https: tonic's rustls TLS (ServerTlsConfig with client_ca_root, ClientTlsConfig with identity), mutual auth, TLS 1.3 negotiated");
+    println!("# TLS: one cluster CA, the same ECDSA P-256 node certificates for orrery-tls and tonic-tls (server node {SERVER_NODE}, client node {CLIENT_NODE}); rustls ring provider on both");
     println!("# latency: per call, client side, issue -> response decoded (hdrhistogram, 3 sig. digits); calls/s = calls completed in the window / window");
     println!("# CPU: share of one core used by each runtime's threads during the window (from /proc, 10 ms ticks); CPU µs/call = (srv + cli) / calls/s;");
     println!("#   bg% = CPU used by OTHER processes on this machine meanwhile (cores x 100): anything but ~0 means the figures are disturbed");
     println!();
+}
+
+/// Runs every (payload, concurrency) cell for every system and prints its row.
+fn run_cells(
+    server_rt: &Runtime,
+    client_rt: &Runtime,
+    args: &Args,
+    keys: &Keys,
+) -> (Vec<Cell>, bool) {
     let header = format!(
         "{:<13} {:>7} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>5} {:>5} {:>5} {:>7} {:>5}",
         "system",
@@ -777,7 +1188,7 @@ fn main() -> ExitCode {
     println!("{}", "-".repeat(header.chars().count()));
 
     let mut cells: Vec<Cell> = Vec::new();
-    let mut failed = false;
+    let mut ok = true;
     for &payload in &args.payloads {
         for &concurrency in &args.concurrency {
             // Rounds interleave the systems, so drifting background load hits them alike.
@@ -792,9 +1203,10 @@ fn main() -> ExitCode {
                         continue;
                     }
                     if let Err(e) = run_once(
-                        &server_rt,
-                        &client_rt,
-                        &args,
+                        server_rt,
+                        client_rt,
+                        args,
+                        keys,
                         *system,
                         payload,
                         concurrency,
@@ -812,7 +1224,7 @@ fn main() -> ExitCode {
                         payload,
                         concurrency
                     );
-                    failed = true;
+                    ok = false;
                     continue;
                 }
                 let c = acc.cell(system, payload, concurrency);
@@ -836,50 +1248,66 @@ fn main() -> ExitCode {
             }
         }
     }
+    (cells, ok)
+}
 
-    // Comparison orrery vs tonic at equal payload and concurrency.
-    let find = |s: System, p: usize, c: usize| {
-        cells
-            .iter()
-            .find(|x| x.system == s && x.payload == p && x.concurrency == c)
-    };
-    let mut out = String::new();
-    let mut ratios = Vec::new();
-    let mut met = 0;
-    for &payload in &args.payloads {
-        for &concurrency in &args.concurrency {
-            if let (Some(o), Some(t)) = (
-                find(System::Orrery, payload, concurrency),
-                find(System::Tonic, payload, concurrency),
-            ) {
-                let r = o.rate / t.rate.max(1e-9);
-                let ok = r >= 2.0 && o.p99_us <= t.p99_us;
-                met += usize::from(ok);
-                ratios.push(r);
-                let _ = write!(
-                    out,
-                    "\n#   payload {payload:>5} conc {concurrency:>4}: orrery/tonic calls/s = {r:.2}x, p99 {:.1} vs {:.1} µs{}",
-                    o.p99_us,
-                    t.p99_us,
-                    if ok { "  [target met]" } else { "" }
-                );
-            }
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) if e.is_empty() => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
         }
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    // tonic's rustls configs use the process-wide provider; make it ring, the one
+    // orrery-trust names explicitly, so both sides run the same cryptography.
+    if orrery_trust::rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("error: a rustls crypto provider was already installed");
+        return ExitCode::FAILURE;
     }
-    if !ratios.is_empty() {
-        println!();
-        print!("# orrery vs tonic at equal payload and concurrency:{out}\n");
-        let geo = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
-        let min = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
-        let max = ratios.iter().cloned().fold(0.0, f64::max);
-        println!(
-            "orrery/tonic throughput ratio at equal concurrency: geomean {geo:.2}x (min {min:.2}x, max {max:.2}x); target >= 2x at equal or better p99 met in {met}/{} cells",
-            ratios.len()
-        );
+    let keys = match Keys::issue() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: cannot issue the benchmark's certificates: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (server_rt, client_rt) = match (
+        runtime("bench-srv", args.server_threads),
+        runtime("bench-cli", args.client_threads),
+    ) {
+        (Ok(s), Ok(c)) => (s, c),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: cannot build runtimes: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    print_header(&args);
+    let (cells, mut ok) = run_cells(&server_rt, &client_rt, &args, &keys);
+    if args.handshakes > 0 {
+        ok &= print_setups(&server_rt, &client_rt, &args, &keys);
     }
-    if failed {
-        ExitCode::FAILURE
-    } else {
+
+    let results = Results {
+        cells: &cells,
+        payloads: &args.payloads,
+        concurrency: &args.concurrency,
+    };
+    results.print_tls_cost(System::Orrery, System::OrreryTls, true);
+    results.print_tls_cost(System::Tonic, System::TonicTls, false);
+    results.print_versus(System::Orrery, System::Tonic);
+    results.print_versus(System::OrreryTls, System::TonicTls);
+    if ok {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -294,6 +294,8 @@ pub enum EventKind {
     JobUnassigned,
     /// A job's period was not committed by its deadline.
     JobOverdue,
+    /// A node's certificates were revoked below a serial.
+    CertificatesRevoked,
 }
 
 /// One entry in the replicated event list.
@@ -475,6 +477,16 @@ pub enum Command {
         stored_lease_epoch: u64,
         at: Millis,
     },
+    /// An operator revokes `node`'s certificates: from now on only serials
+    /// at or above `min_serial` are accepted, so every certificate issued
+    /// to it before is refused at the TLS handshake and the connections
+    /// made with one are closed. The floor never goes down; the node comes
+    /// back only with a newly issued certificate (`orrery ca issue`).
+    RevokeCertificates {
+        node: NodeId,
+        min_serial: u64,
+        at: Millis,
+    },
 }
 
 impl Command {
@@ -506,7 +518,8 @@ impl Command {
             | Command::CommitJob { at, .. }
             | Command::JobUnassigned { at, .. }
             | Command::JobOverdue { at, .. }
-            | Command::AdoptJobCommit { at, .. } => *at,
+            | Command::AdoptJobCommit { at, .. }
+            | Command::RevokeCertificates { at, .. } => *at,
         }
     }
 }
@@ -572,6 +585,10 @@ pub struct ClusterState {
     /// (window start, alarms recorded in it): see [`MAX_ALARMS_PER_WINDOW`].
     #[serde(default)]
     pub alarm_window: (Millis, u32),
+    /// Per node, the lowest certificate serial still accepted
+    /// ([`Command::RevokeCertificates`]); absent: every serial.
+    #[serde(default)]
+    pub cert_floor: BTreeMap<NodeId, u64>,
 }
 
 impl Default for Stage {
@@ -747,6 +764,11 @@ impl ClusterState {
                 );
                 Response::Ok
             }
+            Command::RevokeCertificates {
+                node,
+                min_serial,
+                at,
+            } => self.revoke_certificates(index, node, min_serial, at),
             Command::Alarm {
                 node,
                 epoch,
@@ -1210,6 +1232,36 @@ impl ClusterState {
         Ok(())
     }
 
+    fn revoke_certificates(
+        &mut self,
+        index: u64,
+        node: NodeId,
+        min_serial: u64,
+        at: Millis,
+    ) -> Response {
+        let reject = |reason: String| Response::Rejected { reason };
+        if !self.config.nodes.contains_key(&node) {
+            return reject(format!("node {node} is not in the cluster configuration"));
+        }
+        let floor = self.cert_floor.get(&node).copied().unwrap_or(0);
+        if min_serial <= floor {
+            return reject(format!(
+                "node {node}'s certificates below serial {floor} are already revoked"
+            ));
+        }
+        self.cert_floor.insert(node, min_serial);
+        self.event(
+            index,
+            at,
+            EventKind::CertificatesRevoked,
+            Some(node),
+            format!(
+                "node {node}'s certificates below serial {min_serial} revoked: it needs a newly issued one"
+            ),
+        );
+        Response::Ok
+    }
+
     pub(crate) fn event(
         &mut self,
         index: u64,
@@ -1627,6 +1679,31 @@ mod tests {
             at: 1_000 + ALARM_WINDOW_MS,
         };
         assert!(matches!(l.apply(stale), Response::Rejected { .. }));
+    }
+
+    #[test]
+    fn certificate_floors_only_rise_and_name_configured_nodes() {
+        let mut l = Log::new(3);
+        let revoke = |node, min_serial| Command::RevokeCertificates {
+            node,
+            min_serial,
+            at: 10,
+        };
+        assert_eq!(l.apply(revoke(2, 8)), Response::Ok);
+        assert_eq!(l.s.cert_floor.get(&2), Some(&8));
+        assert!(l
+            .s
+            .events
+            .iter()
+            .any(|e| e.kind == EventKind::CertificatesRevoked && e.node == Some(2)));
+        // Lowering it, or the same floor again: refused, nothing changes.
+        let before = l.s.events.len();
+        assert!(matches!(l.apply(revoke(2, 5)), Response::Rejected { .. }));
+        assert!(matches!(l.apply(revoke(2, 8)), Response::Rejected { .. }));
+        assert!(matches!(l.apply(revoke(99, 8)), Response::Rejected { .. }));
+        assert_eq!(l.s.cert_floor.get(&2), Some(&8));
+        assert_eq!(l.s.cert_floor.get(&99), None);
+        assert_eq!(l.s.events.len(), before);
     }
 
     #[test]

@@ -27,6 +27,7 @@
 //! deadline, every body a size bound), or keep a connection, or accept one,
 //! without a bound.
 
+use crate::admin_host::AllowedHosts;
 use crate::console::{ConsoleCommand, ConsoleError};
 use crate::node::Node;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -63,6 +64,9 @@ pub(crate) struct AdminStats {
     pub state_requests: AtomicU64,
     /// Linearizable reads run for them.
     pub state_reads: AtomicU64,
+    /// Requests refused because their `Host` is not one of this node's
+    /// names ([`crate::admin_host`]).
+    pub host_refused: AtomicU64,
 }
 
 type StateRead = Shared<BoxFuture<'static, Result<Arc<ClusterState>, String>>>;
@@ -130,6 +134,7 @@ struct AdminState {
     commands: Arc<Semaphore>,
     reads: Arc<StateReads>,
     stats: Arc<AdminStats>,
+    hosts: Arc<AllowedHosts>,
 }
 
 /// Routes: `GET /` and `/dashboard` (the page), `/status` (this node),
@@ -147,6 +152,7 @@ fn router_with(node: Node, stats: Arc<AdminStats>) -> Router {
         commands: Arc::new(Semaphore::new(admin.max_concurrent_commands)),
         reads: Arc::default(),
         stats,
+        hosts: Arc::new(AllowedHosts::of(node.config())),
         node,
     };
     Router::new()
@@ -163,7 +169,38 @@ fn router_with(node: Node, stats: Arc<AdminStats>) -> Router {
         .route("/metrics", get(metrics))
         .route("/console", post(console))
         .layer(DefaultBodyLimit::max(admin.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_host,
+        ))
         .with_state(state)
+}
+
+/// Answers only requests addressed to one of this node's names: a page on
+/// another site whose DNS name was rebound to this address cannot read the
+/// node (see [`crate::admin_host`]).
+async fn check_host(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if s.hosts.allows(host) {
+        return next.run(req).await;
+    }
+    let n = s.stats.host_refused.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        tracing::warn!(target: LOG, "refused a request for Host {host:?}: not one of this node's names (admin.allowed_hosts); {n} so far");
+    }
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        format!("this node does not answer to Host {host:?}; add it to admin.allowed_hosts if it is yours\n"),
+    )
+        .into_response()
 }
 
 async fn dashboard() -> Html<&'static str> {

@@ -57,6 +57,9 @@ pub struct NodeConfig {
     /// Node-to-node RPC bounds.
     #[serde(default)]
     pub rpc: RpcConfig,
+    /// Node identity: mutual TLS with certificates of the cluster's CA.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// The built-in demo service.
     #[serde(default)]
     pub demo: DemoConfig,
@@ -124,6 +127,20 @@ pub fn default_log() -> orrery_log::LogConfig {
     log
 }
 
+/// `[tls]`: every node-to-node connection runs inside mutual TLS 1.3, and a
+/// peer may speak only as the node its certificate names.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Run plain TCP instead (the HMAC handshake alone). Default false:
+    /// only for a trusted, isolated network, and never mixed with TLS nodes
+    /// in one cluster (they cannot talk to each other).
+    pub disabled: bool,
+    /// The node's certificate directory (`ca.crt`, `node.crt`, `node.key`,
+    /// as `orrery ca issue` writes it). Default `data_dir/tls`.
+    pub dir: Option<PathBuf>,
+}
+
 /// `[admin]`: who may run console commands and mutate through the API.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -153,7 +170,16 @@ pub struct AdminConfig {
     /// `command_timeout_ms`, within which every request is answered.
     /// Default 60000.
     pub idle_timeout_ms: u64,
+    /// Names under which this node's admin port is reached besides its own
+    /// addresses (`admin_listen`, its `admin_addr`, and loopback names on
+    /// its port), as `HOST` or `HOST:PORT`, e.g. a DNS name in front of it.
+    /// Requests whose `Host` header names anything else are refused (DNS
+    /// rebinding). At most 32 entries. Default none.
+    pub allowed_hosts: Vec<String>,
 }
+
+/// Most entries in `admin.allowed_hosts`.
+pub const MAX_ALLOWED_HOSTS: usize = 32;
 
 impl Default for AdminConfig {
     fn default() -> Self {
@@ -166,6 +192,7 @@ impl Default for AdminConfig {
             max_connections: 128,
             header_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
+            allowed_hosts: vec![],
         }
     }
 }
@@ -192,6 +219,16 @@ impl AdminConfig {
         }
         if !(100..=3_600_000).contains(&self.idle_timeout_ms) {
             return Err("admin.idle_timeout_ms must be in 100..=3600000".into());
+        }
+        if self.allowed_hosts.len() > MAX_ALLOWED_HOSTS
+            || self
+                .allowed_hosts
+                .iter()
+                .any(|h| h.is_empty() || h.len() > 255)
+        {
+            return Err(format!(
+                "admin.allowed_hosts takes at most {MAX_ALLOWED_HOSTS} names of 1..=255 bytes"
+            ));
         }
         if self.idle_timeout_ms <= self.command_timeout_ms {
             return Err(format!(
@@ -421,11 +458,26 @@ impl NodeConfig {
         Ok(cfg)
     }
 
+    /// Where this node's certificate and key live.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.tls
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tls"))
+    }
+
     /// Checks cross-field rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.cluster_id.is_empty() {
             return bad("cluster_id must not be empty".into());
+        }
+        if !self.tls.disabled {
+            if let Err(e) = orrery_trust::ClusterId::new(self.cluster_id.clone()) {
+                return bad(format!(
+                    "cluster_id cannot name certificates: {e} (or set tls.disabled = true)"
+                ));
+            }
         }
         if self.secret.len() < 16 {
             return bad("secret must be at least 16 characters".into());
@@ -619,10 +671,11 @@ fn apply_override(doc: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> String {
+    /// A minimal valid node file (one voter).
+    pub(crate) fn sample() -> String {
         r#"
 node_id = 1
 cluster_id = "test"

@@ -93,6 +93,11 @@ pub enum ConsoleCommand {
     Drain {
         drain: bool,
     },
+    /// Refuse `node`'s certificates below serial `min_serial` everywhere.
+    CertRevoke {
+        node: u64,
+        min_serial: u64,
+    },
     Tasks,
     Timeline {
         last: usize,
@@ -140,6 +145,10 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "config get KEY (dotted, e.g. startup.stage_deadline_ms)",
     ),
     ("drain", "drain [on|off]"),
+    (
+        "cert revoke",
+        "cert revoke NODE MIN_SERIAL (refuse the node's certificates below the serial)",
+    ),
     ("tasks", "tasks"),
     ("timeline", "timeline [N]"),
     ("fault log-stall", "fault log-stall SINK on|off"),
@@ -239,6 +248,15 @@ impl ConsoleCommand {
                 },
                 _ => return Err(ConsoleError::Usage(usage("drain"))),
             },
+            "cert" => {
+                if w.get(1).copied() != Some("revoke") || w.len() != 4 {
+                    return Err(ConsoleError::Usage(usage("cert revoke")));
+                }
+                C::CertRevoke {
+                    node: number(w[2], "NODE")?,
+                    min_serial: number(w[3], "MIN_SERIAL")?,
+                }
+            }
             "log" => match w.get(1).copied() {
                 Some("level") => {
                     exact(4, "log level")?;
@@ -349,6 +367,7 @@ impl ConsoleCommand {
             C::LogLevel { .. }
                 | C::LogRate { .. }
                 | C::Drain { .. }
+                | C::CertRevoke { .. }
                 | C::FaultLogStall { .. }
                 | C::FaultLogEmit { .. }
                 | C::FaultBlockLoop { .. }
@@ -617,6 +636,13 @@ impl Node {
                     &serde_json::json!({"node": me, "draining": drain}),
                 )
             }
+            C::CertRevoke { node, min_serial } => {
+                self.revoke_certificates(node, min_serial).await?;
+                reply(
+                    format!("node {node}'s certificates below serial {min_serial} are revoked"),
+                    &serde_json::json!({"node": node, "min_serial": min_serial}),
+                )
+            }
             C::Tasks => {
                 let r = inner.watchdog.report();
                 let oldest = r
@@ -714,6 +740,15 @@ mod tests {
             })
         );
         assert_eq!(p("drain off"), Ok(C::Drain { drain: false }));
+        assert_eq!(
+            p("cert revoke 4 9"),
+            Ok(C::CertRevoke {
+                node: 4,
+                min_serial: 9
+            })
+        );
+        assert!(p("cert revoke 4").is_err());
+        assert!(p("cert renew 4 9").is_err());
         assert_eq!(p("timeline 5"), Ok(C::Timeline { last: 5 }));
         assert_eq!(
             p("fault log-emit noisy 500"),

@@ -40,6 +40,8 @@ pub(crate) struct Lease {
     /// The node was told its epoch is revoked (or it failed-stop).
     fenced: AtomicBool,
     view: RwLock<Arc<MembershipView>>,
+    /// What the TLS layer refuses, kept in step with every view installed.
+    revocations: orrery_trust::Revocations,
 }
 
 impl Lease {
@@ -71,7 +73,18 @@ impl Lease {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// A lease whose views also feed `revocations` (the node's TLS layer).
+    pub fn new(revocations: orrery_trust::Revocations) -> Self {
+        Lease {
+            revocations,
+            ..Default::default()
+        }
+    }
+
+    /// Installs a newer view; the certificates it revokes are refused from
+    /// now on, and open connections made with them are closed.
     pub fn set_view(&self, v: MembershipView) {
+        self.revocations.replace(v.revocations());
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
     }
 }
@@ -263,7 +276,7 @@ async fn probe_raw(node: &Inner, net: &dyn Transport, suspect: NodeId) -> Reply 
     };
     let timeout = Duration::from_millis(node.cfg.membership.probe_timeout_ms * factor);
     // The whole probe, connecting included, is bounded by probe_timeout.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let call = net.call(suspect, Request::HealthProbe { nonce }, timeout);
     let answer = tokio::time::timeout(timeout, call).await;
     if answer.is_err() && prober_stalled(started.elapsed(), timeout) {
@@ -316,7 +329,7 @@ fn check_proof(node: &Inner, p: &HealthProof, nonce: u64) -> (bool, String) {
 pub(crate) fn refresh_view(node: &Inner, state: &orrery_core::ClusterState) -> Arc<MembershipView> {
     let mut fresh = MembershipView::of(state);
     let current = node.lease.view();
-    if current.members == fresh.members {
+    if current.members == fresh.members && current.cert_floor == fresh.cert_floor {
         return current;
     }
     // Raft log indexes only grow, so versions stay monotonic across leaders.

@@ -11,6 +11,8 @@
 //! runtime, or let one bad peer affect another.
 
 pub mod admin;
+pub mod admin_host;
+mod authz;
 pub mod clock;
 pub mod config;
 pub mod console;

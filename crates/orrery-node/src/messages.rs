@@ -93,12 +93,17 @@ impl Request {
 }
 
 /// Who is a member under which epoch, and who is fenced and why: what every
-/// node needs to refuse messages from revoked epochs.
+/// node needs to refuse messages from revoked epochs (the rule itself is
+/// `crate::authz`'s).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembershipView {
     pub version: u64,
     /// node -> (current epoch, why that epoch is fenced if it is)
     pub members: BTreeMap<NodeId, (Epoch, Option<String>)>,
+    /// node -> lowest certificate serial still accepted (the replicated
+    /// `cert_floor`), enforced by the TLS layer at every handshake.
+    #[serde(default)]
+    pub cert_floor: BTreeMap<NodeId, u64>,
 }
 
 impl MembershipView {
@@ -112,22 +117,15 @@ impl MembershipView {
         MembershipView {
             version: 0,
             members,
+            cert_floor: state.cert_floor.clone(),
         }
     }
 
-    /// Why a message from `node` under `epoch` must be refused, if it must.
-    pub fn refusal(&self, node: NodeId, epoch: Epoch) -> Option<String> {
-        if epoch == 0 {
-            return None;
-        }
-        match self.members.get(&node) {
-            None if self.members.is_empty() => None,
-            None => Some(format!("node {node} is not a member of this cluster")),
-            Some((current, _)) if epoch < *current => Some(format!(
-                "node {node} epoch {epoch} is superseded: the current epoch is {current}"
-            )),
-            Some((current, Some(why))) if epoch == *current => Some(why.clone()),
-            _ => None,
+    /// The certificates this view revokes, as the TLS layer takes them.
+    pub fn revocations(&self) -> orrery_trust::RevocationList {
+        orrery_trust::RevocationList {
+            revoked_serials: Default::default(),
+            min_serial: self.cert_floor.clone(),
         }
     }
 }

@@ -30,6 +30,11 @@ pub(crate) struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ChannelLabel {
     channel: String,
 }
@@ -62,20 +67,30 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 4.0, 10))
 }
 
-/// RPCs this node served, by request kind.
+/// RPCs this node served, by request kind, and those it refused, by
+/// reason ([`crate::authz::Refusal::kind`]). Clones share the counters.
 #[derive(Clone)]
 pub(crate) struct RpcMetrics {
     requests: Family<KindLabel, Counter>,
     errors: Family<KindLabel, Counter>,
     latency: LatencyFamily,
+    refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for RpcMetrics {
     fn default() -> Self {
+        let refused = Family::default();
+        // Every reason shows from the start (0), so a rate is defined.
+        for reason in crate::authz::Refusal::KINDS {
+            let _ = refused.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
         RpcMetrics {
             requests: Family::default(),
             errors: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            refused,
         }
     }
 }
@@ -88,6 +103,28 @@ impl RpcMetrics {
             self.errors.get_or_create(&l).inc();
         }
         self.latency.get_or_create(&l).observe(took.as_secs_f64());
+    }
+
+    /// A request refused by authorisation, under its reason's stable label.
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Requests refused so far, by reason (every reason, 0 included).
+    pub(crate) fn refusals(&self) -> std::collections::BTreeMap<String, u64> {
+        crate::authz::Refusal::KINDS
+            .into_iter()
+            .map(|reason| {
+                let l = ReasonLabel {
+                    reason: reason.into(),
+                };
+                (reason.to_string(), self.refused.get_or_create(&l).get())
+            })
+            .collect()
     }
 }
 
@@ -162,6 +199,12 @@ fn bound_metrics(reg: &mut Registry, inner: &Inner, wire: &WireStatsSnapshot, ad
         "admin_state_requests",
         "Requests for the replicated state (/cluster, /timeline)",
         admin.state_requests.load(Ordering::Relaxed),
+    );
+    counter(
+        reg,
+        "admin_requests_refused_host",
+        "Admin requests refused because their Host header is not one of this node's names",
+        admin.host_refused.load(Ordering::Relaxed),
     );
     counter(
         reg,
@@ -353,6 +396,13 @@ pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
         "Handshakes refused (wrong secret or other)",
         w.handshakes_refused_wrong_secret + w.handshakes_refused_other,
     );
+    for (name, help, v) in [
+        ("wire_handshakes_refused_tls", "TLS handshakes refused or failed (no certificate, another cluster's CA, a revoked certificate, not TLS)", w.handshakes_refused_tls),
+        ("wire_handshakes_refused_identity", "Handshakes whose announced node id is not the one the certificate names", w.handshakes_refused_identity),
+        ("wire_connections_closed_revoked", "Open connections closed because the peer's certificate was revoked", w.connections_closed_revoked),
+    ] {
+        counter(&mut reg, name, help, v);
+    }
     counter(
         &mut reg,
         "wire_frames_malformed",
@@ -378,11 +428,10 @@ pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
         "Accusations the coordinator dropped (accuser not eligible, or over the pending bound)",
         st.ignored_accusations,
     );
-    counter(
-        &mut reg,
-        "rpc_refused_fenced",
-        "Requests refused because the sender's epoch was revoked",
-        st.refused_fenced,
+    reg.register(
+        "rpc_refused",
+        "Requests refused by authorisation (who may send what under which epoch), by reason",
+        inner.rpc.refused.clone(),
     );
     reg.register(
         "rpc_requests",

@@ -6,12 +6,13 @@
 //! orrery-core's (gate, coordinator, apply), replicated through
 //! orrery-control; this module only feeds them time and inputs.
 
+use crate::authz::{self, Caller, Refusal};
 use crate::clock::now_ms;
 use crate::config::NodeConfig;
 use crate::health::{self, HealthHandle, HealthReport};
 use crate::lease::{self, Lease};
 use crate::logfwd::{ClusterLog, Destination, ForwardSink};
-use crate::messages::{Reply, Request};
+use crate::messages::{MembershipView, Reply, Request};
 use crate::metrics::RpcMetrics;
 use crate::quorum::{AskError, Contacts, NoQuorum};
 use crate::service::{ConsoleExtension, PeriodicJob, Service, StageContext};
@@ -63,6 +64,11 @@ pub enum NodeError {
     Control(#[from] ControlError),
     #[error("the control plane refused this node: {0}")]
     Refused(String),
+    #[error("no usable node certificate in {}: {source} (create one with `orrery ca issue --node N --role R`, or set tls.disabled = true)", dir.display())]
+    Trust {
+        dir: std::path::PathBuf,
+        source: orrery_trust::TrustError,
+    },
 }
 
 /// What a node says about itself (`GET /status`).
@@ -92,8 +98,10 @@ pub struct NodeStatus {
     pub health: Option<HealthReport>,
     /// Version of the membership view it enforces.
     pub membership_version: u64,
-    /// Requests refused because the sender's epoch was revoked or superseded.
-    pub refused_fenced: u64,
+    /// Requests refused by authorisation, by reason (`authz::Refusal::kind`):
+    /// the same counters as `orrery_rpc_refused_total`.
+    #[serde(default)]
+    pub refused: BTreeMap<String, u64>,
     /// While coordinating: accusations dropped because the accuser was not
     /// eligible (impaired, or without a perfect health record).
     pub ignored_accusations: u64,
@@ -175,8 +183,6 @@ pub(crate) struct Inner {
     started: tokio::time::Instant,
     /// Woken when the node is fenced, so start-up can rejoin.
     fenced_notify: tokio::sync::Notify,
-    /// Requests refused because the sender's epoch is revoked or superseded.
-    refused: AtomicU64,
     /// A handle on itself, for routers handed to shard handlers.
     me: OnceLock<std::sync::Weak<Inner>>,
     /// Event-loop lag, handlers in flight, alarms.
@@ -242,7 +248,15 @@ impl Node {
                 addr: listen.clone(),
                 source,
             })?;
-        let wire0 = wire_config(&cfg, 0);
+        let revocations = orrery_trust::Revocations::default();
+        let mut wire0 = wire_config(&cfg, 0);
+        if !cfg.tls.disabled {
+            let dir = cfg.tls_dir();
+            let trust = orrery_trust::TrustConfig::load(&dir, revocations.clone())
+                .map_err(|source| NodeError::Trust { dir, source })?;
+            check_certificate(&cfg, trust.identity())?;
+            wire0.trust = Some(trust);
+        }
         let addrs = cfg.nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
         let connect_timeout = Duration::from_millis(cfg.rpc.connect_timeout_ms);
         let net = Arc::new(TcpTransport::new(
@@ -251,7 +265,7 @@ impl Node {
             connect_timeout,
             addrs,
         ));
-        let server = Arc::new(Server::default());
+        let server = Arc::new(Server::new(&cfg));
         let shutdown = CancellationToken::new();
         // Serve before the control plane starts, so peers' Raft RPCs find us.
         tokio::spawn(orrery_wire::serve(
@@ -261,8 +275,8 @@ impl Node {
             stats.clone(),
             shutdown.clone(),
         ));
-        info!(target: LOG, node = cfg.node_id, addr = %listen, "node listening");
-        Node::launch(cfg, services, net, stats, server, shutdown).await
+        info!(target: LOG, node = cfg.node_id, addr = %listen, tls = !cfg.tls.disabled, "node listening");
+        Node::launch(cfg, services, net, stats, server, shutdown, revocations).await
     }
 
     /// Starts a node inside an in-process [`MemNetwork`] (tests, benchmarks):
@@ -272,11 +286,12 @@ impl Node {
         services: impl Into<Services>,
         network: Arc<MemNetwork>,
     ) -> Result<Node, NodeError> {
-        let server = Arc::new(Server::default());
+        let server = Arc::new(Server::new(&cfg));
         network.register(cfg.node_id, server.clone());
         let net = Arc::new(MemTransport::new(cfg.node_id, network));
         let stats = Arc::new(WireStats::new());
-        Node::launch(cfg, services, net, stats, server, CancellationToken::new()).await
+        let (revocations, shutdown) = (Default::default(), CancellationToken::new());
+        Node::launch(cfg, services, net, stats, server, shutdown, revocations).await
     }
 
     async fn launch(
@@ -286,6 +301,7 @@ impl Node {
         stats: Arc<WireStats>,
         server: Arc<Server>,
         shutdown: CancellationToken,
+        revocations: orrery_trust::Revocations,
     ) -> Result<Node, NodeError> {
         let me = cfg.me().clone();
         let status = NodeStatus {
@@ -345,15 +361,14 @@ impl Node {
             hb_net: net.sibling(),
             net,
             health,
-            lease: Lease::default(),
+            lease: Lease::new(revocations),
             started: tokio::time::Instant::now(),
             fenced_notify: tokio::sync::Notify::new(),
-            refused: AtomicU64::new(0),
             me: OnceLock::new(),
             watchdog: Watchdog::new(cfg.watchdog.clone()),
             log: OnceLock::new(),
             cluster_log: OnceLock::new(),
-            rpc: RpcMetrics::default(),
+            rpc: server.rpc.clone(),
             epoch: AtomicU64::new(0),
             leader_hint: AtomicU64::new(0),
             status: Mutex::new(status),
@@ -449,6 +464,21 @@ impl Node {
         }
     }
 
+    /// Revokes `node`'s certificates below `min_serial` cluster-wide (an
+    /// operator's decision, through the console of a voter).
+    pub async fn revoke_certificates(&self, node: NodeId, min_serial: u64) -> Result<(), AskError> {
+        let cmd = Command::RevokeCertificates {
+            node,
+            min_serial,
+            at: now_ms(),
+        };
+        match self.inner.propose(cmd).await? {
+            Response::Ok => Ok(()),
+            Response::Rejected { reason } => Err(AskError::Rejected(reason)),
+            other => Err(AskError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// The shard map this node routes by, and what it hosts.
     pub fn shards(&self) -> (Arc<ShardMap>, crate::shards::HostedShards) {
         (self.inner.shards.map(), self.inner.shards.status())
@@ -529,6 +559,25 @@ impl Node {
     }
 }
 
+/// The certificate must be this node's, in this cluster, for its role: a
+/// node started with another node's directory would otherwise be refused by
+/// every peer with a less helpful error.
+fn check_certificate(cfg: &NodeConfig, id: &orrery_trust::PeerIdentity) -> Result<(), NodeError> {
+    let role = cfg.me().role;
+    if id.node_id == cfg.node_id && id.role == role && id.cluster_id.as_str() == cfg.cluster_id {
+        return Ok(());
+    }
+    Err(NodeError::Refused(format!(
+        "the certificate in {} is for node {} ({:?}) of cluster {}, this is node {} ({role:?}) of cluster {}",
+        cfg.tls_dir().display(),
+        id.node_id,
+        id.role,
+        id.cluster_id.as_str(),
+        cfg.node_id,
+        cfg.cluster_id
+    )))
+}
+
 fn wire_config(cfg: &NodeConfig, epoch: u64) -> WireConfig {
     let mut w = WireConfig::new(
         cfg.cluster_id.clone(),
@@ -548,12 +597,123 @@ fn wire_config(cfg: &NodeConfig, epoch: u64) -> WireConfig {
 /// hence the late binding.
 #[derive(Default)]
 struct Server {
+    /// The roles in this node's own file, for requests that arrive before
+    /// the node (and its replicated configuration) is built.
+    roles: BTreeMap<NodeId, Role>,
     node: OnceLock<Arc<Inner>>,
     control: OnceLock<ControlPlane<ControlState>>,
+    /// RPC counters, refusals included (the node's own, once it is built).
+    rpc: RpcMetrics,
 }
 
 impl Server {
+    fn new(cfg: &NodeConfig) -> Self {
+        Server {
+            roles: cfg.nodes.iter().map(|n| (n.id, n.role)).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// What this node knows of the membership when a request arrives, for
+/// [`authz`]: a voter's own replica (authoritative while it leads: the
+/// leader applies a join before it answers it), else the view its
+/// heartbeats bring and the configuration in its address cache.
+enum Known {
+    Replica {
+        state: Arc<ControlState>,
+        leading: bool,
+    },
+    Heard {
+        view: Arc<MembershipView>,
+        cache: Option<Arc<ClusterState>>,
+    },
+}
+
+impl Known {
+    fn view(&self) -> authz::View<'_> {
+        match self {
+            Known::Replica { state, leading } => authz::View {
+                members: &state.0,
+                authoritative: *leading,
+            },
+            Known::Heard { view, .. } => authz::View {
+                members: view.as_ref(),
+                authoritative: false,
+            },
+        }
+    }
+
+    /// The replicated configuration, once committed.
+    fn config(&self) -> Option<&ClusterState> {
+        let state = match self {
+            Known::Replica { state, .. } => Some(&state.0),
+            Known::Heard { cache, .. } => cache.as_deref(),
+        };
+        state.filter(|s| s.configured)
+    }
+}
+
+impl Server {
+    fn known(&self) -> Known {
+        if let Some(c) = self.control.get() {
+            let leading = c.is_leader();
+            return Known::Replica {
+                state: c.state().state,
+                leading,
+            };
+        }
+        match self.node.get() {
+            Some(n) => Known::Heard {
+                view: n.lease.view(),
+                cache: n.cache.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            },
+            None => Known::Heard {
+                view: Arc::default(),
+                cache: None,
+            },
+        }
+    }
+
+    /// Who calls: node and epoch from the connection, never from the
+    /// message; the role from the replicated configuration, else this
+    /// node's own file.
+    fn caller(&self, known: &Known, node: NodeId, epoch: u64) -> Caller {
+        let role = match known.config() {
+            Some(state) => state.role_of(node),
+            None => self.roles.get(&node).copied(),
+        };
+        Caller { node, epoch, role }
+    }
+
+    /// Answers a refused request (`Fenced` for a fenced process, else
+    /// `Error`), counted by reason and logged at debug with it.
+    fn refuse(&self, caller: &Caller, what: &str, refusal: Refusal) -> Reply {
+        let reason = refusal.kind();
+        self.rpc.refused(reason);
+        debug!(target: LOG, node = caller.node, epoch = caller.epoch, reason, "refused {what} from node {}: {refusal}", caller.node);
+        if refusal.fences() {
+            Reply::Fenced {
+                reason: refusal.to_string(),
+            }
+        } else {
+            Reply::Error(refusal.to_string())
+        }
+    }
+
+    /// Every request passes [`authz::authorize`] first; only then does it
+    /// count as contact with its sender, and reach Raft or the node.
     async fn dispatch(&self, from: NodeId, epoch: u64, req: Request) -> Reply {
+        let raft = matches!(req, Request::Raft(_));
+        if self.node.get().is_none() && !raft {
+            return Reply::Error("node still starting".into());
+        }
+        let known = self.known();
+        let caller = self.caller(&known, from, epoch);
+        if let Err(refusal) = authz::authorize(&caller, &req, &known.view()) {
+            return self.refuse(&caller, req.kind(), refusal);
+        }
+        drop(known);
         if let Some(n) = self.node.get() {
             n.contacts.heard(from);
         }
@@ -569,19 +729,6 @@ impl Server {
         if n.shutdown.is_cancelled() {
             return Reply::Error("node shutting down".into());
         }
-        // A revoked or superseded epoch is refused everywhere; joining (and
-        // reading the state) stays open so a fenced node can come back.
-        let rejoining = matches!(
-            req,
-            Request::Propose(Command::Join { .. }) | Request::FetchState
-        );
-        if !rejoining {
-            if let Some(reason) = n.lease.view().refusal(from, epoch) {
-                n.refused.fetch_add(1, Ordering::Relaxed);
-                debug!(target: LOG, "refused a request from node {from} epoch {epoch}: {reason}");
-                return Reply::Fenced { reason };
-            }
-        }
         let kind = req.kind();
         let what = match &req {
             Request::ShardCall { shard, call, .. } => {
@@ -591,7 +738,7 @@ impl Server {
         };
         let _guard = n.watchdog.begin(what);
         let started = tokio::time::Instant::now();
-        let reply = n.handle(from, epoch, req).await;
+        let reply = n.handle(from, req).await;
         n.rpc
             .observe(kind, started.elapsed(), matches!(reply, Reply::Error(_)));
         reply
@@ -654,14 +801,21 @@ impl Handler<Request, Reply> for Server {
         Box::pin(self.dispatch(peer.node_id, peer.epoch, req))
     }
 
+    /// The handshake refuses strangers and fenced processes (superseded,
+    /// revoked); each request is then authorised on its own.
     fn admit(&self, peer: &PeerInfo) -> Result<(), String> {
-        match self.node.get() {
-            Some(n) => match n.lease.view().refusal(peer.node_id, peer.epoch) {
-                Some(reason) => Err(reason),
-                None => Ok(()),
-            },
-            None => Ok(()),
+        if self.node.get().is_none() {
+            return Ok(()); // Nothing to judge by yet; requests wait for the node.
         }
+        let known = self.known();
+        let caller = self.caller(&known, peer.node_id, peer.epoch);
+        let certified = peer.cert.as_ref().map(|c| c.role);
+        authz::admit(&caller, certified, &known.view()).map_err(|refusal| {
+            let reason = refusal.kind();
+            self.rpc.refused(reason);
+            debug!(target: LOG, node = caller.node, epoch = caller.epoch, reason, "refused a connection: {refusal}");
+            refusal.to_string()
+        })
     }
 }
 
@@ -694,7 +848,7 @@ impl Inner {
         s.health = Some(self.health.report());
         s.jobs = self.jobs.stats();
         s.membership_version = self.lease.view().version;
-        s.refused_fenced = self.refused.load(Ordering::Relaxed);
+        s.refused = self.rpc.refusals();
         s.ignored_accusations = self
             .coordinator
             .lock()
@@ -882,31 +1036,12 @@ impl Inner {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn is_voter(&self, node: NodeId) -> bool {
-        self.cfg
-            .nodes
-            .iter()
-            .any(|n| n.id == node && n.role.is_voter())
-    }
-
-    /// A voter that does not lead passes a worker's control-plane request
-    /// on to the leader (one hop; voters follow hints themselves).
-    async fn forward(&self, from: NodeId, leader: Option<NodeId>, req: Request) -> Reply {
-        match leader {
-            Some(l) if l != self.cfg.node_id && !self.is_voter(from) => {
-                match self.net.call(l, req, self.cfg.call_timeout()).await {
-                    Ok(reply) => reply,
-                    Err(_) => Reply::NotLeader { leader: Some(l) },
-                }
-            }
-            _ => Reply::NotLeader { leader },
-        }
-    }
-
-    /// Server side of every non-Raft request.
-    /// Server side of every non-Raft request from node `from`.
-    async fn handle(&self, from: NodeId, epoch: u64, req: Request) -> Reply {
-        let not_voter = || Reply::Error(format!("node {} is not a voter", self.cfg.node_id));
+    /// Server side of every non-Raft request from node `from`, once
+    /// `authz` let it through. A node that does not lead answers
+    /// control-plane requests with who leads (`Inner::ask` follows it) and
+    /// forwards nothing: the leader authorises every proposer on its own
+    /// connection, so no hop can lend a request its identity.
+    async fn handle(&self, from: NodeId, req: Request) -> Reply {
         match req {
             Request::Ping => Reply::Pong,
             Request::ShardCall {
@@ -934,181 +1069,161 @@ impl Inner {
                     self.cfg.node_id
                 )),
             },
+            Request::HealthProbe { nonce } => Reply::HealthProof(self.health.proof(nonce)),
+            Request::Probe { suspect, .. } => {
+                lease::probe(self, self.control_net.as_ref(), suspect).await
+            }
+            Request::Raft(_) => Reply::Error("routed by Server".into()),
+            req => match &self.control {
+                Some(c) => self.control_request(c, from, req).await,
+                None => Reply::Error(format!("node {} is not a voter", self.cfg.node_id)),
+            },
+        }
+    }
+
+    /// The requests only the leader answers (on a voter).
+    async fn control_request(
+        &self,
+        c: &ControlPlane<ControlState>,
+        from: NodeId,
+        req: Request,
+    ) -> Reply {
+        let not_leader = || Reply::NotLeader {
+            leader: c.current_leader(),
+        };
+        match req {
+            Request::FetchShards if !c.is_leader() => not_leader(),
             Request::FetchShards => {
-                let Some(c) = &self.control else {
-                    return not_voter();
-                };
-                if !c.is_leader() {
-                    return self
-                        .forward(from, c.current_leader(), Request::FetchShards)
-                        .await;
-                }
                 Reply::Shards(Box::new(ShardMap::clone(&c.state().state.0.shards)))
             }
-            Request::HealthProbe { nonce } => Reply::HealthProof(self.health.proof(nonce)),
+            Request::Accuse { .. } | Request::Poll { .. } if !c.is_leader() => not_leader(),
             Request::Accuse {
                 suspect,
-                epoch: suspect_epoch,
+                epoch,
                 detail,
             } => {
-                let Some(c) = &self.control else {
-                    return not_voter();
-                };
-                if !c.is_leader() {
-                    let req = Request::Accuse {
-                        suspect,
-                        epoch: suspect_epoch,
-                        detail,
-                    };
-                    return self.forward(from, c.current_leader(), req).await;
-                }
                 if let Some(co) = self
                     .coordinator
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .as_mut()
                 {
-                    co.on_accusation(from, suspect, suspect_epoch, detail);
+                    co.on_accusation(from, suspect, epoch, detail);
                 }
                 Reply::Pong
             }
-            Request::Probe { suspect, .. } => {
-                lease::probe(self, self.control_net.as_ref(), suspect).await
-            }
             Request::Heartbeat {
                 node,
-                epoch: hb_epoch,
+                epoch,
                 health,
                 view_version,
-            } => {
-                let Some(c) = &self.control else {
-                    return not_voter();
-                };
-                if from != node || hb_epoch != epoch {
-                    return Reply::Error(format!("node {from} may not heartbeat for node {node}"));
-                }
-                if !c.is_leader() {
-                    return Reply::NotLeader {
-                        leader: c.current_leader(),
-                    };
-                }
-                // Vouch for a lease only while a quorum still follows us: a
-                // leader on the minority side of a partition must let its
-                // nodes self-fence.
-                let quorum_fresh = c
-                    .quorum_ack_age()
-                    .is_some_and(|age| age.as_millis() as u64 <= self.cfg.raft.election_min_ms);
-                if !quorum_fresh {
-                    return Reply::NotLeader { leader: None };
-                }
-                let state = c.state();
-                if let Some(reason) = state.state.0.refusal(node, hb_epoch) {
-                    return Reply::Fenced { reason };
-                }
-                let may_ack = match self
-                    .coordinator
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_mut()
-                {
-                    Some(co) => {
-                        co.on_heartbeat(now_ms(), node, hb_epoch, health);
-                        co.may_ack(node, hb_epoch)
-                    }
-                    None => false,
-                };
-                if !may_ack {
-                    return Reply::Error(format!(
-                        "lease of node {node} epoch {hb_epoch} not renewed: the coordinator is removing it or not yet coordinating"
-                    ));
-                }
-                let view = self.lease.view();
-                // The leases it holds under this very epoch: a new process of
-                // the same node must not run its predecessor's periods.
-                let jobs = state
-                    .state
-                    .0
-                    .jobs_held_by(node)
-                    .into_iter()
-                    .filter(|l| l.holder_epoch == hb_epoch)
-                    .cloned()
-                    .collect();
-                Reply::HeartbeatAck {
-                    view: (view.version != view_version).then(|| Box::new((*view).clone())),
-                    shards_version: state.state.0.shards.version,
-                    jobs,
-                }
-            }
-            Request::Raft(_) => Reply::Error("routed by Server".into()),
-            Request::Propose(cmd) => {
-                let Some(c) = &self.control else {
-                    return not_voter();
-                };
-                // Budgets and windows in `apply` run on proposers' clocks: a
-                // command dated beyond the allowed skew is refused here, so a
-                // node whose clock runs ahead (or a hostile one) cannot use
-                // up the cluster's alarm budget with far-future dates.
-                let (at, now) = (cmd.at(), now_ms());
-                let skew = self.cfg.raft.max_clock_skew_ms;
-                if c.is_leader() && at > now.saturating_add(skew) {
-                    return Reply::Error(format!(
-                        "proposal dated {} ms ahead of the leader's clock (raft.max_clock_skew_ms = {skew})",
-                        at - now
-                    ));
-                }
-                match c.write(cmd.clone()).await {
-                    Ok((index, response)) => {
-                        // Liveness counts only for a report that passed validation.
-                        if let (Command::Report { node, epoch, .. }, Response::Ok) =
-                            (&cmd, &response)
-                        {
-                            self.contact(*node, *epoch);
-                        }
-                        Reply::Committed { index, response }
-                    }
-                    Err(ControlError::NotLeader { leader }) => {
-                        self.forward(from, leader.map(|(id, _)| id), Request::Propose(cmd))
-                            .await
-                    }
-                    Err(e) => Reply::Error(e.to_string()),
-                }
-            }
+            } => self.renew_lease(c, node, epoch, health, view_version),
+            Request::Propose(cmd) => self.commit(c, cmd).await,
             Request::Poll { node, epoch, next } => {
-                let Some(c) = &self.control else {
-                    return not_voter();
-                };
-                if from != node && !self.is_voter(from) {
-                    return Reply::Error(format!("node {from} may not poll for node {node}"));
-                }
-                if !c.is_leader() {
-                    return self
-                        .forward(
-                            from,
-                            c.current_leader(),
-                            Request::Poll { node, epoch, next },
-                        )
-                        .await;
-                }
                 self.contact(node, epoch);
-                let state = c.state();
                 Reply::Gate {
-                    gate: state.state.0.gate(node, epoch, next),
+                    gate: c.state().state.0.gate(node, epoch, next),
                     next,
                 }
             }
-            Request::FetchState => {
-                let Some(c) = &self.control else {
-                    return not_voter();
-                };
-                match c.read_linearizable().await {
-                    Ok(v) => Reply::State(Box::new(v.state.0.clone())),
-                    Err(ControlError::NotLeader { leader }) => {
-                        self.forward(from, leader.map(|(id, _)| id), Request::FetchState)
-                            .await
-                    }
-                    Err(e) => Reply::Error(e.to_string()),
-                }
+            Request::FetchState => match c.read_linearizable().await {
+                Ok(v) => Reply::State(Box::new(v.state.0.clone())),
+                Err(ControlError::NotLeader { leader }) => Reply::NotLeader {
+                    leader: leader.map(|(id, _)| id),
+                },
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            other => Reply::Error(format!("{} is not a control-plane request", other.kind())),
+        }
+    }
+
+    /// The leader renews `node`'s lease (process `hb_epoch`): only while a
+    /// quorum follows it and the coordinator is not removing the node.
+    fn renew_lease(
+        &self,
+        c: &ControlPlane<ControlState>,
+        node: NodeId,
+        hb_epoch: u64,
+        health: orrery_core::Health,
+        view_version: u64,
+    ) -> Reply {
+        if !c.is_leader() {
+            return Reply::NotLeader {
+                leader: c.current_leader(),
+            };
+        }
+        // Vouch for a lease only while a quorum still follows us: a
+        // leader on the minority side of a partition must let its
+        // nodes self-fence.
+        let quorum_fresh = c
+            .quorum_ack_age()
+            .is_some_and(|age| age.as_millis() as u64 <= self.cfg.raft.election_min_ms);
+        if !quorum_fresh {
+            return Reply::NotLeader { leader: None };
+        }
+        // `authz` refused a fenced epoch on this replica already.
+        let state = c.state();
+        let may_ack = match self
+            .coordinator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            Some(co) => {
+                co.on_heartbeat(now_ms(), node, hb_epoch, health);
+                co.may_ack(node, hb_epoch)
             }
+            None => false,
+        };
+        if !may_ack {
+            return Reply::Error(format!(
+                "lease of node {node} epoch {hb_epoch} not renewed: the coordinator is removing it or not yet coordinating"
+            ));
+        }
+        let view = self.lease.view();
+        // The leases it holds under this very epoch: a new process of
+        // the same node must not run its predecessor's periods.
+        let jobs = state
+            .state
+            .0
+            .jobs_held_by(node)
+            .into_iter()
+            .filter(|l| l.holder_epoch == hb_epoch)
+            .cloned()
+            .collect();
+        Reply::HeartbeatAck {
+            view: (view.version != view_version).then(|| Box::new((*view).clone())),
+            shards_version: state.state.0.shards.version,
+            jobs,
+        }
+    }
+
+    /// Writes a peer's proposal (`authz` let it through) on the leader.
+    async fn commit(&self, c: &ControlPlane<ControlState>, cmd: Command) -> Reply {
+        // Budgets and windows in `apply` run on proposers' clocks: a
+        // command dated beyond the allowed skew is refused here, so a
+        // node whose clock runs ahead (or a hostile one) cannot use
+        // up the cluster's alarm budget with far-future dates.
+        let (at, now) = (cmd.at(), now_ms());
+        let skew = self.cfg.raft.max_clock_skew_ms;
+        if c.is_leader() && at > now.saturating_add(skew) {
+            return Reply::Error(format!(
+                "proposal dated {} ms ahead of the leader's clock (raft.max_clock_skew_ms = {skew})",
+                at - now
+            ));
+        }
+        match c.write(cmd.clone()).await {
+            Ok((index, response)) => {
+                // Liveness counts only for a report that passed validation.
+                if let (Command::Report { node, epoch, .. }, Response::Ok) = (&cmd, &response) {
+                    self.contact(*node, *epoch);
+                }
+                Reply::Committed { index, response }
+            }
+            Err(ControlError::NotLeader { leader }) => Reply::NotLeader {
+                leader: leader.map(|(id, _)| id),
+            },
+            Err(e) => Reply::Error(e.to_string()),
         }
     }
 

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::{decode, encode, writer_loop, Envelope, FrameError, RemoteError, WireCodec};
 use crate::handshake::{client_handshake, new_framed, HandshakeError, Offer, PeerInfo};
+use crate::link::Link;
 use crate::server::close_bad_input;
 use crate::stats::WireStats;
 use crate::{Message, WireConfig, LOG_TARGET};
@@ -125,18 +126,22 @@ impl<Req, Resp> std::fmt::Debug for Channel<Req, Resp> {
     }
 }
 
-/// Connect to `addr`, run the handshake (connect + handshake bounded by
-/// `cfg.handshake_timeout`) and start the channel's reader and writer tasks.
+/// Connect to node `node` at `addr`, run the handshake (connect, TLS and
+/// handshake together bounded by `cfg.handshake_timeout`) and start the
+/// channel's reader and writer tasks. Under TLS the server's certificate
+/// must name `node`; without it, the caller checks [`Channel::peer`].
 /// Must be called inside a Tokio runtime.
 pub async fn connect<Req: Message, Resp: Message>(
+    node: u64,
     addr: &str,
     cfg: Arc<WireConfig>,
     stats: Arc<WireStats>,
 ) -> Result<Channel<Req, Resp>, HandshakeError> {
-    connect_with_offer(addr, cfg, stats, Offer::default()).await
+    connect_with_offer(node, addr, cfg, stats, Offer::default()).await
 }
 
 pub(crate) async fn connect_with_offer<Req: Message, Resp: Message>(
+    node: u64,
     addr: &str,
     cfg: Arc<WireConfig>,
     stats: Arc<WireStats>,
@@ -146,8 +151,9 @@ pub(crate) async fn connect_with_offer<Req: Message, Resp: Message>(
         let stream = TcpStream::connect(addr).await?;
         let _ = stream.set_nodelay(true);
         let peer_addr = stream.peer_addr()?;
-        let mut framed = new_framed(stream);
-        let peer = client_handshake(&mut framed, &cfg, peer_addr, &stats, offer).await?;
+        let (link, cert) = secure(stream, node, &cfg).await?;
+        let mut framed = new_framed(link);
+        let peer = client_handshake(&mut framed, &cfg, peer_addr, &stats, offer, cert).await?;
         Ok::<_, HandshakeError>((framed, peer))
     };
     let (mut framed, peer) = match tokio::time::timeout(cfg.handshake_timeout, attempt).await {
@@ -156,6 +162,9 @@ pub(crate) async fn connect_with_offer<Req: Message, Resp: Message>(
             if err.is_bad_input() {
                 WireStats::bump(&stats.connections_closed_bad_input);
             }
+            if matches!(err, HandshakeError::Tls(_)) {
+                WireStats::bump(&stats.handshakes_refused_tls);
+            }
             tracing::debug!(target: LOG_TARGET, "handshake with {addr} failed: {err}");
             return Err(err);
         }
@@ -163,14 +172,34 @@ pub(crate) async fn connect_with_offer<Req: Message, Resp: Message>(
     };
     WireStats::bump(&stats.handshakes_ok);
     framed.codec_mut().set_max_frame_bytes(cfg.max_frame_bytes);
-    Ok(Channel::start(framed, peer, &cfg, stats))
+    Ok(Channel::start(framed, peer, cfg, stats))
+}
+
+/// The dialled stream as this endpoint runs it: inside TLS (the server's
+/// certificate must name `node`) when the config has trust. Our own
+/// certificate may still be refused by the server: TLS 1.3 reports that at
+/// the first read, which the handshake that follows makes at once.
+async fn secure(
+    stream: TcpStream,
+    node: u64,
+    cfg: &WireConfig,
+) -> Result<(Link, Option<orrery_trust::PeerIdentity>), HandshakeError> {
+    let Some(trust) = &cfg.trust else {
+        return Ok((Link::Plain(stream), None));
+    };
+    let (tls, id) = trust
+        .connect(stream, node)
+        .await
+        .map_err(HandshakeError::Tls)?;
+    let tls = orrery_trust::tokio_rustls::TlsStream::Client(tls);
+    Ok((Link::Tls(Box::new(tls)), Some(id)))
 }
 
 impl<Req: Message, Resp: Message> Channel<Req, Resp> {
     fn start(
-        framed: Framed<TcpStream, WireCodec>,
+        framed: Framed<Link, WireCodec>,
         peer: PeerInfo,
-        cfg: &WireConfig,
+        cfg: Arc<WireConfig>,
         stats: Arc<WireStats>,
     ) -> Self {
         let shared = Arc::new(Shared {
@@ -198,8 +227,17 @@ impl<Req: Message, Resp: Message> Channel<Req, Resp> {
             frames,
             shared.clone(),
             stats.clone(),
-            who,
+            who.clone(),
         ));
+        if let (Some(_), Some(cert)) = (&cfg.trust, peer.cert.clone()) {
+            tokio::spawn(close_when_revoked(
+                cfg.clone(),
+                cert,
+                shared.clone(),
+                stats.clone(),
+                who,
+            ));
+        }
 
         Channel {
             inner: Arc::new(Inner {
@@ -339,8 +377,27 @@ impl<Resp> Drop for ForgetOnDrop<'_, Resp> {
     }
 }
 
+/// Closes the channel once the server's certificate is revoked (or the
+/// channel closes first).
+async fn close_when_revoked<Resp>(
+    cfg: Arc<WireConfig>,
+    cert: orrery_trust::PeerIdentity,
+    shared: Arc<Shared<Resp>>,
+    stats: Arc<WireStats>,
+    who: String,
+) {
+    tokio::select! {
+        _ = shared.closed.cancelled() => {}
+        why = crate::link::until_revoked(cfg.trust.as_ref(), Some(&cert)) => {
+            WireStats::bump(&stats.connections_closed_revoked);
+            tracing::warn!(target: LOG_TARGET, "closing the connection to {who}: {why}");
+            shared.close();
+        }
+    }
+}
+
 async fn reader_loop<Req: Message, Resp: Message>(
-    mut frames: futures::stream::SplitStream<Framed<TcpStream, WireCodec>>,
+    mut frames: futures::stream::SplitStream<Framed<Link, WireCodec>>,
     shared: Arc<Shared<Resp>>,
     stats: Arc<WireStats>,
     who: String,

@@ -49,6 +49,12 @@ pub struct WireConfig {
     /// `serve`: handshakes in progress at once. Beyond it the oldest one is
     /// closed to make room (counted in `connections_evicted`). Default 64.
     pub max_handshakes: usize,
+    /// Mutual TLS 1.3 under the handshake (`None`: plain TCP). With it, each
+    /// side proves its identity by a certificate of the cluster CA, the
+    /// node id announced in the handshake must be the one the certificate
+    /// names, and a connection whose certificate is revoked later is closed.
+    /// The TLS handshake counts against `handshake_timeout`. Default `None`.
+    pub trust: Option<orrery_trust::TrustConfig>,
 }
 
 impl WireConfig {
@@ -73,6 +79,7 @@ impl WireConfig {
             request_queue: DEFAULT_REQUEST_QUEUE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            trust: None,
         }
     }
 }
@@ -94,6 +101,7 @@ impl std::fmt::Debug for WireConfig {
             .field("request_queue", &self.request_queue)
             .field("max_connections", &self.max_connections)
             .field("max_handshakes", &self.max_handshakes)
+            .field("tls", &self.trust.is_some())
             .finish()
     }
 }

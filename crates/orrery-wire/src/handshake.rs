@@ -15,6 +15,13 @@
 //! client's offered range, the cluster id, both node ids and epochs, and both nonces.
 //! The secret itself is never sent. Proofs are verified in constant time with
 //! [`Mac::verify_slice`]. Nonces come from [`rand::rngs::OsRng`].
+//!
+//! Under TLS ([`crate::link`]) the same four messages run inside the TLS
+//! session, and each side also checks that the node id the other announces is
+//! the one its certificate names ([`RejectReason::IdentityMismatch`]). The
+//! secret stays as a second factor: a node key copied off one machine is not
+//! enough to join without the deployment's secret, and the secret alone (which
+//! every node holds) no longer lets anyone speak as another node.
 
 use std::net::SocketAddr;
 
@@ -40,7 +47,7 @@ pub const PROTOCOL_MAX: u16 = 1;
 type HmacSha256 = Hmac<Sha256>;
 
 /// What each side knows about the other once the handshake has succeeded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
     /// The peer's node id.
     pub node_id: u64,
@@ -50,6 +57,9 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     /// The negotiated protocol version.
     pub protocol_version: u16,
+    /// Under TLS: who the peer's certificate says it is (its node id is
+    /// `node_id`, checked); `None` on a plain connection.
+    pub cert: Option<orrery_trust::PeerIdentity>,
 }
 
 /// Step 1, client -> server.
@@ -115,6 +125,14 @@ pub enum RejectReason {
     /// The rejecting side could not parse what it received.
     #[error("malformed handshake: {0}")]
     Malformed(String),
+    /// The node id announced is not the one the sender's certificate names.
+    #[error("the certificate names node {certificate}, the hello announced node {announced}")]
+    IdentityMismatch {
+        /// Named by the certificate.
+        certificate: u64,
+        /// Announced in the hello.
+        announced: u64,
+    },
 }
 
 /// Every handshake message.
@@ -214,15 +232,37 @@ pub enum HandshakeError {
     /// The peer closed the connection mid-handshake.
     #[error("connection closed during handshake")]
     Closed,
+    /// The TLS handshake failed or refused the peer (no certificate, another
+    /// cluster's CA, a revoked certificate, not the node dialled).
+    #[error("TLS: {0}")]
+    Tls(#[source] orrery_trust::HandshakeError),
+    /// The peer announced a node id other than the one its certificate names.
+    #[error(
+        "{peer}: the certificate names node {certificate}, the hello announced node {announced}"
+    )]
+    IdentityMismatch {
+        /// "peer at ADDR".
+        peer: String,
+        /// Named by the certificate.
+        certificate: u64,
+        /// Announced in the hello.
+        announced: u64,
+    },
 }
 
 impl HandshakeError {
     /// True if the peer sent bytes that violate the protocol (malformed/oversized).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            HandshakeError::Malformed(_) | HandshakeError::FrameTooLarge { .. }
-        )
+        use orrery_trust::rustls::Error as Tls;
+        match self {
+            HandshakeError::Malformed(_) | HandshakeError::FrameTooLarge { .. } => true,
+            // Bytes that are not TLS records at all (garbage, a plain-TCP peer).
+            HandshakeError::Tls(orrery_trust::HandshakeError::Tls(e)) => matches!(
+                e,
+                Tls::InvalidMessage(_) | Tls::DecryptError | Tls::PeerMisbehaved(_)
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -361,6 +401,7 @@ pub(crate) async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     addr: SocketAddr,
     stats: &WireStats,
     offer: Offer,
+    cert: Option<orrery_trust::PeerIdentity>,
 ) -> Result<PeerInfo, HandshakeError> {
     let hello = ClientHello {
         magic: offer.magic,
@@ -394,6 +435,10 @@ pub(crate) async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         other => return Err(unexpected(stats, "ServerHello", &other)),
     };
     let peer_name = format!("node {} at {addr}", server.node_id);
+    if let Err(e) = same_node(cert.as_ref(), server.node_id, addr, stats) {
+        reject(framed, e.1).await;
+        return Err(e.0);
+    }
     if server.cluster_id != cfg.cluster_id {
         reject(
             framed,
@@ -446,7 +491,37 @@ pub(crate) async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         epoch: server.epoch,
         addr,
         protocol_version: server.protocol_version,
+        cert,
     })
+}
+
+/// Under TLS the hello must announce the node the certificate names: a
+/// peer speaks only as itself.
+fn same_node(
+    cert: Option<&orrery_trust::PeerIdentity>,
+    announced: u64,
+    addr: SocketAddr,
+    stats: &WireStats,
+) -> Result<(), (HandshakeError, RejectReason)> {
+    match cert {
+        Some(c) if c.node_id != announced => {
+            WireStats::bump(&stats.handshakes_refused_identity);
+            let (certificate, peer) = (c.node_id, format!("peer at {addr}"));
+            tracing::warn!(target: LOG_TARGET, "refused {peer}: its certificate names node {certificate}, it announced node {announced}");
+            Err((
+                HandshakeError::IdentityMismatch {
+                    peer,
+                    certificate,
+                    announced,
+                },
+                RejectReason::IdentityMismatch {
+                    certificate,
+                    announced,
+                },
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Run the server side of the handshake on an accepted stream. `admit` is consulted
@@ -457,6 +532,7 @@ pub(crate) async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     cfg: &WireConfig,
     addr: SocketAddr,
     stats: &WireStats,
+    cert: Option<orrery_trust::PeerIdentity>,
     admit: impl FnOnce(&PeerInfo) -> Result<(), String>,
 ) -> Result<PeerInfo, HandshakeError> {
     let client = match recv(framed, stats).await? {
@@ -486,6 +562,10 @@ pub(crate) async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             ours: cfg.cluster_id.clone(),
             theirs: client.cluster_id,
         });
+    }
+    if let Err(e) = same_node(cert.as_ref(), client.node_id, addr, stats) {
+        reject(framed, e.1).await;
+        return Err(e.0);
     }
     let lo = client.protocol_min.max(PROTOCOL_MIN);
     let hi = client.protocol_max.min(PROTOCOL_MAX);
@@ -539,6 +619,7 @@ pub(crate) async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         epoch: client.epoch,
         addr,
         protocol_version: server.protocol_version,
+        cert,
     };
     if let Err(reason) = admit(&peer) {
         reject(framed, RejectReason::NotAdmitted(reason.clone())).await;

@@ -6,7 +6,10 @@
 //!   bounded by [`WireConfig::max_frame_bytes`]) carrying postcard-encoded payloads;
 //! * **the authenticated handshake** ([`handshake`]): cluster id and protocol version
 //!   negotiation plus mutual proof of the cluster secret (HMAC-SHA256 over a transcript
-//!   binding both nonces, both node ids/epochs, the cluster id and the version);
+//!   binding both nonces, both node ids/epochs, the cluster id and the version), run
+//!   inside mutual TLS 1.3 ([`link`], policy from `orrery-trust`) when the
+//!   [`WireConfig`] carries a trust configuration: the certificate says who the peer
+//!   is, and the node id it announces must be that one;
 //! * **a multiplexed request/response channel** over one TCP connection: [`serve`]
 //!   with a [`Handler`] on the accepting side, [`connect`] / [`Channel`] on the
 //!   connecting side, and a [`PeerPool`] of lazily (re)connected channels;
@@ -36,18 +39,22 @@ pub mod config;
 pub mod frame;
 pub mod handshake;
 pub mod limit;
+pub mod link;
 pub mod pool;
 pub mod server;
 pub mod stats;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 pub use client::{connect, CallError, Channel};
 pub use config::WireConfig;
 pub use frame::{Envelope, FrameError, RemoteError, HANDSHAKE_MAX_FRAME_BYTES};
 pub use handshake::{HandshakeError, PeerInfo, RejectReason, PROTOCOL_MAX, PROTOCOL_MIN};
 pub use limit::{admit_yielding, Admission, ConnLimiter, ConnLimits, ConnSlot};
+pub use link::Link;
 pub use pool::{PeerPool, PoolError};
 pub use server::{serve, BoxFuture, Handler};
 pub use stats::{WireStats, WireStatsSnapshot};

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::frame::{decode, encode, Envelope, FrameError, RemoteError, WireCodec};
 use crate::handshake::{new_framed, server_handshake, HandshakeError, PeerInfo};
 use crate::limit::{admit_yielding, first_bytes, ConnLimiter, ConnLimits, ConnSlot, First};
+use crate::link::Link;
 use crate::stats::WireStats;
 use crate::{Message, WireConfig, LOG_TARGET};
 
@@ -177,7 +178,7 @@ async fn accept_peer<Req, Resp, H>(
     cfg: &WireConfig,
     handler: &H,
     stats: &WireStats,
-) -> Option<(PeerInfo, Framed<TcpStream, WireCodec>)>
+) -> Option<(PeerInfo, Framed<Link, WireCodec>)>
 where
     Req: Message,
     Resp: Message,
@@ -188,11 +189,16 @@ where
     let outcome = match first_bytes(&stream, slot, deadline).await {
         First::Spoke => {
             slot.heard();
-            let mut framed = new_framed(stream);
-            let handshake = server_handshake(&mut framed, cfg, addr, stats, |p| handler.admit(p));
+            let handshake = async {
+                let (link, cert) = secure(stream, cfg).await?;
+                let mut framed = new_framed(link);
+                let admit = |p: &PeerInfo| handler.admit(p);
+                let peer = server_handshake(&mut framed, cfg, addr, stats, cert, admit).await?;
+                Ok((peer, framed))
+            };
             tokio::select! {
                 r = tokio::time::timeout_at(deadline, handshake) => match r {
-                    Ok(r) => Ok(r.map(|peer| (peer, framed))),
+                    Ok(r) => Ok(r),
                     Err(_) => Err(()),
                 },
                 _ = slot.evicted(|| false) => return log_evicted(stats, addr),
@@ -211,7 +217,14 @@ where
         Ok(Err(err)) => {
             match &err {
                 // Already counted and logged ("refused node N at ADDR: wrong cluster secret").
-                HandshakeError::WrongSecret { .. } => {}
+                HandshakeError::WrongSecret { .. } | HandshakeError::IdentityMismatch { .. } => {}
+                HandshakeError::Tls(e) => {
+                    WireStats::bump(&stats.handshakes_refused_tls);
+                    if err.is_bad_input() {
+                        WireStats::bump(&stats.connections_closed_bad_input);
+                    }
+                    tracing::warn!(target: LOG_TARGET, "refused connection from {addr}: TLS: {e}");
+                }
                 err => {
                     WireStats::bump(&stats.handshakes_refused_other);
                     if err.is_bad_input() {
@@ -233,6 +246,20 @@ where
             None
         }
     }
+}
+
+/// The accepted stream as this endpoint runs it: inside TLS (the client's
+/// certificate verified, revocation checked) when the config has trust.
+async fn secure(
+    stream: TcpStream,
+    cfg: &WireConfig,
+) -> Result<(Link, Option<orrery_trust::PeerIdentity>), HandshakeError> {
+    let Some(trust) = &cfg.trust else {
+        return Ok((Link::Plain(stream), None));
+    };
+    let (tls, id) = trust.accept(stream).await.map_err(HandshakeError::Tls)?;
+    let tls = orrery_trust::tokio_rustls::TlsStream::Server(tls);
+    Ok((Link::Tls(Box::new(tls)), Some(id)))
 }
 
 /// Logs evictions without flooding the log (1st, 2nd, 4th, 8th...).
@@ -280,9 +307,16 @@ async fn connection<Req, Resp, H>(
     let mut running: std::collections::BTreeMap<u64, tokio::task::AbortHandle> =
         std::collections::BTreeMap::new();
 
+    let revoked = crate::link::until_revoked(cfg.trust.as_ref(), peer.cert.as_ref());
+    tokio::pin!(revoked);
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break,
+            why = &mut revoked => {
+                WireStats::bump(&stats.connections_closed_revoked);
+                tracing::warn!(target: LOG_TARGET, "closing the connection from {who}: {why}");
+                break;
+            }
             res = &mut writer => {
                 if let Ok(Err(e)) = res {
                     tracing::debug!(target: LOG_TARGET, "writer to {who} failed: {e}");

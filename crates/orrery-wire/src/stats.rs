@@ -69,6 +69,15 @@ stats! {
     connections_timed_out,
     /// Admin connections closed after making no progress for the idle bound.
     connections_idle_closed,
+    /// TLS handshakes refused or failed (no certificate, another cluster's
+    /// CA, a revoked certificate, not TLS at all), either side.
+    handshakes_refused_tls,
+    /// Handshakes refused because the node id announced differs from the
+    /// one the peer's certificate names.
+    handshakes_refused_identity,
+    /// Established connections closed because the peer's certificate was
+    /// revoked while they were open.
+    connections_closed_revoked,
 }
 
 impl WireStats {

@@ -150,7 +150,7 @@ async fn start_server() -> Server {
 }
 
 async fn client(server: &Server, cfg: WireConfig) -> Result<Channel<Req, Resp>, HandshakeError> {
-    connect::<Req, Resp>(&server.addr, Arc::new(cfg), Arc::new(WireStats::new())).await
+    connect::<Req, Resp>(100, &server.addr, Arc::new(cfg), Arc::new(WireStats::new())).await
 }
 
 /// Wait (bounded) until `cond` holds; for counters bumped after a reply was sent.
@@ -253,7 +253,7 @@ async fn client_detects_server_without_secret() {
         let _ = framed.next().await;
     });
     let stats = Arc::new(WireStats::new());
-    let err = connect::<Req, Resp>(&addr, Arc::new(cfg(1)), stats.clone())
+    let err = connect::<Req, Resp>(100, &addr, Arc::new(cfg(1)), stats.clone())
         .await
         .unwrap_err();
     assert!(matches!(err, HandshakeError::WrongSecret { .. }), "{err:?}");
@@ -294,6 +294,7 @@ async fn unsupported_protocol_and_bad_magic_are_rejected() {
         max: 9,
     };
     let err = connect_with_offer::<Req, Resp>(
+        100,
         &server.addr,
         Arc::new(cfg(5)),
         Arc::new(WireStats::new()),
@@ -318,6 +319,7 @@ async fn unsupported_protocol_and_bad_magic_are_rejected() {
         ..Offer::default()
     };
     let err = connect_with_offer::<Req, Resp>(
+        100,
         &server.addr,
         Arc::new(cfg(5)),
         Arc::new(WireStats::new()),
@@ -424,9 +426,16 @@ async fn authenticated_raw(server: &Server) -> tokio_util::codec::Framed<TcpStre
     let peer_addr = stream.peer_addr().unwrap();
     let mut framed = new_framed(stream);
     let stats = WireStats::new();
-    client_handshake(&mut framed, &cfg(3), peer_addr, &stats, Offer::default())
-        .await
-        .unwrap();
+    client_handshake(
+        &mut framed,
+        &cfg(3),
+        peer_addr,
+        &stats,
+        Offer::default(),
+        None,
+    )
+    .await
+    .unwrap();
     framed.codec_mut().set_max_frame_bytes(u32::MAX as usize);
     framed
 }
@@ -528,7 +537,7 @@ async fn client_fails_fast_over_its_inflight_bound() {
     let mut ccfg = cfg(1);
     ccfg.max_inflight_per_connection = 2;
     let stats = Arc::new(WireStats::new());
-    let chan = connect::<Req, Resp>(&server.addr, Arc::new(ccfg), stats.clone())
+    let chan = connect::<Req, Resp>(100, &server.addr, Arc::new(ccfg), stats.clone())
         .await
         .unwrap();
     let slow: Vec<_> = (0..2)
@@ -553,7 +562,7 @@ async fn client_fails_fast_over_its_inflight_bound() {
 async fn call_timeout_cancels_the_remote_handler() {
     let server = start_server().await;
     let stats = Arc::new(WireStats::new());
-    let chan = connect::<Req, Resp>(&server.addr, Arc::new(cfg(1)), stats.clone())
+    let chan = connect::<Req, Resp>(100, &server.addr, Arc::new(cfg(1)), stats.clone())
         .await
         .unwrap();
     let res = chan.call(Req::Gated, Duration::from_millis(50)).await;
@@ -573,9 +582,14 @@ async fn call_timeout_cancels_the_remote_handler() {
 #[tokio::test]
 async fn a_caller_that_gives_up_cancels_the_remote_handler_long_before_its_deadline() {
     let server = start_server().await;
-    let chan = connect::<Req, Resp>(&server.addr, Arc::new(cfg(1)), Arc::new(WireStats::new()))
-        .await
-        .unwrap();
+    let chan = connect::<Req, Resp>(
+        100,
+        &server.addr,
+        Arc::new(cfg(1)),
+        Arc::new(WireStats::new()),
+    )
+    .await
+    .unwrap();
     // A 60 s deadline, but the caller drops the call once the handler runs.
     let call = chan.call(Req::Gated, Duration::from_secs(60));
     tokio::select! {
@@ -679,7 +693,7 @@ async fn handshake_times_out_against_a_silent_server() {
     });
     let mut c = cfg(1);
     c.handshake_timeout = Duration::from_millis(100);
-    let err = connect::<Req, Resp>(&addr, Arc::new(c), Arc::new(WireStats::new()))
+    let err = connect::<Req, Resp>(100, &addr, Arc::new(c), Arc::new(WireStats::new()))
         .await
         .unwrap_err();
     assert!(matches!(err, HandshakeError::Timeout), "{err:?}");
@@ -763,10 +777,14 @@ async fn peers_get_in_while_a_flood_of_idle_sockets_goes_on() {
         rt.block_on(async move {
             for i in 0..50 {
                 let t0 = tokio::time::Instant::now();
-                let chan =
-                    connect::<Req, Resp>(&peer_addr, Arc::new(cfg(7)), Arc::new(WireStats::new()))
-                        .await
-                        .unwrap_or_else(|e| panic!("peer {i} kept out ({e}): {:?}", snapshot()));
+                let chan = connect::<Req, Resp>(
+                    100,
+                    &peer_addr,
+                    Arc::new(cfg(7)),
+                    Arc::new(WireStats::new()),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("peer {i} kept out ({e}): {:?}", snapshot()));
                 assert_eq!(chan.call(Req::Echo(i), CALL).await, Ok(Resp::Echo(i)));
                 assert!(
                     t0.elapsed() < Duration::from_millis(500),
@@ -851,6 +869,48 @@ async fn pool_reuses_and_reconnects() {
         }) => {}
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// A caller that gives up while the handshake is still under way leaves
+/// the attempt running: the next caller gets its channel, and only one
+/// connection is ever made.
+#[tokio::test]
+async fn a_caller_that_gives_up_mid_connect_does_not_cancel_the_attempt() {
+    let server = start_server().await;
+    // A relay that holds every connection 300 ms before passing bytes on.
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap().to_string();
+    let upstream = server.addr.clone();
+    let dialled = Arc::new(AtomicU64::new(0));
+    let counter = dialled.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = relay.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut up = TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+            });
+        }
+    });
+    let pool: PeerPool<Req, Resp> = PeerPool::new(
+        Arc::new(cfg(1)),
+        Arc::new(WireStats::new()),
+        Duration::from_secs(5),
+    );
+    pool.set_addr(100, relay_addr);
+    for _ in 0..3 {
+        let hasty = tokio::time::timeout(Duration::from_millis(20), pool.get(100)).await;
+        assert!(hasty.is_err(), "the handshake cannot be done in 20 ms");
+    }
+    let chan = tokio::time::timeout(BOUND, pool.get(100))
+        .await
+        .expect("the attempt finished")
+        .expect("connected");
+    assert_eq!(chan.call(Req::Echo(3), CALL).await, Ok(Resp::Echo(3)));
+    assert_eq!(dialled.load(Ordering::SeqCst), 1, "one attempt, shared");
+    assert_eq!(server.stats.snapshot().handshakes_ok, 1);
 }
 
 #[tokio::test]
