@@ -327,6 +327,15 @@ fn a_paused_process_is_removed_then_rejoins_under_a_new_epoch() {
     c.wait_for("removal", T, |s| {
         matches!(s.members[&victim].status, MemberStatus::Removed { .. })
     });
+    // The survivors close the connections the frozen process still holds
+    // open under its revoked epoch (not only refuse its next handshake).
+    let survivor = (1..=5).find(|n| *n != victim).unwrap();
+    c.wait_node(
+        survivor,
+        "closed the removed epoch's connections",
+        T,
+        |st| st.wire.connections_closed_revoked > 0,
+    );
     let resumed_at = orrery_node::clock::now_ms();
     c.signal(victim, "CONT");
     let s = c.wait_for("reinstatement", T, |s| {

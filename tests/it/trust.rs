@@ -1,8 +1,9 @@
 //! Only the cluster decides who a node is (issue 10): every real-process
 //! cluster here runs over mutual TLS, as `orrery up` lays it out. Hostile
 //! connections (no certificate, another CA's, a certificate announcing
-//! another node) are refused, counted in `/metrics`, and change nothing; a
-//! revoked certificate locks its node out until it is issued a new one.
+//! another node, a relay injecting a frame after the handshake) are refused,
+//! counted in `/metrics`, and change nothing; a revoked certificate locks
+//! its node out until it is issued a new one.
 
 use crate::cluster::{show, TestCluster};
 use orrery::inproc::ready;
@@ -62,6 +63,58 @@ async fn try_remove_node_2(c: &TestCluster, cfg: Arc<WireConfig>) -> Result<Repl
         .unwrap_or(Reply::Error("call failed".into())))
 }
 
+struct Relay {
+    addr: String,
+    inject: Arc<tokio::sync::Notify>,
+}
+
+/// A TCP relay to `upstream` for one connection that, when told, writes a
+/// length-prefixed frame of its own (a `Remove` proposal) towards it.
+async fn tamper_relay(upstream: String) -> Relay {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let inject = Arc::new(tokio::sync::Notify::new());
+    let go = inject.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        let ((mut cr, mut cw), (mut sr, mut sw)) = (client.into_split(), server.into_split());
+        tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+        let mut buf = vec![0u8; 16 * 1024];
+        let frame = forged_remove_frame();
+        loop {
+            tokio::select! {
+                n = cr.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => if sw.write_all(&buf[..n]).await.is_err() { return },
+                },
+                _ = go.notified() => { let _ = sw.write_all(&frame).await; }
+            }
+        }
+    });
+    Relay { addr, inject }
+}
+
+/// What a plain-TCP peer would send to propose removing node 2.
+fn forged_remove_frame() -> Vec<u8> {
+    let cmd = orrery_core::Command::Remove {
+        node: 2,
+        epoch: 1,
+        reason: "injected".into(),
+        at: 0,
+    };
+    let env = orrery_wire::Envelope::<Request, Reply>::Request {
+        id: 77,
+        timeout_ms: 1000,
+        body: Request::Propose(cmd),
+    };
+    let body = postcard::to_stdvec(&env).expect("encode");
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
 #[test]
 fn connections_without_a_valid_certificate_of_their_own_are_refused_and_counted() {
     let mut c = TestCluster::new(4, 3, |_| {});
@@ -92,6 +145,34 @@ fn connections_without_a_valid_certificate_of_their_own_are_refused_and_counted(
             matches!(err, HandshakeError::RejectedByPeer { .. }),
             "{err:?}"
         );
+        // Node 4's certificate through a relay that injects a frame of its
+        // own after the handshake: the TLS record fails to authenticate and
+        // node 1 closes the connection; the injected request never runs.
+        let before_bad = c
+            .node_status(1)
+            .expect("status")
+            .wire
+            .connections_closed_bad_input;
+        let relay = tamper_relay(c.manifest.nodes[0].addr.clone()).await;
+        let ch = orrery_wire::connect::<Request, Reply>(
+            1,
+            &relay.addr,
+            wire(&c, 4, Some(own(&worker))),
+            Arc::new(WireStats::new()),
+        )
+        .await
+        .expect("the relay passes the handshake through");
+        assert!(matches!(
+            ch.call(Request::Ping, Duration::from_secs(5)).await,
+            Ok(Reply::Pong)
+        ));
+        relay.inject.notify_one();
+        tokio::time::timeout(T, ch.closed())
+            .await
+            .expect("node 1 closes the tampered connection");
+        c.wait_node(1, "the tampered record counted", T, |st| {
+            st.wire.connections_closed_bad_input > before_bad
+        });
     });
     let text = metrics(&c, 1);
     assert!(

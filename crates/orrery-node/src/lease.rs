@@ -42,6 +42,9 @@ pub(crate) struct Lease {
     view: RwLock<Arc<MembershipView>>,
     /// What the TLS layer refuses, kept in step with every view installed.
     revocations: orrery_trust::Revocations,
+    /// The version of every view installed, for open connections to check
+    /// their peer's epoch again (`Handler::admission`).
+    views: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Lease {
@@ -73,10 +76,15 @@ impl Lease {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// A lease whose views also feed `revocations` (the node's TLS layer).
-    pub fn new(revocations: orrery_trust::Revocations) -> Self {
+    /// A lease whose views also feed `revocations` (the node's TLS layer)
+    /// and announce themselves on `views`.
+    pub fn new(
+        revocations: orrery_trust::Revocations,
+        views: Arc<tokio::sync::watch::Sender<u64>>,
+    ) -> Self {
         Lease {
             revocations,
+            views,
             ..Default::default()
         }
     }
@@ -85,7 +93,9 @@ impl Lease {
     /// now on, and open connections made with them are closed.
     pub fn set_view(&self, v: MembershipView) {
         self.revocations.replace(v.revocations());
+        let version = v.version;
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+        self.views.send_replace(version);
     }
 }
 

@@ -27,7 +27,8 @@ use orrery_core::shardmap::{ShardId, ShardMap};
 use orrery_core::{ClusterState, Command, Coordinator, Gate, NodeId, Response, Role, Stage, Wait};
 use orrery_log::LogChannels;
 use orrery_wire::{
-    BoxFuture, CancellationToken, Handler, PeerInfo, WireConfig, WireStats, WireStatsSnapshot,
+    AdmitError, BoxFuture, CancellationToken, Handler, PeerInfo, WireConfig, WireStats,
+    WireStatsSnapshot,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -361,7 +362,7 @@ impl Node {
             hb_net: net.sibling(),
             net,
             health,
-            lease: Lease::new(revocations),
+            lease: Lease::new(revocations, server.views.clone()),
             started: tokio::time::Instant::now(),
             fenced_notify: tokio::sync::Notify::new(),
             me: OnceLock::new(),
@@ -600,6 +601,9 @@ struct Server {
     /// The roles in this node's own file, for requests that arrive before
     /// the node (and its replicated configuration) is built.
     roles: BTreeMap<NodeId, Role>,
+    /// Bumped with every membership view the node installs: open
+    /// connections then check their peer's epoch again.
+    views: Arc<tokio::sync::watch::Sender<u64>>,
     node: OnceLock<Arc<Inner>>,
     control: OnceLock<ControlPlane<ControlState>>,
     /// RPC counters, refusals included (the node's own, once it is built).
@@ -803,7 +807,7 @@ impl Handler<Request, Reply> for Server {
 
     /// The handshake refuses strangers and fenced processes (superseded,
     /// revoked); each request is then authorised on its own.
-    fn admit(&self, peer: &PeerInfo) -> Result<(), String> {
+    fn admit(&self, peer: &PeerInfo) -> Result<(), AdmitError> {
         if self.node.get().is_none() {
             return Ok(()); // Nothing to judge by yet; requests wait for the node.
         }
@@ -814,8 +818,16 @@ impl Handler<Request, Reply> for Server {
             let reason = refusal.kind();
             self.rpc.refused(reason);
             debug!(target: LOG, node = caller.node, epoch = caller.epoch, reason, "refused a connection: {refusal}");
-            refusal.to_string()
+            if refusal.fences() {
+                AdmitError::Fenced(refusal.to_string())
+            } else {
+                AdmitError::Refused(refusal.to_string())
+            }
         })
+    }
+
+    fn admission(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.views.subscribe())
     }
 }
 

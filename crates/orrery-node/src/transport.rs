@@ -123,6 +123,15 @@ impl Transport for TcpTransport {
             .await
             {
                 Ok(Ok(r)) => Ok(r),
+                // The peer refused our handshake because this process is
+                // fenced: the same answer a request on an open connection
+                // gets, so the node rejoins instead of retrying forever.
+                Ok(Err(orrery_wire::PoolError::Connect { source, .. }))
+                    if source.fenced().is_some() =>
+                {
+                    let reason = source.fenced().unwrap_or_default().to_string();
+                    Ok(Reply::Fenced { reason })
+                }
                 Ok(Err(orrery_wire::PoolError::Call(
                     orrery_wire::CallError::Overloaded
                     | orrery_wire::CallError::Remote(orrery_wire::RemoteError::Overloaded),

@@ -62,6 +62,31 @@ pub struct PeerInfo {
     pub cert: Option<orrery_trust::PeerIdentity>,
 }
 
+/// Why [`crate::Handler::admit`] refuses a peer; the peer is told which.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    /// The peer's process is fenced (a revoked or superseded epoch): an
+    /// honest peer stops serving and rejoins under a new epoch.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// Any other refusal (not in the cluster, a wrong role).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl HandshakeError {
+    /// The reason, if the server refused us because our process is fenced.
+    pub fn fenced(&self) -> Option<&str> {
+        match self {
+            HandshakeError::RejectedByPeer {
+                reason: RejectReason::Fenced(r),
+                ..
+            } => Some(r),
+            _ => None,
+        }
+    }
+}
+
 /// Step 1, client -> server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientHello {
@@ -119,9 +144,14 @@ pub enum RejectReason {
     /// The proof did not verify: the two sides have different cluster secrets.
     #[error("wrong cluster secret")]
     WrongSecret,
-    /// The server's admission hook refused this peer (e.g. a fenced epoch).
+    /// The server's admission hook refused this peer (e.g. not in the
+    /// cluster configuration).
     #[error("not admitted: {0}")]
     NotAdmitted(String),
+    /// The server's admission hook says this peer's process is fenced (its
+    /// epoch was revoked or superseded): it must rejoin under a new one.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// The rejecting side could not parse what it received.
     #[error("malformed handshake: {0}")]
     Malformed(String),
@@ -533,7 +563,7 @@ pub(crate) async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     addr: SocketAddr,
     stats: &WireStats,
     cert: Option<orrery_trust::PeerIdentity>,
-    admit: impl FnOnce(&PeerInfo) -> Result<(), String>,
+    admit: impl FnOnce(&PeerInfo) -> Result<(), AdmitError>,
 ) -> Result<PeerInfo, HandshakeError> {
     let client = match recv(framed, stats).await? {
         HandshakeMsg::ClientHello(c) => c,
@@ -621,8 +651,12 @@ pub(crate) async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         protocol_version: server.protocol_version,
         cert,
     };
-    if let Err(reason) = admit(&peer) {
-        reject(framed, RejectReason::NotAdmitted(reason.clone())).await;
+    if let Err(refused) = admit(&peer) {
+        let (why, reason) = match refused {
+            AdmitError::Fenced(r) => (RejectReason::Fenced(r.clone()), r),
+            AdmitError::Refused(r) => (RejectReason::NotAdmitted(r.clone()), r),
+        };
+        reject(framed, why).await;
         return Err(HandshakeError::NotAdmitted {
             peer: peer_name,
             reason,

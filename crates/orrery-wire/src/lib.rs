@@ -52,7 +52,9 @@ mod tls_tests;
 pub use client::{connect, CallError, Channel};
 pub use config::WireConfig;
 pub use frame::{Envelope, FrameError, RemoteError, HANDSHAKE_MAX_FRAME_BYTES};
-pub use handshake::{HandshakeError, PeerInfo, RejectReason, PROTOCOL_MAX, PROTOCOL_MIN};
+pub use handshake::{
+    AdmitError, HandshakeError, PeerInfo, RejectReason, PROTOCOL_MAX, PROTOCOL_MIN,
+};
 pub use limit::{admit_yielding, Admission, ConnLimiter, ConnLimits, ConnSlot};
 pub use link::Link;
 pub use pool::{PeerPool, PoolError};

@@ -81,3 +81,11 @@ pub(crate) async fn until_revoked(
         }
     }
 }
+
+/// Whether an I/O error on a TLS link is TLS refusing the bytes it read (a
+/// record that does not authenticate, a protocol violation), as opposed to
+/// the transport failing.
+pub(crate) fn is_tls_failure(err: &io::Error) -> bool {
+    err.get_ref()
+        .is_some_and(|e| e.downcast_ref::<orrery_trust::rustls::Error>().is_some())
+}

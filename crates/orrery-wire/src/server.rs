@@ -40,7 +40,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{decode, encode, Envelope, FrameError, RemoteError, WireCodec};
-use crate::handshake::{new_framed, server_handshake, HandshakeError, PeerInfo};
+use crate::handshake::{new_framed, server_handshake, AdmitError, HandshakeError, PeerInfo};
 use crate::limit::{admit_yielding, first_bytes, ConnLimiter, ConnLimits, ConnSlot, First};
 use crate::link::Link;
 use crate::stats::WireStats;
@@ -64,12 +64,39 @@ pub trait Handler<Req, Resp>: Send + Sync + 'static {
     fn handle<'a>(&'a self, peer: &'a PeerInfo, req: Req) -> BoxFuture<'a, Resp>;
 
     /// Called once per connection after the peer has proven the cluster secret and
-    /// before the server proves it. `Err(reason)` refuses the peer (it receives
-    /// `RejectReason::NotAdmitted(reason)`), e.g. to fence a revoked epoch.
+    /// before the server proves it. `Err` refuses the peer, which is told
+    /// `RejectReason::Fenced(reason)` for a fenced process (a revoked epoch)
+    /// or `RejectReason::NotAdmitted(reason)` for anything else.
     /// The default admits everyone.
-    fn admit(&self, peer: &PeerInfo) -> Result<(), String> {
+    fn admit(&self, peer: &PeerInfo) -> Result<(), AdmitError> {
         let _ = peer;
         Ok(())
+    }
+
+    /// Wakes whenever what [`admit`](Self::admit) decides may have changed
+    /// (e.g. a new membership view): every open connection then asks
+    /// `admit` again and is closed if its peer is refused now (a removed
+    /// epoch). `None` (the default): admission never changes.
+    fn admission(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// Resolves with the reason once `handler` no longer admits `peer`.
+async fn until_refused<Req, Resp, H: Handler<Req, Resp>>(
+    handler: &H,
+    peer: &PeerInfo,
+) -> AdmitError {
+    let Some(mut changes) = handler.admission() else {
+        return std::future::pending().await;
+    };
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Err(reason) = handler.admit(peer) {
+            return reason;
+        }
     }
 }
 
@@ -155,6 +182,11 @@ pub(crate) fn close_bad_input(stats: &WireStats, who: &str, err: &FrameError) {
             WireStats::bump(&stats.frames_oversized);
         }
         FrameError::Malformed(_) => {
+            WireStats::bump(&stats.frames_malformed);
+        }
+        // A TLS record that does not authenticate: bytes that did not come
+        // from the peer (a relay injecting a frame) or are not TLS at all.
+        FrameError::Io(e) if crate::link::is_tls_failure(e) => {
             WireStats::bump(&stats.frames_malformed);
         }
         FrameError::Io(e) => {
@@ -308,13 +340,19 @@ async fn connection<Req, Resp, H>(
         std::collections::BTreeMap::new();
 
     let revoked = crate::link::until_revoked(cfg.trust.as_ref(), peer.cert.as_ref());
-    tokio::pin!(revoked);
+    let refused = until_refused(&*handler, &peer);
+    tokio::pin!(revoked, refused);
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break,
             why = &mut revoked => {
                 WireStats::bump(&stats.connections_closed_revoked);
                 tracing::warn!(target: LOG_TARGET, "closing the connection from {who}: {why}");
+                break;
+            }
+            why = &mut refused => {
+                WireStats::bump(&stats.connections_closed_revoked);
+                tracing::info!(target: LOG_TARGET, "closing the connection from {who}: no longer admitted: {why}");
                 break;
             }
             res = &mut writer => {

@@ -76,7 +76,8 @@ stats! {
     /// one the peer's certificate names.
     handshakes_refused_identity,
     /// Established connections closed because the peer's certificate was
-    /// revoked while they were open.
+    /// revoked while they were open, or the handler stopped admitting the
+    /// peer (its epoch was revoked or superseded).
     connections_closed_revoked,
 }
 

@@ -1,7 +1,7 @@
 //! Crate tests: real TCP on 127.0.0.1:0, event-driven, every wait bounded.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -87,9 +87,9 @@ impl Handler<Req, Resp> for TestHandler {
         })
     }
 
-    fn admit(&self, peer: &PeerInfo) -> Result<(), String> {
+    fn admit(&self, peer: &PeerInfo) -> Result<(), AdmitError> {
         match self.fenced_epoch {
-            Some(e) if e == peer.epoch => Err(format!("epoch {e} is fenced")),
+            Some(e) if e == peer.epoch => Err(AdmitError::Fenced(format!("epoch {e} is fenced"))),
             _ => Ok(()),
         }
     }
@@ -356,13 +356,18 @@ async fn admit_hook_can_refuse_a_peer() {
     let err = client(&server, fenced).await.unwrap_err();
     match &err {
         HandshakeError::RejectedByPeer {
-            reason: RejectReason::NotAdmitted(why),
+            reason: RejectReason::Fenced(why),
             ..
         } => {
             assert!(why.contains("epoch 13 is fenced"))
         }
         other => panic!("unexpected {other:?}"),
     }
+    assert_eq!(
+        err.fenced(),
+        Some("epoch 13 is fenced"),
+        "told it is fenced"
+    );
     assert_good_client_works(&server).await;
 }
 
@@ -869,6 +874,66 @@ async fn pool_reuses_and_reconnects() {
         }) => {}
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// Admits every epoch but the fenced ones, and says when that changes.
+struct Fencing {
+    fenced: Mutex<Option<u64>>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Handler<Req, Resp> for Fencing {
+    fn handle<'a>(&'a self, _peer: &'a PeerInfo, req: Req) -> BoxFuture<'a, Resp> {
+        Box::pin(async move {
+            match req {
+                Req::Echo(n) => Resp::Echo(n),
+                _ => Resp::Gated,
+            }
+        })
+    }
+    fn admit(&self, peer: &PeerInfo) -> Result<(), AdmitError> {
+        match *self.fenced.lock().unwrap() {
+            Some(e) if e == peer.epoch => Err(AdmitError::Fenced(format!("epoch {e} is fenced"))),
+            _ => Ok(()),
+        }
+    }
+    fn admission(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
+    }
+}
+
+/// An epoch fenced while its connection is open: the connection is closed
+/// at the next admission change, not only refused at the next handshake.
+#[tokio::test]
+async fn a_connection_whose_peer_is_no_longer_admitted_is_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stats, shutdown) = (Arc::new(WireStats::new()), CancellationToken::new());
+    let handler = Arc::new(Fencing {
+        fenced: Mutex::new(None),
+        changes: tokio::sync::watch::Sender::new(0),
+    });
+    tokio::spawn(serve::<Req, Resp, _>(
+        listener,
+        Arc::new(cfg(100)),
+        handler.clone(),
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    let chan = connect::<Req, Resp>(100, &addr, Arc::new(cfg(1)), Arc::new(WireStats::new()))
+        .await
+        .unwrap();
+    assert_eq!(chan.call(Req::Echo(1), CALL).await, Ok(Resp::Echo(1)));
+    // A change that still admits it leaves it open.
+    handler.changes.send_replace(1);
+    assert_eq!(chan.call(Req::Echo(2), CALL).await, Ok(Resp::Echo(2)));
+    *handler.fenced.lock().unwrap() = Some(1);
+    handler.changes.send_replace(2);
+    tokio::time::timeout(BOUND, chan.closed())
+        .await
+        .expect("closed once no longer admitted");
+    assert_eq!(stats.snapshot().connections_closed_revoked, 1);
+    shutdown.cancel();
 }
 
 /// A caller that gives up while the handshake is still under way leaves

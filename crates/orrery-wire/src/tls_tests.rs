@@ -261,4 +261,9 @@ async fn a_frame_injected_by_a_relay_after_the_handshake_closes_the_connection()
         vec![(7, Some(7), 1)],
         "the injected request never ran"
     );
+    let stats = srv.stats.clone();
+    eventually("the tampered record counted as bad input", || {
+        stats.snapshot().connections_closed_bad_input == 1
+    })
+    .await;
 }
