@@ -5,9 +5,10 @@
 //! all 250 nodes from a live console. Here one console command goes to the
 //! chosen nodes in parallel (at most [`MAX_PARALLEL`] requests at once), each
 //! with the same deadline; a node that does not answer in time is reported
-//! as `timeout` while the others' answers come back. The command is parsed
-//! here first with the nodes' own parser, so a typo is refused before
-//! anything is sent.
+//! as `timeout` while the others' answers come back. The command is checked
+//! here first ([`prepare`]) with the nodes' own parser and command list, so
+//! a typo is refused once, with the usage or the nearest command, before
+//! any command is sent; `help` is answered here.
 //!
 //! This module owns finding the nodes (a local cluster's manifest, or any
 //! node's `/cluster`), choosing them (`all`, ids, `role=...`), fanning out
@@ -20,7 +21,7 @@ use orrery_core::state::Event;
 use orrery_core::{ClusterState, NodeId, Role};
 use orrery_node::admin::{ConsoleAnswer, ConsoleRequest};
 use orrery_node::config::NodeEntry;
-use orrery_node::console::ConsoleCommand;
+use orrery_node::console::{self, CommandList, ConsoleCommand, ConsoleError, ServiceCommands};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::mpsc;
@@ -189,6 +190,139 @@ pub fn find_token(given: Option<String>, data_dir: &Path) -> Option<String> {
                 .map(|t| t.trim().to_string())
         })
         .filter(|t| !t.is_empty())
+}
+
+/// What the CLI knows of the nodes' commands beyond the built-in ones
+/// (which it shares with them): their services', asked of one node
+/// (`GET /commands`, a read; no command is sent) the first time a line
+/// needs them, and kept once one answered.
+#[derive(Debug, Default)]
+pub struct Vocabulary {
+    services: Option<Vec<ServiceCommands>>,
+}
+
+impl Vocabulary {
+    /// A vocabulary whose services are already known (tests, or a caller
+    /// that asked itself).
+    pub fn with_services(services: Vec<ServiceCommands>) -> Vocabulary {
+        Vocabulary {
+            services: Some(services),
+        }
+    }
+
+    /// The services' commands, asking `nodes` if not known yet; `None`
+    /// when no node answered.
+    fn services(&mut self, nodes: &[NodeEntry], timeout: Duration) -> Option<&[ServiceCommands]> {
+        if self.services.is_none() {
+            self.services = fetch_commands(nodes, timeout).ok().map(|l| l.services);
+        }
+        self.services.as_deref()
+    }
+}
+
+/// The commands a node runs (`GET /commands`), from the first of (at most
+/// three of) `nodes` that answers.
+pub fn fetch_commands(nodes: &[NodeEntry], timeout: Duration) -> Result<CommandList> {
+    let agent = agent(timeout);
+    let mut last = anyhow!("no nodes chosen");
+    for n in nodes.iter().take(3) {
+        match agent
+            .get(&format!("http://{}/commands", n.admin_addr))
+            .call()
+        {
+            Ok(r) => return Ok(r.into_json()?),
+            Err(e) => last = anyhow!("node {}: {e}", n.id),
+        }
+    }
+    Err(last)
+}
+
+/// What to do with a line that passed [`prepare`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Line {
+    /// `help`, answered here: usage lines, one per command, and whether
+    /// the services' commands are among them.
+    Help {
+        lines: Vec<String>,
+        services_known: bool,
+    },
+    /// Send it to the nodes.
+    Run,
+}
+
+impl Line {
+    /// `help`'s answer for a terminal.
+    pub fn render_help(lines: &[String], services_known: bool) -> String {
+        let mut out = String::new();
+        for l in lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+        if !services_known {
+            out.push_str("(services' commands not listed: no node answered GET /commands)\n");
+        }
+        out
+    }
+}
+
+/// Checks a line before anything is sent: `help [COMMAND]` is answered
+/// here; a line that does not parse, or whose first word is neither a
+/// built-in command nor one of the nodes' services' (asked of one of
+/// `nodes` once, see [`Vocabulary`]), is refused with one message (the
+/// reason, and the usage or the nearest command). If no node says which
+/// services it has, a word near a built-in command is refused and any
+/// other is left to the nodes.
+pub fn prepare(
+    words: &[String],
+    vocab: &mut Vocabulary,
+    nodes: &[NodeEntry],
+    timeout: Duration,
+) -> Result<Line> {
+    let cmd = ConsoleCommand::parse(words).map_err(|e| anyhow!(refusal(words, &e)))?;
+    match cmd {
+        ConsoleCommand::Help => {
+            let services = vocab.services(nodes, timeout);
+            let services_known = services.is_some();
+            let lines = console::help_lines(&words[1..], services.unwrap_or_default())
+                .map_err(|e| anyhow!("{e}"))?;
+            Ok(Line::Help {
+                lines,
+                services_known,
+            })
+        }
+        ConsoleCommand::Service { args } => {
+            let word = args.first().map(String::as_str).unwrap_or_default();
+            match vocab.services(nodes, timeout) {
+                Some(s) => {
+                    let known: Vec<&str> = s.iter().map(|s| s.word.as_str()).collect();
+                    console::check_service(&args, &known).map_err(|e| anyhow!("{e}"))?;
+                }
+                None => {
+                    let e = console::unknown(word, &[]);
+                    if matches!(
+                        e,
+                        ConsoleError::Unknown {
+                            suggestion: Some(_),
+                            ..
+                        }
+                    ) {
+                        bail!("{e}");
+                    }
+                }
+            }
+            Ok(Line::Run)
+        }
+        _ => Ok(Line::Run),
+    }
+}
+
+/// A parse error as the operator sees it: a bad argument comes with the
+/// command's usage.
+fn refusal(words: &[String], e: &ConsoleError) -> String {
+    match (e, console::usage_for(words)) {
+        (ConsoleError::BadArgument(_), Some(u)) => format!("{e}; usage: {u}"),
+        _ => e.to_string(),
+    }
 }
 
 /// Sends one console command to one node.
@@ -494,6 +628,85 @@ mod tests {
         };
         let e = exec(&fleet, &[], &args, None, Duration::from_secs(1)).unwrap_err();
         assert!(e.to_string().contains("unknown level"), "{e}");
+    }
+
+    fn words(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_line_is_checked_and_help_answered_here() {
+        let t = Duration::from_secs(1);
+        let universe = ServiceCommands {
+            word: "universe".into(),
+            usage: vec!["universe stats [N]".into()],
+        };
+        let mut vocab = Vocabulary::with_services(vec![universe]);
+        // A mistyped command: one message, naming it and the nearest one.
+        let e = prepare(&words("lgo level x debug"), &mut vocab, &[], t).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown command `lgo` (did you mean `log`?); `help` lists the commands"
+        );
+        let e = prepare(&words("frobnicate now"), &mut vocab, &[], t).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown command `frobnicate`"),
+            "{e}"
+        );
+        let e = prepare(&words("univers stats"), &mut vocab, &[], t).unwrap_err();
+        assert!(e.to_string().contains("did you mean `universe`"), "{e}");
+        // A bad argument comes with the usage.
+        let e = prepare(&words("log level x loud"), &mut vocab, &[], t).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown level `loud`")
+                && e.to_string().contains("usage: log level CHANNEL"),
+            "{e}"
+        );
+        let e = prepare(&words("status now"), &mut vocab, &[], t).unwrap_err();
+        assert_eq!(e.to_string(), "usage: status");
+        // Commands the nodes run go to them.
+        assert_eq!(
+            prepare(&words("universe stats"), &mut vocab, &[], t).unwrap(),
+            Line::Run
+        );
+        assert_eq!(
+            prepare(&words("log level x debug"), &mut vocab, &[], t).unwrap(),
+            Line::Run
+        );
+        // `help`: every command, one per line, the services' too.
+        let Line::Help {
+            lines,
+            services_known,
+        } = prepare(&words("help"), &mut vocab, &[], t).unwrap()
+        else {
+            panic!("help is answered here")
+        };
+        assert!(services_known);
+        assert_eq!(lines.len(), orrery_node::console::COMMANDS.len() + 1);
+        assert_eq!(lines.last().unwrap(), "universe stats [N]");
+        let Line::Help { lines, .. } = prepare(&words("help drain"), &mut vocab, &[], t).unwrap()
+        else {
+            panic!("help drain")
+        };
+        assert_eq!(lines, vec!["drain [on|off]".to_string()]);
+        let e = prepare(&words("help lgo"), &mut vocab, &[], t).unwrap_err();
+        assert!(e.to_string().contains("did you mean `log`"), "{e}");
+
+        // No node says which services it has: a near miss is still refused
+        // here, any other word is left to the nodes.
+        let mut unknown = Vocabulary::default();
+        let e = prepare(&words("lgo level x debug"), &mut unknown, &[], t).unwrap_err();
+        assert!(e.to_string().contains("did you mean `log`"), "{e}");
+        assert_eq!(
+            prepare(&words("frobnicate"), &mut unknown, &[], t).unwrap(),
+            Line::Run
+        );
+        let Line::Help { services_known, .. } =
+            prepare(&words("help"), &mut unknown, &[], t).unwrap()
+        else {
+            panic!("help")
+        };
+        assert!(!services_known);
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Plan {
     pub store: orrery_store::StoreConfig,
     /// Application sections of every node (`[app.universe]`).
     pub app: toml::Table,
+    /// What SIGTERM does on every node (`[shutdown]`: drain and leave bounds).
+    pub shutdown: orrery_node::config::ShutdownConfig,
 }
 
 impl Plan {
@@ -105,6 +107,7 @@ impl Plan {
             quorum: Default::default(),
             store: orrery_store::StoreConfig::default(),
             app: toml::Table::new(),
+            shutdown: Default::default(),
         }
     }
 }
@@ -357,6 +360,7 @@ fn node_config(plan: &Plan, n: &NodeEntry, shared: &Shared, data_dir: PathBuf) -
             orrery_store::BackendKind::Postgres => plan.store.clone(),
         },
         app: plan.app.clone(),
+        shutdown: plan.shutdown.clone(),
         nodes: shared.nodes.clone(),
     }
 }
@@ -376,6 +380,188 @@ pub fn universe_config(data_dir: &Path) -> Result<orrery_universe::UniverseConfi
         Some(v) => Ok(v.clone().try_into().context("[app.universe]")?),
         None => bail!("{} does not run the universe", data_dir.display()),
     }
+}
+
+/// An exclusive `flock` on a file, held as long as this value lives (the
+/// kernel releases it when the process dies, however it dies): `orrery up`
+/// holds `DATA_DIR/up.lock`, every `orrery node` its data directory's
+/// `node.lock`. The file says who holds it (`pid N`, `admin ADDR`).
+#[derive(Debug)]
+pub struct DirLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+/// A lock somebody else holds, with what its holder wrote in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub path: PathBuf,
+    pub pid: Option<u32>,
+    pub admin: Option<String>,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(p) => write!(f, "pid {p}")?,
+            None => write!(f, "pid unknown")?,
+        }
+        if let Some(a) = &self.admin {
+            write!(f, ", admin {a}")?;
+        }
+        Ok(())
+    }
+}
+
+impl DirLock {
+    /// Takes the lock on `path` without waiting; `Ok(Err(held))` when
+    /// another process holds it.
+    pub fn acquire(path: &Path) -> Result<std::result::Result<DirLock, Held>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Ok(DirLock {
+                file,
+                path: path.to_owned(),
+            })),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(Err(Held::read(path))),
+            Err(e) => Err(std::io::Error::from(e))
+                .with_context(|| format!("cannot lock {}", path.display())),
+        }
+    }
+
+    /// Whether another process holds the lock on `path` (a missing file:
+    /// nobody). Takes and drops the lock when it is free.
+    pub fn holder(path: &Path) -> Result<Option<Held>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        Ok(DirLock::acquire(path)?.err())
+    }
+
+    /// Says who holds the lock: this process, and its admin address.
+    pub fn describe(&self, admin: Option<&str>) -> Result<()> {
+        use std::io::{Seek, Write};
+        let mut text = format!("pid {}\n", std::process::id());
+        if let Some(a) = admin {
+            text.push_str(&format!("admin {a}\n"));
+        }
+        let mut f = &self.file;
+        f.set_len(0)
+            .and_then(|_| f.seek(std::io::SeekFrom::Start(0)))
+            .and_then(|_| f.write_all(text.as_bytes()))
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+impl Held {
+    fn read(path: &Path) -> Held {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        };
+        Held {
+            path: path.to_owned(),
+            pid: field("pid ").and_then(|p| p.parse().ok()),
+            admin: field("admin "),
+        }
+    }
+}
+
+/// The lock `orrery up` holds on its data directory.
+pub fn up_lock_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("up.lock")
+}
+
+/// The lock an `orrery node` process holds on its own data directory.
+pub fn node_lock_path(node_data_dir: &Path) -> PathBuf {
+    node_data_dir.join("node.lock")
+}
+
+/// Takes `orrery up`'s lock on `data_dir` (creating the directory), or
+/// refuses at once if the directory is in use: by another `orrery up`, or
+/// by any node process running on one of its node directories (started by
+/// hand or by a harness).
+pub fn lock_for_up(data_dir: &Path) -> Result<DirLock> {
+    private_dir(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let lock = match DirLock::acquire(&up_lock_path(data_dir))? {
+        Ok(l) => l,
+        Err(held) => bail!(
+            "a cluster is already running on {}: {held} (`orrery up`); stop it first, or use another --data-dir",
+            data_dir.display()
+        ),
+    };
+    let mut dirs: Vec<(u64, PathBuf)> = std::fs::read_dir(data_dir)
+        .with_context(|| format!("cannot read {}", data_dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix("node-")?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .collect();
+    dirs.sort();
+    for (id, dir) in dirs {
+        if let Some(held) = DirLock::holder(&node_lock_path(&dir))? {
+            bail!(
+                "a cluster is already running on {}: {held} (node {id}); stop it first, or use another --data-dir",
+                data_dir.display()
+            );
+        }
+    }
+    lock.describe(None)?;
+    Ok(lock)
+}
+
+/// Takes the lock of a node's own data directory, or refuses at once: two
+/// processes on one Raft store would corrupt it.
+pub fn lock_for_node(node: NodeId, node_data_dir: &Path, admin: &str) -> Result<DirLock> {
+    private_dir(node_data_dir)
+        .with_context(|| format!("cannot create {}", node_data_dir.display()))?;
+    match DirLock::acquire(&node_lock_path(node_data_dir))? {
+        Ok(l) => {
+            l.describe(Some(admin))?;
+            Ok(l)
+        }
+        Err(held) => bail!(
+            "node {node}'s data directory {} is in use by another process: {held}",
+            node_data_dir.display()
+        ),
+    }
+}
+
+/// The lines of a node's log that say why it stopped: its last error
+/// report (the binary's `error: ...` with its `caused by:` lines, a logged
+/// `ERROR`, a panic) and what follows it, at most `max` lines; without
+/// one, the last line naming an error, else the last `max` lines.
+pub fn log_reason(log: &str, max: usize) -> Vec<String> {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let report = |l: &str| {
+        let t = l.trim_start().to_ascii_lowercase();
+        t.starts_with("error") || l.contains(" ERROR ") || t.contains("panicked at")
+    };
+    let start = lines
+        .iter()
+        .rposition(|l| report(l))
+        .or_else(|| {
+            lines
+                .iter()
+                .rposition(|l| l.to_ascii_lowercase().contains("error"))
+        })
+        .unwrap_or(lines.len().saturating_sub(max));
+    lines[start..]
+        .iter()
+        .take(max)
+        .map(|l| l.to_string())
+        .collect()
 }
 
 /// Writes a file only its owner may read (node.toml, admin.token).
@@ -651,6 +837,9 @@ pub fn render_status(
             (orrery_core::MemberStatus::Removed { reason, .. }, _, _) => {
                 format!("REMOVED: {reason}")
             }
+            (orrery_core::MemberStatus::Left { .. }, _, _) => {
+                "LEFT: stopped by its operator; rejoins when restarted".into()
+            }
             (_, _, _) if !m.health.healthy => format!(
                 "IMPAIRED: {}",
                 m.health.reason.as_deref().unwrap_or("self-checks failing")
@@ -812,5 +1001,68 @@ mod tests {
         let again = prepare(&Plan::new(4, 3, &dir)).unwrap();
         assert_eq!(again.cluster_id, m.cluster_id);
         check_private(&dir, &again);
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_node_log_gives_its_last_error_report() {
+        let log = "2026-01-01T00:00:00.000Z  INFO orrery::node: node listening\n\
+                   2026-01-01T00:00:01.000Z  WARN orrery::node: a warning, no error here\n\
+                   error: cannot listen on admin address 127.0.0.1:9\n\
+                   \x20 caused by: Address already in use (os error 98)\n";
+        let r = log_reason(log, 12);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0].starts_with("error: cannot listen"));
+        assert!(r[1].contains("Address already in use"));
+        // A cause without the word "error" still comes with its report.
+        let r = log_reason("INFO start\nError: bad config\n  caused by: line 3\n", 12);
+        assert_eq!(r, vec!["Error: bad config", "  caused by: line 3"]);
+        // No error at all: the tail.
+        let r = log_reason("a\nb\nc\n", 2);
+        assert_eq!(r, vec!["b", "c"]);
+        assert!(log_reason("", 3).is_empty());
+    }
+
+    #[test]
+    fn a_held_lock_names_its_holder_and_a_free_one_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        assert_eq!(DirLock::holder(&path).unwrap(), None, "no file: nobody");
+        let held = DirLock::acquire(&path).unwrap().unwrap();
+        held.describe(Some("127.0.0.1:7")).unwrap();
+        // flock is per open file: a second open in this process is refused too.
+        let other = DirLock::acquire(&path).unwrap().unwrap_err();
+        assert_eq!(other.pid, Some(std::process::id()));
+        assert_eq!(other.admin.as_deref(), Some("127.0.0.1:7"));
+        assert_eq!(
+            other.to_string(),
+            format!("pid {}, admin 127.0.0.1:7", std::process::id())
+        );
+        let up = lock_for_up(dir.path()).unwrap();
+        let e = lock_for_up(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("already running") && e.contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        drop(up);
+        // A node directory in use refuses `up` too, naming the node.
+        let node_dir = dir.path().join("node-2");
+        let node = lock_for_node(2, &node_dir, "127.0.0.1:8").unwrap();
+        let e = lock_for_up(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("(node 2)") && e.contains("admin 127.0.0.1:8"),
+            "{e}"
+        );
+        let e = lock_for_node(2, &node_dir, "127.0.0.1:8")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("in use by another process"), "{e}");
+        drop((node, held));
+        assert!(lock_for_up(dir.path()).is_ok());
     }
 }

@@ -391,7 +391,53 @@ fn run_repair(config: Option<PathBuf>, data_dir: Option<PathBuf>, node: Option<u
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// Runs the command; an error is printed for a person (see
+/// [`error_report`]) and the exit code is 1 (commands that exit with their
+/// own code, e.g. `exec`'s 2, do so themselves).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("{}", error_report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error: WHAT`, then `  caused by: WHY` for each source in the chain;
+/// a stack backtrace only if one was captured, i.e. the user asked for it
+/// (`RUST_BACKTRACE=1` or `RUST_LIB_BACKTRACE=1`).
+fn error_report(e: &anyhow::Error) -> String {
+    use std::fmt::Write;
+    let mut out = format!("error: {e}\n");
+    for cause in e.chain().skip(1) {
+        let _ = writeln!(out, "  caused by: {cause}");
+    }
+    let bt = e.backtrace();
+    if bt.status() == std::backtrace::BacktraceStatus::Captured {
+        let _ = writeln!(out, "stack backtrace (RUST_BACKTRACE is set):\n{bt}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod error_report_tests {
+    #[test]
+    fn an_error_prints_its_chain() {
+        let e = anyhow::anyhow!("No such file or directory")
+            .context("cannot read /nonexistent/orrery.json")
+            .context("no local cluster in /nonexistent");
+        let text = super::error_report(&e);
+        assert!(
+            text.starts_with(
+                "error: no local cluster in /nonexistent\n  caused by: cannot read /nonexistent/orrery.json\n  caused by: No such file or directory\n"
+            ),
+            "{text}"
+        );
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Node { config, overrides } => run_node(config, overrides),
@@ -444,6 +490,9 @@ fn main() -> Result<()> {
             npc_ops_per_s,
             stats_period_ms,
         } => {
+            // Refused at once if the directory is in use (another `orrery
+            // up`, or node processes running on it); held until we exit.
+            let up_lock = local::lock_for_up(&data_dir)?;
             let mut plan = Plan::new(nodes, voters, data_dir);
             plan.arbiters = arbiters;
             plan.stage_deadline_ms = stage_deadline_ms;
@@ -458,7 +507,12 @@ fn main() -> Result<()> {
                 local::prepare(&plan)?;
                 prepare_universe(&plan.data_dir, 1, universe_systems)?;
             }
-            up(plan, exit_when_ready, Duration::from_secs(ready_timeout_s))
+            up(
+                plan,
+                exit_when_ready,
+                Duration::from_secs(ready_timeout_s),
+                &up_lock,
+            )
         }
         Cmd::Status {
             data_dir,
@@ -474,8 +528,27 @@ fn main() -> Result<()> {
             command,
         } => {
             let timeout = parse_timeout(&timeout)?;
-            let fleet = target.fleet(timeout)?;
-            let chosen = fleet.select(&nodes.parse()?)?;
+            // The line is checked (and `help` answered) before anything
+            // is sent; `help` needs no cluster.
+            let fleet = target.fleet(timeout);
+            let chosen = match &fleet {
+                Ok(f) => f.select(&nodes.parse()?)?,
+                Err(_) => Vec::new(),
+            };
+            let mut vocab = exec::Vocabulary::default();
+            if let exec::Line::Help {
+                lines,
+                services_known,
+            } = exec::prepare(&command, &mut vocab, &chosen, timeout)?
+            {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&lines)?);
+                } else {
+                    print!("{}", exec::Line::render_help(&lines, services_known));
+                }
+                return Ok(());
+            }
+            let fleet = fleet?;
             let token = target.token();
             if token.is_none() {
                 bail!("no admin token: pass --token, set ORRERY_ADMIN_TOKEN, or run against a local cluster whose data dir holds admin.token");
@@ -641,6 +714,9 @@ fn main() -> Result<()> {
 
 fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
     let cfg = NodeConfig::load_with(&config, &overrides)?;
+    // One process per data directory (two on one Raft store would corrupt
+    // it): refused before anything is bound; held until the process exits.
+    let _lock = local::lock_for_node(cfg.node_id, &cfg.data_dir, &cfg.admin_listen_addr())?;
     // Logging channels: bounded queues, never waited for (see orrery-log).
     let log =
         orrery_log::install(&cfg.log, Some(&cfg.data_dir)).context("cannot set up logging")?;
@@ -699,10 +775,21 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
         }
         node.attach_log(log.clone());
         let admin_task = tokio::spawn(orrery_node::admin::serve(admin, node.clone()));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        // SIGTERM and SIGINT are an operator's decision: the node leaves the
+        // cluster (drain, stop serving, `Leave`), bounded by `[shutdown]`,
+        // instead of vanishing and being suspected. While it leaves, SIGTERM
+        // is ignored; a second SIGINT (Ctrl-C twice) skips the rest.
+        let how = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        tracing::info!("{how}: leaving the cluster");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = node.leave() => {}
+            _ = int.recv() => tracing::warn!("SIGINT again: exiting without finishing leaving"),
         }
         tracing::info!("shutting down");
         node.shutdown().await;
@@ -712,8 +799,19 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
     })
 }
 
-fn up(plan: Plan, exit_when_ready: bool, ready_timeout: Duration) -> Result<()> {
+fn up(
+    plan: Plan,
+    exit_when_ready: bool,
+    ready_timeout: Duration,
+    lock: &local::DirLock,
+) -> Result<()> {
     let manifest = local::prepare(&plan)?;
+    lock.describe(manifest.nodes.first().map(|n| n.admin_addr.as_str()))?;
+    // A node whose file does not load would exit at once: say which, now.
+    for n in &manifest.nodes {
+        let path = Manifest::node_config_path(&plan.data_dir, n.id);
+        NodeConfig::load(&path).with_context(|| format!("node {} cannot start", n.id))?;
+    }
     let exe = std::env::current_exe().context("cannot find the orrery binary")?;
     let launched = Instant::now();
     let launched_ms = now_ms();
@@ -759,8 +857,23 @@ fn up(plan: Plan, exit_when_ready: bool, ready_timeout: Duration) -> Result<()> 
             children.stop_all();
             return Ok(());
         }
+        // A node that exits before stage 0 will not come back by itself:
+        // stop waiting and say why, in its own words.
+        if !ready_reported {
+            if let Some((id, st)) = children.exited().into_iter().next() {
+                bars.clear().ok();
+                let log_path = children.log_path(id);
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let reason = local::log_reason(&log, 12).join("\n  ");
+                children.stop_all();
+                bail!(
+                    "node {id} exited ({st}) before the cluster reached stage 0; the end of its log ({}):\n  {reason}",
+                    log_path.display()
+                );
+            }
+        }
         for (id, st) in children.exited() {
-            if !ready_reported && reported_exits.insert(id) {
+            if reported_exits.insert(id) {
                 bars.println(format!("node {id} exited ({st}); see its node.log"))
                     .ok();
             }
@@ -892,6 +1005,7 @@ fn console(nodes: String, timeout: Duration, target: ClusterTarget) -> Result<()
         bail!("no admin token: pass --token, set ORRERY_ADMIN_TOKEN, or run against a local cluster whose data dir holds admin.token");
     };
     let mut chosen = fleet.select(&nodes.parse()?)?;
+    let mut vocab = exec::Vocabulary::default();
     let config = rustyline::Config::builder()
         .max_history_size(1000)?
         .auto_add_history(true)
@@ -930,9 +1044,25 @@ fn console(nodes: String, timeout: Duration, target: ClusterTarget) -> Result<()
                     Err(e) => println!("error: {e}"),
                 }
             }
-            Some(_) => match exec::exec(&fleet, &chosen, &words, Some(&token), timeout) {
-                Ok(out) => print!("{}", exec::render(&out)),
-                Err(e) => println!("error: {e}"),
+            // Checked here first: `help` is answered here, and a line that
+            // does not parse is refused once, before anything is sent.
+            Some(_) => match exec::prepare(&words, &mut vocab, &chosen, timeout) {
+                Ok(exec::Line::Help {
+                    lines,
+                    services_known,
+                }) => {
+                    print!("{}", exec::Line::render_help(&lines, services_known));
+                    if words.len() == 1 {
+                        println!(":nodes all|1,2|role=worker (choose the nodes)\n:quit");
+                    }
+                }
+                Ok(exec::Line::Run) => {
+                    match exec::exec(&fleet, &chosen, &words, Some(&token), timeout) {
+                        Ok(out) => print!("{}", exec::render(&out)),
+                        Err(e) => println!("error: {e:#}"),
+                    }
+                }
+                Err(e) => println!("error: {e:#}"),
             },
         }
     }

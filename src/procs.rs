@@ -3,7 +3,7 @@
 //! all run nodes through this one type.
 //!
 //! It owns the child processes and nothing else; it must never wait without
-//! a bound (stopping gives each node 5 s before killing it).
+//! a bound (stopping gives each node [`STOP_GRACE`] before killing it).
 #![allow(clippy::disallowed_methods)] // Process supervision measures real time.
 
 use crate::local::Manifest;
@@ -14,8 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a node gets to exit after SIGTERM before it is killed.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a node gets to exit after SIGTERM before it is killed. On
+/// SIGTERM a node leaves the cluster (drain, `Leave`: at most
+/// `shutdown.drain_timeout_ms + shutdown.leave_timeout_ms`, 5 s by
+/// default), then stops its control plane and admin port.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The running node processes of one local cluster.
 pub struct NodeProcs {
@@ -74,6 +77,11 @@ impl NodeProcs {
             self.start(n.id)?;
         }
         Ok(())
+    }
+
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        self.procs.get(&id).map(|c| c.id())
     }
 
     pub fn running(&self) -> Vec<NodeId> {

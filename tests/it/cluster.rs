@@ -88,6 +88,11 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("node {id} still running after {within:?}"))
     }
 
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        self.procs.pid(id)
+    }
+
     /// Sends a signal (e.g. "STOP", "CONT") to node `id`'s process.
     pub fn signal(&self, id: NodeId, sig: &str) {
         self.procs.signal(id, sig).expect("signal");

@@ -7,7 +7,9 @@
 //! dashboard (headless Chromium) and the timeline;
 //! `startup` starts real `orrery node` processes on 127.0.0.1 through the
 //! harness in `cluster`; `jobs` kills per-period jobs' holders and reads
-//! the store they share; `trust` attacks the mutual-TLS boundary.
+//! the store they share; `trust` attacks the mutual-TLS boundary;
+//! `leave` stops nodes with SIGTERM (they leave, never suspected) and runs
+//! `orrery up` on a directory in use and on a node that cannot start.
 
 // Tests run real processes against real time; the determinism rules bind
 // decision logic, not the harness that watches it.
@@ -18,6 +20,7 @@ mod conncaps;
 mod inproc;
 mod integrity;
 mod jobs;
+mod leave;
 mod membership;
 mod operations;
 mod quorum;

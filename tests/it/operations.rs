@@ -24,6 +24,24 @@ fn no_one_suspected_or_removed(s: &orrery_core::ClusterState) -> bool {
         .any(|e| matches!(e.kind, EventKind::NodeSuspected | EventKind::NodeRemoved))
 }
 
+/// `orrery console --data-dir DIR` fed `input` line by line, to its end.
+fn interactive_console(dir: &std::path::Path, input: &[u8]) -> std::process::Output {
+    let mut child = Command::new(crate::cluster::BIN)
+        .args(["console", "--data-dir"])
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("orrery console");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Runs one console command on one node over the admin API, as `orrery
 /// exec` does: (how long it took, the answer).
 fn console(
@@ -327,22 +345,10 @@ fn exec_console_token_metrics_and_watchdog() {
     assert!(r.unwrap().error.unwrap().contains("unknown command `sh`"));
 
     // The interactive console: the same commands, line by line.
-    let mut child = Command::new(crate::cluster::BIN)
-        .args(["console", "--data-dir"])
-        .arg(c.dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("orrery console");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin
-            .write_all(b"status\n:nodes 2\nlog stats\nfrobnicate now\n:nodes 9\n:quit\n")
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = interactive_console(
+        c.dir.path(),
+        b"status\n:nodes 2\nlog stats\nfrobnicate now\n:nodes 9\n:quit\n",
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -615,6 +621,260 @@ fn dashboard_and_timeline_tell_the_story_of_a_killed_node() {
     assert!(
         removal.contains("revoked:"),
         "the removal says why: {removal}"
+    );
+    c.stop_all();
+}
+
+/// `orrery` run with `args`, its backtrace variables removed unless given:
+/// (exit ok, stdout, stderr).
+fn orrery(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(crate::cluster::BIN);
+    cmd.args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env_remove("ORRERY_ADMIN_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run orrery");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An HTTP request to a node's admin port: (status, body, `Allow` header).
+fn http(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String, Option<String>) {
+    let mut req = agent.request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let r = match body {
+        Some(b) => req.send_string(b),
+        None => req.call(),
+    };
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let code = resp.status();
+    let allow = resp.header("allow").map(str::to_string);
+    let text = resp.into_string().unwrap_or_default();
+    (code, text, allow)
+}
+
+fn one_line(body: &str) -> bool {
+    body.trim_end_matches('\n').lines().count() == 1 && !body.trim().is_empty()
+}
+
+#[test]
+fn console_help_and_refusals_are_local_and_http_errors_say_why() {
+    let mut c = TestCluster::new(3, 3, |_| {});
+    c.start_all();
+    c.wait_for("stage 0", T, ready);
+    let dir = c.dir.path().to_str().unwrap().to_string();
+    let ids: Vec<u64> = c.manifest.nodes.iter().map(|n| n.id).collect();
+    // A change is recorded in every node's log (so an absent line means
+    // the node never got the command).
+    let (ok, out, err) = c.exec(&[], &["log", "level", "probe", "debug"]);
+    assert!(ok, "{out}{err}");
+    for id in &ids {
+        c.wait_log(*id, "console: `log level probe debug`", T);
+    }
+
+    // A mistyped command: refused once, here, naming the word and the
+    // nearest command; no table, no node asked.
+    let (ok, out, err) = orrery(
+        &[
+            "exec",
+            "--data-dir",
+            &dir,
+            "--",
+            "lgo",
+            "level",
+            "x",
+            "debug",
+        ],
+        &[],
+    );
+    assert!(!ok, "a refused line exits non-zero: {out}{err}");
+    assert!(out.is_empty(), "nothing was run: {out}");
+    let refusals: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        refusals,
+        vec!["error: unknown command `lgo` (did you mean `log`?); `help` lists the commands"],
+        "{err}"
+    );
+    // A bad argument, too, with the usage.
+    let (ok, out, err) = orrery(
+        &[
+            "exec",
+            "--data-dir",
+            &dir,
+            "--",
+            "log",
+            "level",
+            "x",
+            "loud",
+        ],
+        &[],
+    );
+    assert!(!ok && out.is_empty(), "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("unknown level `loud`") && err.contains("usage: log level CHANNEL"),
+        "{err}"
+    );
+    // A later change reaches every log: the refused lines never did.
+    let (ok, out, err) = c.exec(&[], &["log", "level", "probe", "info"]);
+    assert!(ok, "{out}{err}");
+    for id in &ids {
+        let log = c.wait_log(*id, "console: `log level probe info`", T);
+        assert!(
+            !log.contains("lgo") && !log.contains("loud"),
+            "node {id} was sent a refused line:\n{log}"
+        );
+    }
+
+    // `help` is answered here: every command's usage, one per line.
+    let (ok, out, err) = orrery(&["exec", "--data-dir", &dir, "--", "help"], &[]);
+    assert!(ok, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    for (_, usage) in orrery_node::console::COMMANDS {
+        assert!(lines.contains(usage), "help lacks `{usage}`:\n{out}");
+    }
+    assert_eq!(
+        lines.len(),
+        orrery_node::console::COMMANDS.len(),
+        "one line per command (this cluster's nodes have no service commands):\n{out}"
+    );
+    let (ok, out, err) = orrery(
+        &["exec", "--data-dir", &dir, "--", "help", "log", "rate"],
+        &[],
+    );
+    assert!(ok && out == "log rate CHANNEL N/s\n", "{out}{err}");
+
+    // The interactive console: the same checks, line by line.
+    let out = interactive_console(
+        std::path::Path::new(&dir),
+        b"help\nlgo level x debug\nhelp drain\n:quit\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for (_, usage) in orrery_node::console::COMMANDS {
+        assert!(
+            text.lines().any(|l| l.ends_with(usage)),
+            "console help lacks `{usage}`:\n{text}"
+        );
+    }
+    assert_eq!(
+        text.matches("unknown command `lgo` (did you mean `log`?)")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert!(!text.contains("nodes ok"), "nothing was sent: {text}");
+
+    // HTTP errors carry a line saying why.
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build();
+    let addr = c.admin_addr(1);
+    let url = |p: &str| format!("http://{addr}{p}");
+    let (code, body, _) = http(&agent, "GET", &url("/nope"), &[], None);
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        one_line(&body) && body.contains("GET /nope") && body.contains("/status"),
+        "{body:?}"
+    );
+    let (code, body, allow) = http(&agent, "POST", &url("/status"), &[], Some("{}"));
+    assert_eq!(code, 405, "{body}");
+    assert!(
+        allow.is_some_and(|a| a.contains("GET")),
+        "405 names the method in Allow"
+    );
+    assert!(
+        one_line(&body) && body.contains("/status does not answer POST, only GET"),
+        "{body:?}"
+    );
+    let (code, body, _) = http(&agent, "GET", &url("/console"), &[], None);
+    assert_eq!(code, 405, "{body}");
+    assert!(one_line(&body) && body.contains("only POST"), "{body:?}");
+    // The Host check still comes first, for unknown paths too.
+    let (code, body, _) = http(
+        &agent,
+        "GET",
+        &url("/nope"),
+        &[("Host", "rebound.example")],
+        None,
+    );
+    assert_eq!(code, 421, "{body}");
+    assert!(one_line(&body), "{body:?}");
+    // The console's refusals: no token, a wrong one, a body too large, not JSON.
+    let json = ("Content-Type", "application/json");
+    let bearer = format!("Bearer {}", c.token());
+    let cmd = r#"{"args":["status"]}"#;
+    for (headers, body, want_code, want) in [
+        (vec![json], cmd.to_string(), 401, "admin token required"),
+        (
+            vec![json, ("Authorization", "Bearer not-the-admin-token-at-all")],
+            cmd.to_string(),
+            401,
+            "admin token refused",
+        ),
+        (
+            vec![json, ("Authorization", bearer.as_str())],
+            format!(r#"{{"args":["{}"]}}"#, "x".repeat(20_000)),
+            413,
+            "admin.max_body_bytes",
+        ),
+        (
+            vec![json, ("Authorization", bearer.as_str())],
+            "not json".to_string(),
+            400,
+            "expected a JSON body",
+        ),
+        (
+            vec![("Authorization", bearer.as_str())],
+            cmd.to_string(),
+            415,
+            "expected a JSON body",
+        ),
+    ] {
+        let (code, text, _) = http(&agent, "POST", &url("/console"), &headers, Some(&body));
+        assert_eq!(code, want_code, "{text}");
+        let a: ConsoleAnswer =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        let why = a.error.unwrap_or_default();
+        assert!(one_line(&text) && why.contains(want), "{code}: {text:?}");
+    }
+    // The commands a node runs, for the CLI to check lines against.
+    let (code, body, _) = http(&agent, "GET", &url("/commands"), &[], None);
+    assert_eq!(code, 200, "{body}");
+    let list: orrery_node::console::CommandList = serde_json::from_str(&body).unwrap();
+    assert_eq!(list.builtin.len(), orrery_node::console::COMMANDS.len());
+
+    // A CLI error: the chain, no backtrace unless asked.
+    let (ok, out, err) = orrery(&["status", "--data-dir", "/nonexistent"], &[]);
+    assert!(!ok, "{out}{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    assert!(err.lines().count() <= 4, "{err}");
+    let (ok, _, err) = orrery(
+        &["status", "--data-dir", "/nonexistent"],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert!(
+        !ok && err.starts_with("error: ") && err.contains("stack backtrace"),
+        "{err}"
     );
     c.stop_all();
 }

@@ -303,19 +303,7 @@ impl Coordinator {
         let hosts: Vec<Host> = state
             .members
             .iter()
-            .filter(|(id, m)| {
-                m.status == MemberStatus::Active
-                    && m.epoch > 0
-                    && m.health.healthy
-                    && !m.draining
-                    && self.detector.may_ack(**id, m.epoch)
-                    && (!ready || m.report.stage == Stage::READY)
-                    && state
-                        .config
-                        .nodes
-                        .get(id)
-                        .is_some_and(|s| s.role.hosts_services())
-            })
+            .filter(|(id, m)| state.may_host(**id) && self.detector.may_ack(**id, m.epoch))
             .map(|(id, _)| Host {
                 node: *id,
                 weight: state.config.placement.weight(*id),

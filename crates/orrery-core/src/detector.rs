@@ -751,6 +751,91 @@ mod tests {
         ));
     }
 
+    /// Node 5 leaves (SIGTERM) and falls silent: it is never suspected or
+    /// probed, its shards are placed elsewhere on the next tick (no lease to
+    /// wait out: it stopped serving before it left), and it comes back
+    /// later as a plain restart.
+    #[test]
+    fn a_node_that_left_is_never_suspected_and_its_shards_move_at_once() {
+        use crate::shardmap::KindSpec;
+        let (mut s, mut c) = ready_cluster();
+        let declare = Command::DeclareShards {
+            kinds: vec![KindSpec::new("k", 0..40)],
+            at: 0,
+        };
+        run(&mut s, vec![declare]);
+        let mut now = 0;
+        for _ in 0..13 {
+            beat(&mut c, &s, now, &[1, 2, 3, 4, 5]);
+            let out = c.tick(now, &s);
+            run(&mut s, out);
+            now += 100;
+        }
+        let owned_by = |s: &ClusterState, n: NodeId| {
+            s.shards.entries.values().filter(|e| e.owner == n).count()
+        };
+        assert!(owned_by(&s, 5) > 0, "node 5 hosts shards");
+        let e5 = s.members[&5].epoch;
+        run(
+            &mut s,
+            vec![Command::Leave {
+                node: 5,
+                epoch: e5,
+                at: now,
+            }],
+        );
+        let out = c.tick(now, &s);
+        assert!(
+            out.iter().any(|c| matches!(c, Command::MoveShards { .. })),
+            "{out:?}"
+        );
+        run(&mut s, out);
+        assert_eq!(owned_by(&s, 5), 0, "its shards moved at once");
+        assert_eq!(s.shards.shards().count(), 40);
+        // Silent for 20 lease periods: never suspected, never probed.
+        for _ in 0..200 {
+            now += 100;
+            beat(&mut c, &s, now, &[1, 2, 3, 4]);
+            let out = c.tick(now, &s);
+            assert!(
+                !out.iter().any(|c| matches!(
+                    c,
+                    Command::Suspect { node: 5, .. } | Command::Remove { node: 5, .. }
+                )),
+                "{out:?}"
+            );
+            run(&mut s, out);
+            assert!(c.take_probes().iter().all(|p| p.suspect != 5));
+        }
+        assert!(!s
+            .events
+            .iter()
+            .any(|e| e.node == Some(5) && e.kind == EventKind::NodeSuspected));
+        // A heartbeat of the old process changes nothing (the leader refuses
+        // it anyway); it comes back by joining, as a restart.
+        c.on_heartbeat(now, 5, e5, Health::Healthy);
+        let i = s.applied_index + 1;
+        let Response::Joined { epoch } = s.apply(i, Command::Join { node: 5, at: now }) else {
+            panic!()
+        };
+        let mut admitted = false;
+        for _ in 0..30 {
+            now += 100;
+            beat(&mut c, &s, now, &[1, 2, 3, 4, 5]);
+            let out = c.tick(now, &s);
+            admitted |= out
+                .iter()
+                .any(|c| matches!(c, Command::AdmitLate { node: 5, epoch: e, .. } if *e == epoch));
+            run(&mut s, out);
+        }
+        assert!(
+            admitted,
+            "a rejoin after leaving is admitted like a restart"
+        );
+        assert_eq!(s.members[&5].status, MemberStatus::Active);
+        assert!(!s.events.iter().any(|e| e.kind == EventKind::NodeReinstated));
+    }
+
     #[test]
     fn reinstatement_waits_for_backoff_health_and_a_confidence_vote() {
         let (mut s, mut c) = ready_cluster();

@@ -229,6 +229,14 @@ pub enum MemberStatus {
         reason: String,
         at: Millis,
     },
+    /// Left the cluster by its own decision ([`Command::Leave`]): it
+    /// stopped serving first, its epoch is revoked, nobody suspects or
+    /// probes it, its shards move at once. It comes back like any restart,
+    /// under a new epoch, with no confidence vote. Kept through a new boot:
+    /// a node that left does not hold the barrier.
+    Left {
+        at: Millis,
+    },
 }
 
 /// A member's health record, as the coordinator last committed it.
@@ -296,6 +304,9 @@ pub enum EventKind {
     JobOverdue,
     /// A node's certificates were revoked below a serial.
     CertificatesRevoked,
+    /// A node left the cluster by its own decision (SIGTERM): not a
+    /// failure, never suspected.
+    NodeLeft,
 }
 
 /// One entry in the replicated event list.
@@ -487,6 +498,15 @@ pub enum Command {
         min_serial: u64,
         at: Millis,
     },
+    /// `node` (process `epoch`) leaves the cluster: it has stopped serving
+    /// (fence first) and is about to exit. Its epoch is revoked, it is
+    /// never suspected, and its shards move at once. Only its current
+    /// epoch may leave.
+    Leave {
+        node: NodeId,
+        epoch: Epoch,
+        at: Millis,
+    },
 }
 
 impl Command {
@@ -519,7 +539,8 @@ impl Command {
             | Command::JobUnassigned { at, .. }
             | Command::JobOverdue { at, .. }
             | Command::AdoptJobCommit { at, .. }
-            | Command::RevokeCertificates { at, .. } => *at,
+            | Command::RevokeCertificates { at, .. }
+            | Command::Leave { at, .. } => *at,
         }
     }
 }
@@ -769,6 +790,7 @@ impl ClusterState {
                 min_serial,
                 at,
             } => self.revoke_certificates(index, node, min_serial, at),
+            Command::Leave { node, epoch, at } => self.leave(index, node, epoch, at),
             Command::Alarm {
                 node,
                 epoch,
@@ -1199,6 +1221,10 @@ impl ClusterState {
                 // Not heard from in this boot: must (re)join before it counts.
                 m.report = StageReport::fresh(Stage::NOT_STARTED, at);
             }
+            // A node that left stays out (and revoked) until it rejoins.
+            if matches!(m.status, MemberStatus::Left { .. }) {
+                continue;
+            }
             m.status = MemberStatus::Active;
             m.admitted_late_in_boot = None;
         }
@@ -1257,6 +1283,41 @@ impl ClusterState {
             Some(node),
             format!(
                 "node {node}'s certificates below serial {min_serial} revoked: it needs a newly issued one"
+            ),
+        );
+        Response::Ok
+    }
+
+    /// A node leaves by its own decision: its epoch is revoked (like a
+    /// removal, without counting as one: no backoff, no confidence vote
+    /// when it comes back), and a drain it asked for ends with it.
+    fn leave(&mut self, index: u64, node: NodeId, epoch: Epoch, at: Millis) -> Response {
+        let Some(m) = self.current(node, epoch) else {
+            return reject(format!(
+                "node {node} epoch {epoch} is not current: only a node's current process may leave"
+            ));
+        };
+        m.status = MemberStatus::Left { at };
+        m.draining = false;
+        m.admitted_late_in_boot = None;
+        let owned = self
+            .shards
+            .entries
+            .values()
+            .filter(|e| e.owner == node)
+            .count();
+        let shards = if owned == 0 {
+            "it hands over no shard".to_string()
+        } else {
+            format!("its {owned} shard(s) move now")
+        };
+        self.event(
+            index,
+            at,
+            EventKind::NodeLeft,
+            Some(node),
+            format!(
+                "node {node} left the cluster (epoch {epoch} revoked; not a failure): {shards}"
             ),
         );
         Response::Ok
@@ -1378,6 +1439,26 @@ impl ClusterState {
                 || self.ready_at().is_some_and(|r| m.health.since <= r))
     }
 
+    /// May `node` be given shards, as the replicated state has it: a
+    /// joined, active, healthy member whose role hosts services, not
+    /// draining, and (once the cluster is ready) ready itself. The
+    /// coordinator also skips a node it is about to remove; a leaving node
+    /// asks this of its peers to know whether anyone can take its shards.
+    pub fn may_host(&self, node: NodeId) -> bool {
+        self.members.get(&node).is_some_and(|m| {
+            m.status == MemberStatus::Active
+                && m.epoch > 0
+                && m.health.healthy
+                && !m.draining
+                && (self.stage != Stage::READY || m.report.stage == Stage::READY)
+                && self
+                    .config
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|s| s.role.hosts_services())
+        })
+    }
+
     /// When the cluster became ready in this boot.
     pub fn ready_at(&self) -> Option<Millis> {
         self.stage_reached_at.get(&Stage::READY.number()).copied()
@@ -1426,6 +1507,9 @@ impl Member {
             MemberStatus::Removed { reason, .. } => {
                 Some(format!("node {node} epoch {epoch} was revoked: {reason}"))
             }
+            MemberStatus::Left { .. } => Some(format!(
+                "node {node} epoch {epoch} left the cluster: it rejoins under a new epoch"
+            )),
             MemberStatus::Active => None,
         }
     }
@@ -1704,6 +1788,95 @@ mod tests {
         assert_eq!(l.s.cert_floor.get(&2), Some(&8));
         assert_eq!(l.s.cert_floor.get(&99), None);
         assert_eq!(l.s.events.len(), before);
+    }
+
+    #[test]
+    fn leaving_revokes_the_current_epoch_only_and_a_rejoin_is_a_plain_restart() {
+        let mut l = Log::new(3);
+        let e1 = l.join(1);
+        let old = l.join(2);
+        let e2 = l.join(2);
+        let leave = |epoch, at| Command::Leave { node: 2, epoch, at };
+        // A superseded process cannot leave in the current one's name.
+        assert!(matches!(l.apply(leave(old, 5)), Response::Rejected { .. }));
+        assert_eq!(l.s.members[&2].status, MemberStatus::Active);
+        assert!(matches!(l.apply(leave(0, 5)), Response::Rejected { .. }));
+        assert!(matches!(
+            l.apply(Command::Leave {
+                node: 99,
+                epoch: 1,
+                at: 5
+            }),
+            Response::Rejected { .. }
+        ));
+        // It drained first; leaving ends the drain with it.
+        let drain = Command::Drain {
+            node: 2,
+            drain: true,
+            at: 5,
+        };
+        assert_eq!(l.apply(drain), Response::Ok);
+        assert_eq!(l.apply(leave(e2, 6)), Response::Ok);
+        let m = &l.s.members[&2];
+        assert_eq!(m.status, MemberStatus::Left { at: 6 });
+        assert!(!m.draining);
+        assert_eq!(m.removals, 0, "leaving is not a removal");
+        let ev = l.s.events.back().unwrap();
+        assert_eq!((ev.kind, ev.node), (EventKind::NodeLeft, Some(2)));
+        assert!(ev.detail.contains("not a failure"), "{}", ev.detail);
+        // Its epoch never serves again.
+        assert!(l.s.refusal(2, e2).is_some_and(|r| r.contains("left")));
+        assert!(matches!(
+            l.s.gate(2, e2, Stage::CONNECTED),
+            Gate::Fenced { .. }
+        ));
+        assert!(matches!(
+            l.report(2, e2, Stage::CONNECTED),
+            Response::Rejected { .. }
+        ));
+        assert!(matches!(l.apply(leave(e2, 7)), Response::Rejected { .. }));
+        assert_eq!(l.s.participants(), vec![1, 3]);
+        // Coming back is a restart: a new epoch, active, nothing to forgive.
+        let e3 = l.join(2);
+        assert!(e3 > e2);
+        assert_eq!(l.s.members[&2].status, MemberStatus::Active);
+        assert_eq!(l.s.refusal(2, e3), None);
+        assert_eq!(l.s.members[&2].removals, 0);
+        assert_eq!(l.report(2, e3, Stage::CONNECTED), Response::Ok);
+        assert_eq!(l.s.refusal(1, e1), None);
+    }
+
+    #[test]
+    fn a_node_that_left_stays_out_of_a_new_boot() {
+        let mut l = Log::new(3);
+        let mut epochs = [l.join(1), l.join(2), l.join(3)];
+        for s in Stage::ALL.iter().skip(1) {
+            assert_eq!(l.advance(), Response::Ok);
+            for (i, e) in epochs.iter().enumerate() {
+                assert_eq!(l.report(i as u64 + 1, *e, *s), Response::Ok);
+            }
+        }
+        assert_eq!(l.advance(), Response::Ok);
+        let leave = Command::Leave {
+            node: 3,
+            epoch: epochs[2],
+            at: 10,
+        };
+        assert_eq!(l.apply(leave), Response::Ok);
+        // The cluster restarts without node 3: it does not hold the barrier.
+        epochs[0] = l.join(1);
+        epochs[1] = l.join(2);
+        let live = [(1, epochs[0]), (2, epochs[1])].into_iter().collect();
+        let begin = Command::BeginBoot {
+            after: 1,
+            live,
+            at: 20,
+        };
+        assert_eq!(l.apply(begin), Response::Ok);
+        assert_eq!(l.s.members[&3].status, MemberStatus::Left { at: 10 });
+        assert!(l.s.refusal(3, epochs[2]).is_some());
+        assert_eq!(l.s.participants(), vec![1, 2]);
+        assert_eq!(l.advance(), Response::Ok, "nodes 1 and 2 are enough");
     }
 
     #[test]

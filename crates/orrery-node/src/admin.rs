@@ -140,8 +140,10 @@ struct AdminState {
 /// Routes: `GET /` and `/dashboard` (the page), `/status` (this node),
 /// `/cluster` (replicated state, via the leader), `/shards` (what this node
 /// hosts), `/health`, `/stage`, `/tasks` (watchdog), `/log/stats`,
-/// `/timeline?since=MS&last=N`, `/metrics` (Prometheus); `POST /console`
-/// (token required).
+/// `/timeline?since=MS&last=N`, `/metrics` (Prometheus), `/commands` (the
+/// console commands this node runs); `POST /console` (token required).
+/// Any other path is a 404 and any other method a 405, each with a line
+/// naming what exists.
 pub fn router(node: Node) -> Router {
     router_with(node, Arc::default())
 }
@@ -167,7 +169,10 @@ fn router_with(node: Node, stats: Arc<AdminStats>) -> Router {
         .route("/log/stats", get(log_stats))
         .route("/timeline", get(timeline))
         .route("/metrics", get(metrics))
+        .route("/commands", get(commands))
         .route("/console", post(console))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(admin.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -201,6 +206,39 @@ async fn check_host(
         format!("this node does not answer to Host {host:?}; add it to admin.allowed_hosts if it is yours\n"),
     )
         .into_response()
+}
+
+/// Every endpoint, for the line a 404 or 405 answers with.
+const ENDPOINTS: &str = "GET / /dashboard /status /cluster /shards /health /stage /tasks \
+/log/stats /timeline /metrics /commands, POST /console";
+
+/// The one line of a 404: which path, and what exists.
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint {method} {}: this node serves {ENDPOINTS}\n",
+            uri.path()
+        ),
+    )
+        .into_response()
+}
+
+/// The one line of a 405: the path exists, the method is not its.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let allowed = if path == "/console" { "POST" } else { "GET" };
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{path} does not answer {method}, only {allowed} (this node serves {ENDPOINTS})\n"),
+    )
+        .into_response()
+}
+
+/// The console commands this node runs, with their usage (open, like
+/// every read: `orrery exec` checks a line against it before sending it).
+async fn commands(State(s): State<AdminState>) -> Json<crate::console::CommandList> {
+    Json(s.node.command_list())
 }
 
 async fn dashboard() -> Html<&'static str> {
@@ -390,17 +428,36 @@ async fn console(
     }
     let Json(req) = match body {
         Ok(b) => b,
+        // 413 for a body over admin.max_body_bytes, 415 without the JSON
+        // content type, 400 or 422 for a body that is not the request.
         Err(e) => {
+            let limit = s.node.config().admin.max_body_bytes;
+            let why = match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    format!("the body is over {limit} bytes (admin.max_body_bytes)")
+                }
+                _ => e.body_text(),
+            };
             return error(
-                StatusCode::BAD_REQUEST,
-                format!("expected a JSON body {{\"args\": [..]}}: {e}"),
-            )
+                e.status(),
+                format!("expected a JSON body {{\"args\": [..]}}: {why}"),
+            );
         }
     };
+    let line = shown(&req.args);
     let cmd = match ConsoleCommand::parse(&req.args) {
         Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            tracing::info!(target: LOG, "console: refused `{line}`: {e}");
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
     };
+    // Changes are recorded; reads (polled by tools) only at debug.
+    if cmd.is_mutation() {
+        tracing::info!(target: LOG, "console: `{line}`");
+    } else {
+        tracing::debug!(target: LOG, "console: `{line}`");
+    }
     let Ok(_permit) = s.commands.clone().try_acquire_owned() else {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -427,6 +484,16 @@ async fn console(
             StatusCode::GATEWAY_TIMEOUT,
             format!("the command did not finish within {} ms", limit.as_millis()),
         ),
+    }
+}
+
+/// A console line for the log: control characters escaped, at most 200
+/// characters.
+fn shown(args: &[String]) -> String {
+    let line: String = args.join(" ").escape_debug().collect();
+    match line.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &line[..i]),
+        None => line,
     }
 }
 

@@ -291,6 +291,8 @@ fn proposer(cmd: &Command) -> (&'static str, Proposer) {
         ),
         Command::Report { node, epoch, .. } => ("Report", me(*node, *epoch)),
         Command::Alarm { node, epoch, .. } => ("Alarm", me(*node, *epoch)),
+        // Leaving is the node's own decision; nobody leaves for another.
+        Command::Leave { node, epoch, .. } => ("Leave", me(*node, *epoch)),
         Command::CommitJob {
             holder,
             holder_epoch,
@@ -592,6 +594,7 @@ mod tests {
                 min_serial: 2,
                 at,
             },
+            Command::Leave { node, epoch, at },
         ]
     }
 
@@ -728,6 +731,16 @@ mod tests {
             ("a superseded voter revokes certificates", caller(1, 9), req("propose RevokeCertificates", 4, 14), true, "superseded"),
             ("a wait cycle from a member", caller(4, 14), cmd(Command::Deadlock { cycle: vec![], at: 1 }), true, "ok"),
             ("a wait cycle at epoch 0", caller(4, 0), cmd(Command::Deadlock { cycle: vec![], at: 1 }), true, "not_joined"),
+            // Leaving: the node itself, under its current epoch.
+            ("a worker leaves", caller(4, 14), req("propose Leave", 4, 14), true, "ok"),
+            ("a voter leaves", caller(1, 10), req("propose Leave", 1, 10), true, "ok"),
+            ("a leave for another node", caller(4, 14), req("propose Leave", 6, 0), true, "impersonation"),
+            ("a voter leaves for a worker (no operator shortcut)", caller(1, 10), req("propose Leave", 4, 14), true, "impersonation"),
+            ("a leave under another epoch", caller(4, 14), req("propose Leave", 4, 13), true, "epoch_mismatch"),
+            ("a leave from a superseded epoch", caller(4, 13), req("propose Leave", 4, 13), true, "superseded"),
+            ("a leave from a revoked epoch", caller(5, 15), req("propose Leave", 5, 15), true, "revoked"),
+            ("a leave at epoch 0", caller(4, 0), req("propose Leave", 4, 0), true, "not_joined"),
+            ("a leave at epoch 999, leader", caller(4, 999), req("propose Leave", 4, 999), true, "never_issued"),
         ];
         run(table);
     }

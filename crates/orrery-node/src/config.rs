@@ -93,6 +93,9 @@ pub struct NodeConfig {
     /// When the node calls its control plane stuck (no quorum, slow proposals).
     #[serde(default)]
     pub quorum: crate::quorum::QuorumConfig,
+    /// Leaving on SIGTERM: how long to wait for the drain and the `Leave`.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     /// Where application data and per-period job output are stored
     /// (fenced). Default: SQLite at `data_dir/store.db`.
     #[serde(default)]
@@ -235,6 +238,43 @@ impl AdminConfig {
                 "admin.idle_timeout_ms ({}) must exceed admin.command_timeout_ms ({}): a request still being answered would be cut off",
                 self.idle_timeout_ms, self.command_timeout_ms
             ));
+        }
+        Ok(())
+    }
+}
+
+/// `[shutdown]`: a node stopped with SIGTERM (or SIGINT) leaves the
+/// cluster: it drains its shards, stops serving, tells the control plane
+/// (`Leave`) and exits. Every step is bounded; without a quorum it says why
+/// and exits anyway. The two bounds together must stay under the time the
+/// supervisor gives it (`orrery up` and the tests: 10 s).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long the node waits for its shards to be handed off before it
+    /// stops serving them anyway (their new owners then take them at
+    /// once). 0: no drain. Default 3000.
+    pub drain_timeout_ms: u64,
+    /// How long it tries to have its `Leave` committed. Default 2000.
+    pub leave_timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout_ms: 3_000,
+            leave_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl ShutdownConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.drain_timeout_ms > 600_000 {
+            return Err("shutdown.drain_timeout_ms must be at most 600000".into());
+        }
+        if !(100..=600_000).contains(&self.leave_timeout_ms) {
+            return Err("shutdown.leave_timeout_ms must be in 100..=600000".into());
         }
         Ok(())
     }
@@ -522,6 +562,7 @@ impl NodeConfig {
             )
             .map_err(ConfigError::Invalid)?;
         self.log_forward.validate().map_err(ConfigError::Invalid)?;
+        self.shutdown.validate().map_err(ConfigError::Invalid)?;
         if let Some(c) = self.log_forward.collector {
             if !ids.contains_key(&c) {
                 return bad(format!(
@@ -706,6 +747,33 @@ role = "voter"
             c.demo.job_spec().is_none(),
             "the demo job is off by default"
         );
+        assert_eq!(
+            (c.shutdown.drain_timeout_ms, c.shutdown.leave_timeout_ms),
+            (3_000, 2_000)
+        );
+    }
+
+    #[test]
+    fn shutdown_keys_parse_and_are_bounded() {
+        let text = sample().replace(
+            "[[nodes]]",
+            "[shutdown]\ndrain_timeout_ms = 0\nleave_timeout_ms = 500\n[[nodes]]",
+        );
+        let c: NodeConfig = toml::from_str(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            (c.shutdown.drain_timeout_ms, c.shutdown.leave_timeout_ms),
+            (0, 500)
+        );
+        let mut bad = c.clone();
+        bad.shutdown.leave_timeout_ms = 0;
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("shutdown.leave_timeout_ms"), "{e}");
+        let unknown = sample().replace("[[nodes]]", "[shutdown]\ngrace = 1\n[[nodes]]");
+        assert!(toml::from_str::<NodeConfig>(&unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("grace"));
     }
 
     #[test]

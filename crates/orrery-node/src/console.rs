@@ -38,8 +38,12 @@ pub const MAX_BLOCK_MS: u64 = 10_000;
 pub enum ConsoleError {
     #[error("empty command; try `help`")]
     Empty,
-    #[error("unknown command `{0}`; try `help`")]
-    Unknown(String),
+    /// Not a command (nor a sub-command): the nearest one, if any is near.
+    #[error("unknown command `{word}`{}; `help` lists the commands", did_you_mean(.suggestion))]
+    Unknown {
+        word: String,
+        suggestion: Option<String>,
+    },
     #[error("usage: {0}")]
     Usage(&'static str),
     #[error("bad argument: {0}")]
@@ -126,9 +130,11 @@ pub enum ConsoleCommand {
     },
 }
 
-/// Every command word with its usage, for `help` and completion.
+/// Every command with its usage, for `help`, completion and suggestions:
+/// (its words, its usage). Every [`ConsoleCommand`] but `Service` has one
+/// (see [`ConsoleCommand::word`]; a test checks both ways).
 pub const COMMANDS: &[(&str, &str)] = &[
-    ("help", "help"),
+    ("help", "help [COMMAND] (every command's usage, or one's)"),
     ("status", "status"),
     ("stage", "stage"),
     ("health", "health"),
@@ -160,6 +166,184 @@ pub const COMMANDS: &[(&str, &str)] = &[
 ];
 
 const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// The first words of the built-in commands, in `COMMANDS` order.
+pub fn command_words() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for (key, _) in COMMANDS {
+        let first = key.split(' ').next().unwrap_or(key);
+        if !out.contains(&first) {
+            out.push(first);
+        }
+    }
+    out
+}
+
+fn did_you_mean(suggestion: &Option<String>) -> String {
+    suggestion
+        .as_ref()
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default()
+}
+
+/// Edit distance with adjacent transpositions (optimal string alignment):
+/// `lgo` is one edit from `log`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d: Vec<Vec<usize>> = (0..=a.len())
+        .map(|i| (0..=b.len()).map(|j| if i == 0 { j } else { i }).collect())
+        .collect();
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// The candidate nearest to `word` (one edit for short words, two for
+/// longer ones, or `word` a prefix of it), the first in order on a tie.
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let word = word.to_ascii_lowercase();
+    let most = if word.chars().count() <= 4 { 1 } else { 2 };
+    candidates
+        .into_iter()
+        .filter(|c| *c != word)
+        .filter_map(|c| {
+            let d = if word.len() >= 3 && c.starts_with(&word) {
+                1
+            } else {
+                edit_distance(&word, c)
+            };
+            (d <= most).then_some((d, c))
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.to_string())
+}
+
+/// The usage of the built-in command `words` begin with (`log level x`
+/// -> `log level CHANNEL ...`), if any.
+pub fn usage_for<S: AsRef<str>>(words: &[S]) -> Option<&'static str> {
+    COMMANDS
+        .iter()
+        .filter(|(k, _)| {
+            let key: Vec<&str> = k.split(' ').collect();
+            key.len() <= words.len() && key.iter().zip(words).all(|(k, w)| *k == w.as_ref())
+        })
+        .max_by_key(|(k, _)| k.len())
+        .map(|(_, u)| *u)
+}
+
+/// `word` is not a command: the error, suggesting the nearest of the
+/// built-in command words and `extra` (services' words).
+pub fn unknown(word: &str, extra: &[&str]) -> ConsoleError {
+    ConsoleError::Unknown {
+        word: word.to_string(),
+        suggestion: suggest(
+            word,
+            command_words().into_iter().chain(extra.iter().copied()),
+        ),
+    }
+}
+
+/// `group sub` is not a command (`log levl`): suggests the group's nearest.
+fn unknown_sub(group: &str, sub: &str) -> ConsoleError {
+    let subs = COMMANDS.iter().filter_map(|(k, _)| {
+        k.strip_prefix(group)
+            .and_then(|rest| rest.strip_prefix(' '))
+    });
+    ConsoleError::Unknown {
+        word: format!("{group} {sub}"),
+        suggestion: suggest(sub, subs).map(|s| format!("{group} {s}")),
+    }
+}
+
+/// The commands a service registered under its first word.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCommands {
+    pub word: String,
+    pub usage: Vec<String>,
+}
+
+/// Every command a node runs (`GET /commands`): the built-in ones' usage
+/// and its services'.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandList {
+    pub builtin: Vec<String>,
+    pub services: Vec<ServiceCommands>,
+}
+
+/// Refuses a `Service` command whose first word no service registered
+/// (`services`: the words registered).
+pub fn check_service<S: AsRef<str>>(args: &[S], services: &[&str]) -> Result<(), ConsoleError> {
+    let word = args.first().map(|w| w.as_ref()).unwrap_or_default();
+    if services.contains(&word) {
+        Ok(())
+    } else {
+        Err(unknown(word, services))
+    }
+}
+
+/// The leading command words of a usage line (`universe tick SYSTEM` ->
+/// `universe tick`).
+fn usage_words(usage: &str) -> Vec<&str> {
+    usage
+        .split_whitespace()
+        .take_while(|w| {
+            !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_lowercase() || matches!(c, '-' | '_'))
+        })
+        .collect()
+}
+
+/// `help [TOPIC]`: every usage line (built-in, then the services'), or
+/// those of the commands whose words begin with `topic` (`help log`,
+/// `help log level`). A topic that names nothing is refused with a
+/// suggestion.
+pub fn help_lines<S: AsRef<str>>(
+    topic: &[S],
+    services: &[ServiceCommands],
+) -> Result<Vec<String>, ConsoleError> {
+    let topic: Vec<&str> = topic.iter().map(|t| t.as_ref()).collect();
+    let mut entries: Vec<(Vec<&str>, &str)> = COMMANDS
+        .iter()
+        .map(|(k, u)| (k.split(' ').collect(), *u))
+        .collect();
+    for s in services {
+        for u in &s.usage {
+            let mut words = usage_words(u);
+            if words.first() != Some(&s.word.as_str()) {
+                words = vec![s.word.as_str()];
+            }
+            entries.push((words, u.as_str()));
+        }
+    }
+    let lines: Vec<String> = entries
+        .iter()
+        .filter(|(words, _)| words.len() >= topic.len() && words[..topic.len()] == topic[..])
+        .map(|(_, u)| u.to_string())
+        .collect();
+    if lines.is_empty() {
+        let keys: Vec<String> = entries.iter().map(|(w, _)| w.join(" ")).collect();
+        let mut candidates: Vec<&str> = command_words();
+        candidates.extend(services.iter().map(|s| s.word.as_str()));
+        candidates.extend(keys.iter().map(String::as_str));
+        let word = topic.join(" ");
+        return Err(ConsoleError::Unknown {
+            suggestion: suggest(&word, candidates),
+            word,
+        });
+    }
+    Ok(lines)
+}
 
 fn usage(word: &str) -> &'static str {
     COMMANDS
@@ -249,7 +433,10 @@ impl ConsoleCommand {
                 _ => return Err(ConsoleError::Usage(usage("drain"))),
             },
             "cert" => {
-                if w.get(1).copied() != Some("revoke") || w.len() != 4 {
+                if let Some(sub) = w.get(1).filter(|s| **s != "revoke") {
+                    return Err(unknown_sub("cert", sub));
+                }
+                if w.len() != 4 {
                     return Err(ConsoleError::Usage(usage("cert revoke")));
                 }
                 C::CertRevoke {
@@ -288,7 +475,8 @@ impl ConsoleCommand {
                     },
                     _ => return Err(ConsoleError::Usage(usage("log tail"))),
                 },
-                _ => return Err(ConsoleError::Usage("log level|rate|stats|tail ...")),
+                Some(sub) => return Err(unknown_sub("log", sub)),
+                None => return Err(ConsoleError::Usage("log level|rate|stats|tail ...")),
             },
             "config" => match w.get(1).copied() {
                 Some("get") => {
@@ -297,7 +485,8 @@ impl ConsoleCommand {
                         key: w[2].to_string(),
                     }
                 }
-                _ => return Err(ConsoleError::Usage(usage("config get"))),
+                Some(sub) => return Err(unknown_sub("config", sub)),
+                None => return Err(ConsoleError::Usage(usage("config get"))),
             },
             "fault" => match w.get(1).copied() {
                 Some("log-stall") => {
@@ -346,7 +535,8 @@ impl ConsoleCommand {
                     }
                     C::FaultBlockLoop { ms }
                 }
-                _ => {
+                Some(sub) => return Err(unknown_sub("fault", sub)),
+                None => {
                     return Err(ConsoleError::Usage(
                         "fault log-stall|log-emit|block-loop ...",
                     ))
@@ -355,8 +545,39 @@ impl ConsoleCommand {
             other if other.chars().all(|c| c.is_ascii_lowercase() || c == '_') => C::Service {
                 args: w.iter().map(|x| x.to_string()).collect(),
             },
-            other => return Err(ConsoleError::Unknown(other.to_string())),
+            other => return Err(unknown(other, &[])),
         })
+    }
+
+    /// The `COMMANDS` entry of the command (`None` for a service's), by
+    /// an exhaustive match: a new command must name its entry.
+    pub fn word(&self) -> Option<&'static str> {
+        use ConsoleCommand as C;
+        Some(match self {
+            C::Help => "help",
+            C::Status => "status",
+            C::Stage => "stage",
+            C::Health => "health",
+            C::Shards => "shards",
+            C::LogLevel { .. } => "log level",
+            C::LogRate { .. } => "log rate",
+            C::LogStats => "log stats",
+            C::LogTail { .. } => "log tail",
+            C::ConfigGet { .. } => "config get",
+            C::Drain { .. } => "drain",
+            C::CertRevoke { .. } => "cert revoke",
+            C::Tasks => "tasks",
+            C::Timeline { .. } => "timeline",
+            C::FaultLogStall { .. } => "fault log-stall",
+            C::FaultLogEmit { .. } => "fault log-emit",
+            C::FaultBlockLoop { .. } => "fault block-loop",
+            C::Service { .. } => return None,
+        })
+    }
+
+    /// The usage line of the command (`None` for a service's).
+    pub fn usage(&self) -> Option<&'static str> {
+        self.word().map(usage)
     }
 
     /// Whether the command changes anything on the node or the cluster.
@@ -475,6 +696,23 @@ pub fn config_value(cfg: &crate::NodeConfig, key: &str) -> Result<serde_json::Va
 }
 
 impl Node {
+    /// Every command this node runs: the built-in ones and its services'
+    /// (`GET /commands`, and `help`).
+    pub fn command_list(&self) -> CommandList {
+        CommandList {
+            builtin: COMMANDS.iter().map(|(_, u)| u.to_string()).collect(),
+            services: self
+                .inner()
+                .console_ext
+                .iter()
+                .map(|e| ServiceCommands {
+                    word: e.word().to_string(),
+                    usage: e.usage().into_iter().map(str::to_string).collect(),
+                })
+                .collect(),
+        }
+    }
+
     /// Runs one console command on this node.
     pub async fn console(&self, cmd: ConsoleCommand) -> Result<ConsoleReply, ConsoleError> {
         use ConsoleCommand as C;
@@ -492,16 +730,24 @@ impl Node {
         };
         match cmd {
             C::Help => {
-                let mut lines: Vec<&str> = COMMANDS.iter().map(|(_, u)| *u).collect();
-                for ext in &inner.console_ext {
-                    lines.extend(ext.usage());
-                }
-                reply(format!("{} commands", lines.len()), &lines)
+                let list = self.command_list();
+                let mut words = command_words();
+                words.extend(list.services.iter().map(|s| s.word.as_str()));
+                let lines = help_lines::<&str>(&[], &list.services)?;
+                reply(
+                    format!(
+                        "commands: {} ({} with sub-commands; `help` in orrery exec or console prints each usage)",
+                        words.join(", "),
+                        lines.len(),
+                    ),
+                    &lines,
+                )
             }
             C::Service { args } => {
                 let word = args.first().map(String::as_str).unwrap_or_default();
                 let Some(ext) = inner.console_ext.iter().find(|e| e.word() == word) else {
-                    return Err(ConsoleError::Unknown(word.to_string()));
+                    let words: Vec<&str> = inner.console_ext.iter().map(|e| e.word()).collect();
+                    return Err(unknown(word, &words));
                 };
                 let (summary, data) = ext.run(&args[1..]).await.map_err(ConsoleError::Failed)?;
                 Ok(ConsoleReply { summary, data })
@@ -844,8 +1090,8 @@ role = "voter"
         assert_eq!(p(""), Err(ConsoleError::Empty));
         // Unknown words go to the node, which refuses what no service registered.
         assert!(matches!(p("rm -rf /"), Ok(ConsoleCommand::Service { .. })));
-        assert_eq!(p("rm; -rf"), Err(ConsoleError::Unknown("rm;".into())));
-        assert_eq!(p("Rm"), Err(ConsoleError::Unknown("Rm".into())));
+        assert!(matches!(p("rm; -rf"), Err(ConsoleError::Unknown { word, .. }) if word == "rm;"));
+        assert!(matches!(p("Rm"), Err(ConsoleError::Unknown { word, .. }) if word == "Rm"));
         assert!(
             matches!(p("log level noisy loud"), Err(ConsoleError::BadArgument(m)) if m.contains("loud"))
         );
@@ -877,5 +1123,204 @@ role = "voter"
         for (word, _) in COMMANDS {
             assert!(!word.is_empty());
         }
+    }
+
+    /// One of every command, and an exhaustive match that stops compiling
+    /// when a variant is added (add it here too).
+    fn one_of_each() -> Vec<ConsoleCommand> {
+        use ConsoleCommand as C;
+        let s = || "x".to_string();
+        let all = vec![
+            C::Help,
+            C::Status,
+            C::Stage,
+            C::Health,
+            C::Shards,
+            C::LogLevel {
+                channel: s(),
+                level: s(),
+            },
+            C::LogRate {
+                channel: s(),
+                per_s: 1,
+            },
+            C::LogStats,
+            C::LogTail { lines: 1 },
+            C::ConfigGet { key: s() },
+            C::Drain { drain: true },
+            C::CertRevoke {
+                node: 1,
+                min_serial: 1,
+            },
+            C::Tasks,
+            C::Timeline { last: 1 },
+            C::FaultLogStall {
+                sink: s(),
+                stall: true,
+            },
+            C::FaultLogEmit {
+                channel: s(),
+                count: 1,
+                level: s(),
+                per_s: None,
+            },
+            C::FaultBlockLoop { ms: 1 },
+            C::Service { args: vec![s()] },
+        ];
+        let index = |c: &C| match c {
+            C::Help => 0,
+            C::Status => 1,
+            C::Stage => 2,
+            C::Health => 3,
+            C::Shards => 4,
+            C::LogLevel { .. } => 5,
+            C::LogRate { .. } => 6,
+            C::LogStats => 7,
+            C::LogTail { .. } => 8,
+            C::ConfigGet { .. } => 9,
+            C::Drain { .. } => 10,
+            C::CertRevoke { .. } => 11,
+            C::Tasks => 12,
+            C::Timeline { .. } => 13,
+            C::FaultLogStall { .. } => 14,
+            C::FaultLogEmit { .. } => 15,
+            C::FaultBlockLoop { .. } => 16,
+            C::Service { .. } => 17,
+        };
+        let seen: std::collections::BTreeSet<usize> = all.iter().map(index).collect();
+        assert_eq!(seen, (0..=17).collect(), "one_of_each lacks a variant");
+        all
+    }
+
+    /// A line a usage describes: placeholders filled in, optional parts
+    /// left out (or, `full`, put in).
+    fn example(usage: &str, full: bool) -> String {
+        let mut out = Vec::new();
+        let mut depth = 0usize;
+        for tok in usage.split_whitespace() {
+            if tok.starts_with('(') {
+                break;
+            }
+            let opens = tok.matches('[').count();
+            if opens > 0 && !full {
+                depth += opens;
+            }
+            let inside = depth > 0;
+            if !full {
+                depth -= tok.matches(']').count().min(depth);
+            }
+            if inside {
+                continue;
+            }
+            let t = tok.trim_matches(|c| c == '[' || c == ']');
+            let t = t.split('|').next().unwrap_or(t);
+            out.push(match t {
+                "LEVEL" => "warn".to_string(),
+                "N/s" => "5/s".to_string(),
+                _ if t.chars().any(|c| c.is_ascii_uppercase()) => "5".to_string(),
+                _ => t.to_string(),
+            });
+        }
+        out.join(" ")
+    }
+
+    #[test]
+    fn every_command_has_help_and_every_help_line_parses() {
+        // Every command (but a service's) names an entry of COMMANDS...
+        for c in one_of_each() {
+            match c.word() {
+                Some(w) => assert!(
+                    COMMANDS.iter().any(|(k, _)| *k == w),
+                    "{c:?}: `{w}` is not in COMMANDS"
+                ),
+                None => assert!(matches!(c, ConsoleCommand::Service { .. })),
+            }
+        }
+        // ...and every entry's usage, filled in, parses back to its command.
+        let mut keys = std::collections::BTreeSet::new();
+        for (key, usage) in COMMANDS {
+            assert!(keys.insert(*key), "`{key}` twice in COMMANDS");
+            assert!(usage.starts_with(key), "{key}: {usage}");
+            for full in [false, true] {
+                let line = example(usage, full);
+                let cmd = p(&line).unwrap_or_else(|e| panic!("`{line}` ({usage}): {e}"));
+                assert_eq!(cmd.word(), Some(*key), "`{line}`");
+                assert_eq!(cmd.usage(), Some(*usage));
+            }
+        }
+        // `help` lists them all, one per line; `help log` only log's.
+        let all = help_lines::<&str>(&[], &[]).unwrap();
+        assert_eq!(all.len(), COMMANDS.len());
+        for (_, usage) in COMMANDS {
+            assert!(all.iter().any(|l| l == usage), "help lacks {usage}");
+        }
+        let log = help_lines(&["log"], &[]).unwrap();
+        assert_eq!(log.len(), 4, "{log:?}");
+        assert!(log.iter().all(|l| l.starts_with("log ")));
+        assert_eq!(
+            help_lines(&["log", "level"], &[]).unwrap(),
+            vec![usage("log level").to_string()]
+        );
+        // Services' commands are listed too, and found by their word.
+        let universe = ServiceCommands {
+            word: "universe".into(),
+            usage: vec!["universe stats [N]".into(), "universe tick SYSTEM".into()],
+        };
+        let svc = std::slice::from_ref(&universe);
+        assert_eq!(
+            help_lines::<&str>(&[], svc).unwrap().len(),
+            COMMANDS.len() + 2
+        );
+        assert_eq!(
+            help_lines(&["universe", "tick"], svc).unwrap(),
+            vec!["universe tick SYSTEM".to_string()]
+        );
+        assert!(matches!(
+            help_lines(&["lgo"], svc),
+            Err(ConsoleError::Unknown { suggestion: Some(s), .. }) if s == "log"
+        ));
+    }
+
+    #[test]
+    fn a_mistyped_command_gets_a_suggestion() {
+        assert_eq!(edit_distance("lgo", "log"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(suggest("lgo", command_words()), Some("log".into()));
+        assert_eq!(suggest("stauts", command_words()), Some("status".into()));
+        assert_eq!(suggest("helth", command_words()), Some("health".into()));
+        assert_eq!(suggest("timelin", command_words()), Some("timeline".into()));
+        assert_eq!(suggest("frobnicate", command_words()), None);
+        assert_eq!(suggest("x", command_words()), None);
+        // A service's word is a candidate where the services are known.
+        assert_eq!(
+            check_service(&["univers", "stats"], &["universe"]),
+            Err(ConsoleError::Unknown {
+                word: "univers".into(),
+                suggestion: Some("universe".into())
+            })
+        );
+        assert!(check_service(&["universe", "stats"], &["universe"]).is_ok());
+        let e = check_service(&["lgo", "level", "x", "debug"], &["universe"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown command `lgo` (did you mean `log`?); `help` lists the commands"
+        );
+        // Sub-commands too.
+        assert_eq!(
+            p("log levl x debug"),
+            Err(ConsoleError::Unknown {
+                word: "log levl".into(),
+                suggestion: Some("log level".into())
+            })
+        );
+        assert!(matches!(
+            p("fault block-lop 5"),
+            Err(ConsoleError::Unknown { suggestion: Some(s), .. }) if s == "fault block-loop"
+        ));
+        assert!(matches!(
+            p("config gte k"),
+            Err(ConsoleError::Unknown { suggestion: Some(s), .. }) if s == "config get"
+        ));
+        assert!(matches!(p("log"), Err(ConsoleError::Usage(_))));
     }
 }

@@ -138,6 +138,7 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
     let mut target_i = 0usize;
     let mut peer_i = 0usize;
     let mut last_peer_probe = 0u64;
+    let mut probing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -147,10 +148,18 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
         if epoch == 0 {
             continue;
         }
-        if node.mono_ms().saturating_sub(last_peer_probe) >= mc.peer_probe_interval_ms {
+        // A probe (up to 4x probe_timeout_ms when impaired) and the
+        // accusation after it run beside the heartbeats, never before one:
+        // a hung peer must not make this node miss its own lease. One at a
+        // time: the next waits until the last one has finished.
+        let idle = probing.as_ref().is_none_or(|p| p.is_finished());
+        if idle && node.mono_ms().saturating_sub(last_peer_probe) >= mc.peer_probe_interval_ms {
             last_peer_probe = node.mono_ms();
             peer_i += 1;
-            probe_a_peer(&node, net.as_ref(), epoch, peer_i).await;
+            let (node, net) = (node.clone(), net.clone());
+            probing = Some(tokio::spawn(async move {
+                probe_a_peer(&node, net.as_ref(), epoch, peer_i).await
+            }));
         }
         let health = verdict(&node.health.report().state);
         let sent = node.mono_ms();

@@ -35,6 +35,6 @@ pub use jobs::JobStats;
 pub use node::{ControlState, Node, NodeError, NodeStatus, Services};
 pub use service::{
     BoxedFuture, ConsoleExtension, DemoService, DemoShards, DemoStatsJob, JobOutput, JobRun,
-    PeriodicJob, Service, ServiceError, ServiceFuture, StageContext,
+    PeriodicJob, Service, ServiceCounter, ServiceError, ServiceFuture, StageContext,
 };
 pub use transport::{MemFaults, MemNetwork, Transport};

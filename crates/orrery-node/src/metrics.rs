@@ -234,6 +234,31 @@ fn log_bound_metrics(reg: &mut Registry, inner: &Inner) {
     }
 }
 
+/// The services' own counters ([`crate::service::Service::counters`]),
+/// one family per name; a name registered twice (by two services) is
+/// merged, its first help text kept.
+fn service_metrics(reg: &mut Registry, inner: &Inner) {
+    type Labels = Vec<(String, String)>;
+    let mut families: std::collections::BTreeMap<
+        &'static str,
+        (&'static str, Family<Labels, Counter>),
+    > = Default::default();
+    for c in inner.service_counters() {
+        let (_, family) = families
+            .entry(c.name)
+            .or_insert_with(|| (c.help, Family::default()));
+        let labels: Labels = c
+            .labels
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        family.get_or_create(&labels).inc_by(c.value);
+    }
+    for (name, (help, family)) in families {
+        reg.register(name, help, family);
+    }
+}
+
 /// The node's metrics in the Prometheus text format.
 pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
     let mut reg = Registry::with_prefix("orrery");
@@ -325,7 +350,7 @@ pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
             i64::from(state.stage.number()),
         );
         let members: Family<StatusLabel, Gauge> = Family::default();
-        for status in ["active", "excluded", "removed"] {
+        for status in ["active", "excluded", "removed", "left"] {
             let _ = members.get_or_create(&StatusLabel {
                 status: status.into(),
             });
@@ -335,6 +360,7 @@ pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
                 orrery_core::MemberStatus::Active => "active",
                 orrery_core::MemberStatus::Excluded { .. } => "excluded",
                 orrery_core::MemberStatus::Removed { .. } => "removed",
+                orrery_core::MemberStatus::Left { .. } => "left",
             };
             members
                 .get_or_create(&StatusLabel {
@@ -422,6 +448,7 @@ pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
         w.calls_timed_out,
     );
     bound_metrics(&mut reg, inner, &w, admin);
+    service_metrics(&mut reg, inner);
     counter(
         &mut reg,
         "accusations_ignored",

@@ -32,7 +32,7 @@ use orrery_wire::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -127,6 +127,9 @@ pub struct NodeStatus {
     /// On voters: catching up after `orrery repair` (granting no votes yet).
     #[serde(default)]
     pub raft_catching_up: bool,
+    /// Set once the node is leaving the cluster (SIGTERM): where it is.
+    #[serde(default)]
+    pub leaving: Option<String>,
 }
 
 /// What application code a node runs: stage hooks and, optionally, a
@@ -198,7 +201,15 @@ pub(crate) struct Inner {
     pub(crate) jobs: crate::jobs::JobRunner,
     /// When each peer was last heard and a quorum last seen.
     pub(crate) contacts: Arc<Contacts>,
+    /// [`RUNNING`], [`LEAVING`] (draining; no rejoin) or [`RETIRED`]
+    /// (serves nothing any more, telling the cluster it leaves).
+    leave_phase: AtomicU8,
 }
+
+/// Leave phases ([`Node::leave`]).
+const RUNNING: u8 = 0;
+const LEAVING: u8 = 1;
+const RETIRED: u8 = 2;
 
 /// Carries the control plane's opaque Raft RPCs over the node's transport.
 struct RaftOverWire(Arc<dyn Transport>, Arc<Contacts>);
@@ -373,6 +384,7 @@ impl Node {
             epoch: AtomicU64::new(0),
             leader_hint: AtomicU64::new(0),
             status: Mutex::new(status),
+            leave_phase: AtomicU8::new(RUNNING),
             activity: StageContext::default(),
             coordinator: Mutex::new(None),
             cache: Mutex::new(None),
@@ -431,6 +443,72 @@ impl Node {
                 warn!(target: LOG, "control plane shutdown: {e}");
             }
         }
+    }
+
+    /// Leaves the cluster, as SIGTERM asks: drains this node's shards (up
+    /// to `shutdown.drain_timeout_ms`), stops serving, then tells the
+    /// control plane (`Leave`, up to `shutdown.leave_timeout_ms`), so the
+    /// node is never suspected and its shards move at once. It never
+    /// rejoins afterwards; call [`Node::shutdown`] next. Every step is
+    /// bounded: without a quorum it says why and returns (the node is then
+    /// suspected and removed as a silent node would be). `Err` says why the
+    /// cluster was not told.
+    pub async fn leave(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        if inner.leave_phase.swap(LEAVING, Ordering::SeqCst) != RUNNING {
+            return Err("already leaving".into());
+        }
+        let me = inner.cfg.node_id;
+        let epoch = inner.epoch.load(Ordering::Relaxed);
+        if epoch == 0 {
+            inner.retire("not joined: nothing to tell the cluster");
+            info!(target: LOG, node = me, "leaving: not joined (epoch 0), nothing to tell the cluster");
+            return Ok(());
+        }
+        let sc = inner.cfg.shutdown.clone();
+        let started = tokio::time::Instant::now();
+        if inner.cfg.me().role.hosts_services() && sc.drain_timeout_ms > 0 {
+            inner.set_leaving("draining its shards before it leaves");
+            let within = Duration::from_millis(sc.drain_timeout_ms);
+            let drained = tokio::time::timeout(within, inner.drain_before_leaving()).await;
+            let still = inner.shards.status().assigned;
+            match drained {
+                Ok(how) => {
+                    info!(target: LOG, node = me, epoch, "leaving: {how} ({} ms)", started.elapsed().as_millis())
+                }
+                Err(_) => {
+                    warn!(target: LOG, node = me, epoch, "leaving: drain not done within shutdown.drain_timeout_ms = {} ({still} shard(s) still assigned here); they move once it has left", sc.drain_timeout_ms)
+                }
+            }
+        }
+        // Fence first: nothing is served from here on, then the cluster hears of it.
+        inner.retire("stopped serving; telling the cluster it leaves");
+        let cmd = Command::Leave {
+            node: me,
+            epoch,
+            at: now_ms(),
+        };
+        let within = Duration::from_millis(sc.leave_timeout_ms);
+        let why = match tokio::time::timeout(within, inner.propose(cmd)).await {
+            Ok(Ok(Response::Ok)) => {
+                inner.set_leaving("left the cluster");
+                info!(target: LOG, node = me, epoch, "left the cluster (epoch {epoch} revoked, {} ms): not a failure; what it still owned moves now", started.elapsed().as_millis());
+                return Ok(());
+            }
+            Ok(Ok(Response::Rejected { reason })) => {
+                format!("the control plane refused it: {reason}")
+            }
+            Ok(Ok(other)) => format!("unexpected answer {other:?}"),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!(
+                "no answer within shutdown.leave_timeout_ms = {}",
+                sc.leave_timeout_ms
+            ),
+        };
+        let why = format!("could not tell the cluster that node {me} leaves ({why}); exiting anyway: it will be suspected and removed like a silent node");
+        inner.set_leaving(why.clone());
+        warn!(target: LOG, node = me, epoch, "{why}");
+        Err(why)
     }
 
     /// Calls `call` on `shard` wherever its owner is, within `timeout`.
@@ -883,6 +961,11 @@ impl Inner {
         s
     }
 
+    /// Every service's own counters, for `/metrics`.
+    pub(crate) fn service_counters(&self) -> Vec<crate::service::ServiceCounter> {
+        self.services.iter().flat_map(|s| s.counters()).collect()
+    }
+
     /// Whether this node leads the control plane (as openraft sees it).
     pub(crate) fn is_leading(&self) -> bool {
         self.control.as_ref().is_some_and(|c| c.is_leader())
@@ -942,6 +1025,7 @@ impl Inner {
         let st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         st.stage == Stage::READY.number()
             && st.fenced.is_none()
+            && !self.retired()
             && !self.lease.is_fenced()
             && self
                 .lease
@@ -957,6 +1041,7 @@ impl Inner {
         let st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         st.stage >= Stage::ADDRESSED.number()
             && st.fenced.is_none()
+            && !self.retired()
             && !self.lease.is_fenced()
             && self
                 .lease
@@ -976,6 +1061,8 @@ impl Inner {
     ) -> Result<Vec<u8>, CallError> {
         let refused = if self.serves_shards() {
             None
+        } else if self.retired() {
+            Some(format!("node {} is leaving the cluster", self.cfg.node_id))
         } else {
             Some(
                 self.status_now()
@@ -1032,6 +1119,67 @@ impl Inner {
         self.epoch.store(epoch, Ordering::Relaxed);
         for t in [&self.net, &self.control_net, &self.hb_net] {
             t.set_epoch(epoch);
+        }
+    }
+
+    /// Leaving (SIGTERM): this process never rejoins.
+    pub(crate) fn leaving(&self) -> bool {
+        self.leave_phase.load(Ordering::SeqCst) != RUNNING
+    }
+
+    /// Leaving and past its drain: it serves nothing any more.
+    fn retired(&self) -> bool {
+        self.leave_phase.load(Ordering::SeqCst) == RETIRED
+    }
+
+    fn set_leaving(&self, what: impl Into<String>) {
+        let what = what.into();
+        self.watchdog
+            .set_doing("supervisor", format!("leaving: {what}"));
+        self.update_status(|s| s.leaving = Some(what));
+    }
+
+    /// Stops serving for good (shards, jobs): the step before `Leave`.
+    fn retire(&self, what: &str) {
+        self.leave_phase.store(RETIRED, Ordering::SeqCst);
+        self.set_leaving(what);
+    }
+
+    /// Drains this node and waits until the committed map gives it no
+    /// shard, or no other node could take them (the whole cluster is
+    /// stopping). Unbounded by itself: [`Node::leave`] bounds it. Says how
+    /// it ended.
+    async fn drain_before_leaving(&self) -> String {
+        let me = self.cfg.node_id;
+        let cmd = Command::Drain {
+            node: me,
+            drain: true,
+            at: now_ms(),
+        };
+        match self.propose(cmd).await {
+            Ok(Response::Ok) => {}
+            // Already draining (an operator asked): wait for it the same way.
+            Ok(Response::Rejected { reason }) if reason == "no change" => {}
+            Ok(Response::Rejected { reason }) => return format!("drain refused ({reason})"),
+            Ok(other) => return format!("drain: unexpected answer {other:?}"),
+            Err(e) => return format!("cannot drain ({e})"),
+        }
+        loop {
+            match self.ask(Request::FetchState).await {
+                Ok(Reply::State(s)) => {
+                    let owned = s.shards.entries.values().filter(|e| e.owner == me).count();
+                    if owned == 0 {
+                        return "its shards were handed off".into();
+                    }
+                    if !s.members.keys().any(|id| *id != me && s.may_host(*id)) {
+                        return format!("no other node can take its {owned} shard(s)");
+                    }
+                }
+                Ok(other) => debug!(target: LOG, "leaving: unexpected state reply {other:?}"),
+                Err(AskError::NoQuorum(nq)) => return format!("drain stopped: {nq}"),
+                Err(e) => debug!(target: LOG, "leaving: cannot read the cluster state: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -1540,6 +1688,10 @@ async fn supervise(node: Arc<Inner>) {
             }
         }
         let reason = node.status_now().fenced.unwrap_or_default();
+        if node.leaving() {
+            info!(target: LOG, "fenced while leaving ({reason}): not rejoining");
+            return;
+        }
         if node.health.report().state.is_fail_stop() {
             warn!(target: LOG, "fail-stop: this node stays down and needs a person ({reason})");
             return;
@@ -1601,6 +1753,9 @@ async fn start_up(node: Arc<Inner>) {
     node.activity
         .wait("start-up", "join", None, "reaching the control plane");
     let epoch = loop {
+        if node.leaving() {
+            return;
+        }
         match node
             .propose(Command::Join {
                 node: id,

@@ -36,6 +36,25 @@ pub trait Service: Send + Sync + 'static {
     /// Called when the node starts work towards `stage` (after the cluster
     /// completed the stage before it). Return when this service's part is done.
     fn on_stage<'a>(&'a self, stage: Stage, ctx: &'a StageContext) -> ServiceFuture<'a>;
+    /// The service's own counters, exported in `/metrics` at scrape time
+    /// (e.g. its failed calls by kind). Default: none.
+    fn counters(&self) -> Vec<ServiceCounter> {
+        vec![]
+    }
+}
+
+/// One counter a [`Service`] exports: `orrery_{name}_total{labels}` in
+/// `/metrics`. Counters of one name must share help text and label names;
+/// label values must come from a bounded set (call names, error kinds),
+/// never from peers' input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceCounter {
+    /// Without the `orrery_` prefix and the `_total` suffix, e.g.
+    /// `app_call_failures`.
+    pub name: &'static str,
+    pub help: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: u64,
 }
 
 /// Boxed future of the job and console extension traits.

@@ -80,6 +80,40 @@ pub enum CallError {
     Handler(String),
 }
 
+impl CallError {
+    /// Every [`CallError::kind`], for metrics (a fixed, bounded label set).
+    pub const KINDS: [&'static str; 10] = [
+        "timeout",
+        "moved",
+        "fenced",
+        "overloaded",
+        "unavailable",
+        "deadlock",
+        "unknown_shard",
+        "unknown_call",
+        "too_large",
+        "handler",
+    ];
+
+    /// A stable label for the variant (metrics count failures by it; it is
+    /// never parsed back from the message text).
+    pub fn kind(&self) -> &'static str {
+        let i = match self {
+            CallError::Timeout => 0,
+            CallError::Moved { .. } => 1,
+            CallError::Fenced { .. } => 2,
+            CallError::Overloaded(_) => 3,
+            CallError::Unavailable(_) => 4,
+            CallError::Deadlock { .. } => 5,
+            CallError::UnknownShard { .. } => 6,
+            CallError::UnknownCall { .. } => 7,
+            CallError::TooLarge { .. } => 8,
+            CallError::Handler(_) => 9,
+        };
+        Self::KINDS[i]
+    }
+}
+
 fn render_cycle(cycle: &[Hop]) -> String {
     cycle
         .iter()

@@ -16,6 +16,12 @@
 //! - `market_region`: orders, NPC trades, and the region's per-period
 //!   activity counts, which the statistics job sums.
 //!
+//! NPC calls are counted as they end: made, by call, and failed, by call and
+//! [`CallError::kind`] (`orrery_app_calls_total`,
+//! `orrery_app_call_failures_total` in `/metrics`), so errors during a roll
+//! are visible; a failed NPC call is never retried (the next tick makes
+//! new ones).
+//!
 //! What it must never do: write without the ownership epoch, block the
 //! runtime on the store (every store call runs on the blocking pool), or
 //! hold unbounded history (per-period counts keep [`KEEP_PERIODS`]).
@@ -26,8 +32,8 @@ use orrery_core::shardmap::{KindSpec, ShardId};
 use orrery_core::{JobSpec, Stage};
 use orrery_node::shards::{CallCtx, CallError, ShardActor, ShardFuture, ShardService};
 use orrery_node::{
-    BoxedFuture, ConsoleExtension, JobOutput, JobRun, Node, PeriodicJob, Service, ServiceFuture,
-    StageContext,
+    BoxedFuture, ConsoleExtension, JobOutput, JobRun, Node, PeriodicJob, Service, ServiceCounter,
+    ServiceFuture, StageContext,
 };
 use orrery_store::{Op, Store};
 use rand::{Rng, SeedableRng};
@@ -107,6 +113,70 @@ pub struct Universe {
     /// Set once the node runs (NPCs, the job and the console call shards).
     node: OnceLock<Node>,
     loaded: Mutex<u64>,
+    /// The NPC driver's calls, counted by outcome.
+    calls: CallCounts,
+}
+
+/// The calls the NPC driver makes (a fixed label set).
+pub const NPC_CALLS: [&str; 4] = ["jump", "trade", "campaign_tick", "record"];
+
+/// NPC calls made (by call) and failed (by call and [`CallError::kind`]).
+/// Both label sets are fixed: [`NPC_CALLS`] and [`CallError::KINDS`].
+#[derive(Debug, Default)]
+pub struct CallCounts {
+    inner: Mutex<CallTally>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct CallTally {
+    made: BTreeMap<&'static str, u64>,
+    failed: BTreeMap<(&'static str, &'static str), u64>,
+}
+
+impl CallCounts {
+    /// One call of `call` ended with `result`.
+    pub fn record(&self, call: &'static str, result: Result<(), &CallError>) {
+        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        *t.made.entry(call).or_default() += 1;
+        if let Err(e) = result {
+            *t.failed.entry((call, e.kind())).or_default() += 1;
+        }
+    }
+
+    /// Failed calls so far, by (call, kind).
+    pub fn failures(&self) -> BTreeMap<(&'static str, &'static str), u64> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed
+            .clone()
+    }
+
+    /// As `/metrics` exports them: every NPC call's count (0 included),
+    /// and the failures seen.
+    pub fn counters(&self, service: &str) -> Vec<ServiceCounter> {
+        let t = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out: Vec<ServiceCounter> = NPC_CALLS
+            .iter()
+            .map(|call| ServiceCounter {
+                name: "app_calls",
+                help: "Calls the application made (the universe's NPC driver), by call",
+                labels: vec![("service", service.to_string()), ("call", call.to_string())],
+                value: t.made.get(call).copied().unwrap_or(0),
+            })
+            .collect();
+        out.extend(t.failed.iter().map(|((call, kind), n)| ServiceCounter {
+            name: "app_call_failures",
+            help: "Application calls that failed, by call and error kind (CallError::kind), never dropped silently",
+            labels: vec![
+                ("service", service.to_string()),
+                ("call", call.to_string()),
+                ("kind", kind.to_string()),
+            ],
+            value: *n,
+        }));
+        out
+    }
 }
 
 fn err(e: impl std::fmt::Display) -> CallError {
@@ -148,6 +218,7 @@ impl Universe {
             store,
             node: OnceLock::new(),
             loaded: Mutex::new(0),
+            calls: CallCounts::default(),
         }))
     }
 
@@ -158,6 +229,11 @@ impl Universe {
 
     pub fn meta(&self) -> &UniverseMeta {
         &self.meta
+    }
+
+    /// The NPC driver's calls, counted by outcome.
+    pub fn calls(&self) -> &CallCounts {
+        &self.calls
     }
 
     fn call_timeout(&self) -> Duration {
@@ -182,6 +258,7 @@ impl Universe {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut counts: BTreeMap<u32, Activity> = BTreeMap::new();
         let mut ticks = 0u64;
+        let mut failures_logged = 0u64;
         loop {
             tick.tick().await;
             let Some(node) = self.node.get() else {
@@ -234,8 +311,9 @@ impl Universe {
                 calls.push((shard, call, region, kind, payload));
             }
             let results = futures_join(node, calls, self.call_timeout()).await;
-            for (region, kind, ok) in results {
-                if !ok {
+            for (region, kind, call, result) in results {
+                self.calls.record(call, result.as_ref().map(|_| ()));
+                if result.is_err() {
                     continue;
                 }
                 let a = counts.entry(region).or_default();
@@ -258,25 +336,43 @@ impl Universe {
                         campaign_events: a.campaign_events,
                     };
                     if let Ok(p) = serde_json::to_vec(&rec) {
-                        let _ = node.call(shard, "record", p, self.call_timeout()).await;
+                        let r = node.call(shard, "record", p, self.call_timeout()).await;
+                        self.calls.record("record", r.as_ref().map(|_| ()));
                     }
+                }
+            }
+            // Failures are counted in /metrics; the log says so at most
+            // every 10 s, with the counts by kind.
+            if ticks % 100 == 0 {
+                let failed = self.calls.failures();
+                let total: u64 = failed.values().sum();
+                if total > failures_logged {
+                    let mut by_kind: BTreeMap<&str, u64> = BTreeMap::new();
+                    for ((_, kind), n) in &failed {
+                        *by_kind.entry(kind).or_default() += n;
+                    }
+                    let text: Vec<String> =
+                        by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                    tracing::warn!(target: LOG, "NPC calls failed: {} so far ({})", total, text.join(", "));
+                    failures_logged = total;
                 }
             }
         }
     }
 }
 
+/// Runs the calls at once; each ends with (region, kind, call, result).
 async fn futures_join(
     node: &Node,
     calls: Vec<(ShardId, &'static str, u32, u8, Vec<u8>)>,
     timeout: Duration,
-) -> Vec<(u32, u8, bool)> {
+) -> Vec<(u32, u8, &'static str, Result<(), CallError>)> {
     let mut set = tokio::task::JoinSet::new();
     for (shard, call, region, kind, payload) in calls {
         let node = node.clone();
         set.spawn(async move {
-            let ok = node.call(shard, call, payload, timeout).await.is_ok();
-            (region, kind, ok)
+            let r = node.call(shard, call, payload, timeout).await.map(|_| ());
+            (region, kind, call, r)
         });
     }
     let mut out = Vec::new();
@@ -666,6 +762,10 @@ impl Service for UniverseStages {
         "universe"
     }
 
+    fn counters(&self) -> Vec<ServiceCounter> {
+        self.0.calls.counters("universe")
+    }
+
     fn on_stage<'a>(&'a self, stage: Stage, ctx: &'a StageContext) -> ServiceFuture<'a> {
         Box::pin(async move {
             if stage == Stage::READY {
@@ -881,4 +981,54 @@ impl ConsoleExtension for UniverseConsole {
 /// Loaded shards on this node (for progress reports).
 pub fn loaded(u: &Universe) -> u64 {
     *u.loaded.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npc_call_failures_are_counted_by_typed_kind() {
+        let c = CallCounts::default();
+        c.record("jump", Ok(()));
+        c.record("jump", Err(&CallError::Moved { version: 3 }));
+        c.record("jump", Err(&CallError::Moved { version: 4 }));
+        c.record("trade", Err(&CallError::Timeout));
+        // The message text plays no part: a handler error mentioning a
+        // timeout is a handler error.
+        c.record(
+            "record",
+            Err(&CallError::Handler("timeout talking to the store".into())),
+        );
+        let f = c.failures();
+        assert_eq!(f[&("jump", "moved")], 2);
+        assert_eq!(f[&("trade", "timeout")], 1);
+        assert_eq!(f[&("record", "handler")], 1);
+        assert_eq!(f.len(), 3);
+        let out = c.counters("universe");
+        let made: Vec<(String, u64)> = out
+            .iter()
+            .filter(|k| k.name == "app_calls")
+            .map(|k| (k.labels[1].1.clone(), k.value))
+            .collect();
+        assert_eq!(
+            made,
+            vec![
+                ("jump".into(), 3),
+                ("trade".into(), 1),
+                ("campaign_tick".into(), 0),
+                ("record".into(), 1)
+            ]
+        );
+        let moved = out
+            .iter()
+            .find(|k| k.name == "app_call_failures" && k.labels.contains(&("kind", "moved".into())))
+            .unwrap();
+        assert_eq!(moved.value, 2);
+        assert_eq!(moved.labels[0], ("service", "universe".to_string()));
+        assert!(out
+            .iter()
+            .filter(|k| k.name == "app_call_failures")
+            .all(|k| CallError::KINDS.contains(&k.labels[2].1.as_str())));
+    }
 }
