@@ -55,11 +55,6 @@ struct StatusLabel {
     status: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QuantileLabel {
-    quantile: String,
-}
-
 type LatencyFamily = Family<KindLabel, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -476,24 +471,30 @@ pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
         inner.rpc.latency.clone(),
     );
     let r = inner.watchdog.report();
-    let lag: Family<QuantileLabel, Gauge<f64, AtomicU64>> = Family::default();
-    lag.get_or_create(&QuantileLabel {
-        quantile: "0.5".into(),
-    })
-    .set(r.lag_p50_ms / 1000.0);
-    lag.get_or_create(&QuantileLabel {
-        quantile: "0.99".into(),
-    })
-    .set(r.lag_p99_ms / 1000.0);
-    lag.get_or_create(&QuantileLabel {
-        quantile: "1".into(),
-    })
-    .set(r.lag_max_ms / 1000.0);
     reg.register(
         "event_loop_lag_seconds",
-        "Event-loop lag over the watchdog's window (quantile 1: the maximum since start)",
-        lag,
+        "Event-loop lag of every watchdog tick since start",
+        inner.watchdog.lag_histogram(),
     );
+    for (name, help, v) in [
+        (
+            "event_loop_lag_p50_seconds",
+            "Median event-loop lag over the watchdog's window",
+            r.lag_p50_ms,
+        ),
+        (
+            "event_loop_lag_p99_seconds",
+            "99th percentile event-loop lag over the watchdog's window",
+            r.lag_p99_ms,
+        ),
+        (
+            "event_loop_lag_max_seconds",
+            "Largest event-loop lag since start",
+            r.lag_max_ms,
+        ),
+    ] {
+        gauge_f(&mut reg, name, help, v / 1000.0);
+    }
     counter(
         &mut reg,
         "event_loop_late_ticks",

@@ -18,6 +18,7 @@
 //! not a verdict: the health checks and the failure detector decide).
 
 use orrery_core::Millis;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -118,6 +119,9 @@ pub struct Watchdog {
     /// When the ticker last ran, in ms since `origin`.
     last_tick_ms: AtomicU64,
     lag: Mutex<Lag>,
+    /// Every tick's lag since start, in seconds, for `/metrics`
+    /// (`orrery_event_loop_lag_seconds`, a histogram).
+    lag_seconds: Histogram,
     next_id: AtomicU64,
     in_flight: Mutex<BTreeMap<u64, InFlight>>,
     untracked: AtomicU64,
@@ -200,6 +204,7 @@ impl Watchdog {
             origin,
             last_tick_ms: AtomicU64::new(0),
             lag: Mutex::new(Lag::default()),
+            lag_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             next_id: AtomicU64::new(1),
             in_flight: Mutex::new(BTreeMap::new()),
             untracked: AtomicU64::new(0),
@@ -210,6 +215,12 @@ impl Watchdog {
             outbox: Mutex::new(VecDeque::new()),
             stopped: AtomicBool::new(false),
         })
+    }
+
+    /// The lag of every tick since start (0.5 ms .. 4 s buckets); clones
+    /// share the counts.
+    pub fn lag_histogram(&self) -> Histogram {
+        self.lag_seconds.clone()
     }
 
     pub fn config(&self) -> &WatchdogConfig {
@@ -259,6 +270,7 @@ impl Watchdog {
     fn record_tick(&self, expected: Instant, now: Instant) {
         let lag = now.saturating_duration_since(expected);
         let lag_us = lag.as_micros() as u64;
+        self.lag_seconds.observe(lag.as_secs_f64());
         self.last_tick_ms
             .store(self.elapsed_ms(), Ordering::Relaxed);
         let mut l = lock(&self.lag);
