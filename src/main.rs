@@ -146,6 +146,12 @@ enum Cmd {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Configuration: `diff` prints every node whose file disagrees with
+    /// the replicated cluster-wide keys (node, key, its value, the cluster's).
+    Config {
+        #[command(subcommand)]
+        which: ConfigCmd,
+    },
     /// The cluster's certificate authority, for machines set up by hand
     /// (`orrery up` makes its own).
     Ca {
@@ -166,6 +172,16 @@ enum Cmd {
         /// The node id within `--data-dir`.
         #[arg(long, requires = "data_dir")]
         node: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Where each node's file drifts from the replicated configuration;
+    /// exits 3 if any node drifts (for scripts).
+    Diff {
+        #[command(flatten)]
+        target: ClusterTarget,
     },
 }
 
@@ -263,6 +279,32 @@ impl ClusterTarget {
     fn token(&self) -> Option<String> {
         exec::find_token(self.token.clone(), &self.data_dir)
     }
+}
+
+/// `orrery config diff`: one row per drifting key of every node that
+/// answers; nodes that do not answer are named, not skipped.
+fn config_diff(fleet: &exec::Fleet) -> Result<()> {
+    let client = AdminClient::default();
+    let mut rows = vec![];
+    for n in &fleet.nodes {
+        match client.node_status(&n.admin_addr) {
+            Ok(st) => rows.extend(
+                st.config_drift
+                    .into_iter()
+                    .map(|d| (n.id, d.key, d.here, d.cluster)),
+            ),
+            Err(e) => println!("node {}: no answer ({e})", n.id),
+        }
+    }
+    if rows.is_empty() {
+        println!("no drift: every node that answered runs the cluster's values");
+        return Ok(());
+    }
+    println!("{:<5} {:<36} {:<20} CLUSTER", "NODE", "KEY", "HERE");
+    for (node, key, here, cluster) in rows {
+        println!("{node:<5} {key:<36} {here:<20} {cluster}");
+    }
+    std::process::exit(3);
 }
 
 fn parse_timeout(s: &str) -> Result<Duration> {
@@ -573,6 +615,9 @@ fn run() -> Result<()> {
             timeout,
             target,
         } => console(nodes, parse_timeout(&timeout)?, target),
+        Cmd::Config {
+            which: ConfigCmd::Diff { target },
+        } => config_diff(&target.fleet(Duration::from_secs(3))?),
         Cmd::Timeline {
             since,
             format,

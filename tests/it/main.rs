@@ -17,6 +17,7 @@
 
 mod cluster;
 mod conncaps;
+mod drift;
 mod inproc;
 mod integrity;
 mod jobs;

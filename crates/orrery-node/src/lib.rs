@@ -16,6 +16,7 @@ mod authz;
 pub mod clock;
 pub mod config;
 pub mod console;
+pub mod drift;
 pub mod health;
 pub mod jobs;
 mod lease;

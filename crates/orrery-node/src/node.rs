@@ -120,6 +120,10 @@ pub struct NodeStatus {
     /// proposals), kept here because they cannot commit without a quorum.
     #[serde(default)]
     pub control_alarms: Vec<crate::watchdog::Alarm>,
+    /// Cluster-wide keys whose value in this node's file differs from the
+    /// replicated one (`orrery config diff`).
+    #[serde(default)]
+    pub config_drift: Vec<crate::drift::Drift>,
     /// On voters: (applied index, SHA-256 of the applied cluster state).
     /// Voters at one index must show one digest.
     #[serde(default)]
@@ -167,6 +171,8 @@ pub(crate) struct Inner {
     control: Option<ControlPlane<ControlState>>,
     /// How this node reaches its peers (real TCP, or an in-process network).
     net: Arc<dyn Transport>,
+    /// (drift now, drift last announced by an alarm): see [`crate::drift`].
+    drift: Mutex<(Vec<crate::drift::Drift>, Vec<crate::drift::Drift>)>,
     /// Probes: connections of their own.
     control_net: Arc<dyn Transport>,
     /// Heartbeats: connections of their own, used from the heartbeat thread.
@@ -363,6 +369,7 @@ impl Node {
         let console_ext = services.console.clone();
         let services = services.stages;
         let inner = Arc::new(Inner {
+            drift: Mutex::default(),
             jobs,
             shards,
             contacts,
@@ -833,11 +840,13 @@ async fn record_alarms(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dropped_before: BTreeMap<String, u64> = BTreeMap::new();
+    let mine = inner.cfg.cluster_config();
     loop {
         tokio::select! {
             _ = inner.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        inner.check_drift(&mine);
         if let Some(log) = inner.log.get() {
             for sink in log.stats().sinks {
                 let before = dropped_before
@@ -938,6 +947,12 @@ impl Inner {
         s.health = Some(self.health.report());
         s.jobs = self.jobs.stats();
         s.membership_version = self.lease.view().version;
+        s.config_drift = self
+            .drift
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
         s.refused = self.rpc.refusals();
         s.ignored_accusations = self
             .coordinator
@@ -1014,6 +1029,41 @@ impl Inner {
             return Some(Arc::new(c.state().state.0.clone()));
         }
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Compares this node's cluster-wide keys with the replicated ones and
+    /// raises an alarm naming each difference when the set changes (again
+    /// next second if the watchdog's alarm budget held it back).
+    fn check_drift(&self, mine: &orrery_core::ClusterConfig) {
+        let configured = |s: &ClusterState| s.configured.then(|| s.config.clone());
+        let cluster = match &self.control {
+            Some(c) => configured(&c.state().state.0),
+            None => self
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+                .and_then(configured),
+        };
+        let Some(cluster) = cluster else {
+            return;
+        };
+        let now = crate::drift::compare(mine, &cluster);
+        let mut d = self.drift.lock().unwrap_or_else(|e| e.into_inner());
+        if now == d.1 {
+            d.0 = now;
+            return;
+        }
+        if now.is_empty() {
+            info!(target: LOG, "config drift resolved: this node's file agrees with the cluster again");
+            *d = (vec![], vec![]);
+            return;
+        }
+        let text = crate::drift::alarm_text(self.cfg.node_id, &now);
+        if self.watchdog.raise(now_ms(), text).is_some() {
+            d.1 = now.clone();
+        }
+        d.0 = now;
     }
 
     pub(crate) fn mono_ms(&self) -> u64 {
