@@ -382,6 +382,36 @@ pub fn universe_config(data_dir: &Path) -> Result<orrery_universe::UniverseConfi
     }
 }
 
+/// `orrery stop --node N`: asks node `node` of the local cluster in
+/// `data_dir` to leave (SIGTERM to the process holding its `node.lock`: it
+/// drains, commits its `Leave` and exits) and waits until it has exited,
+/// at most `within`. Returns its pid.
+pub fn stop_node(data_dir: &Path, node: NodeId, within: std::time::Duration) -> Result<u32> {
+    let lock = node_lock_path(&data_dir.join(format!("node-{node}")));
+    let Some(held) = DirLock::holder(&lock)? else {
+        bail!(
+            "node {node} is not running: no process holds {}",
+            lock.display()
+        );
+    };
+    let pid = held
+        .pid
+        .with_context(|| format!("{} names no pid", lock.display()))?;
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .context("run kill")?;
+    anyhow::ensure!(st.success(), "kill -TERM {pid} failed");
+    let deadline = std::time::Instant::now() + within;
+    while DirLock::holder(&lock)?.is_some() {
+        if std::time::Instant::now() >= deadline {
+            bail!("node {node} (pid {pid}) still runs {within:?} after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(pid)
+}
+
 /// An exclusive `flock` on a file, held as long as this value lives (the
 /// kernel releases it when the process dies, however it dies): `orrery up`
 /// holds `DATA_DIR/up.lock`, every `orrery node` its data directory's

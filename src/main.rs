@@ -146,6 +146,17 @@ enum Cmd {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Ask one node of a local cluster to leave and exit (as SIGTERM does:
+    /// it drains its shards, commits its `Leave`, exits); waits for it.
+    Stop {
+        #[arg(long)]
+        node: u64,
+        #[arg(long, default_value = "orrery-data")]
+        data_dir: PathBuf,
+        /// How long to wait for it to exit.
+        #[arg(long, default_value_t = 15)]
+        timeout_s: u64,
+    },
     /// Configuration: `diff` prints every node whose file disagrees with
     /// the replicated cluster-wide keys (node, key, its value, the cluster's).
     Config {
@@ -618,6 +629,19 @@ fn run() -> Result<()> {
         Cmd::Config {
             which: ConfigCmd::Diff { target },
         } => config_diff(&target.fleet(Duration::from_secs(3))?),
+        Cmd::Stop {
+            node,
+            data_dir,
+            timeout_s,
+        } => {
+            let t0 = Instant::now();
+            let pid = local::stop_node(&data_dir, node, Duration::from_secs(timeout_s))?;
+            println!(
+                "node {node} (pid {pid}) left the cluster and exited in {} ms",
+                t0.elapsed().as_millis()
+            );
+            Ok(())
+        }
         Cmd::Timeline {
             since,
             format,

@@ -435,3 +435,49 @@ fn npc_call_failures_are_counted_by_kind_in_metrics() {
     }
     c.stop_all();
 }
+
+/// `orrery stop --node N` is SIGTERM by name: the node leaves (a `NodeLeft`,
+/// never suspected) and exits; stopping it again says it is not running.
+#[test]
+fn orrery_stop_makes_a_node_leave_and_refuses_a_node_that_is_not_running() {
+    let mut c = TestCluster::new(4, 3, |_| {});
+    c.start_all();
+    let before = c.wait_for("stage 0", T, ready);
+    let stop = |c: &TestCluster| {
+        Command::new(BIN)
+            .args(["stop", "--node", "4", "--data-dir"])
+            .arg(c.dir.path())
+            .output()
+            .expect("orrery stop")
+    };
+    let out = stop(&c);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("node 4") && text.contains("left the cluster"),
+        "{text}"
+    );
+    assert!(c.wait_exit(4, T).success());
+    let s = c.wait_for("node 4 left", T, |s| {
+        s.events
+            .iter()
+            .any(|e| e.kind == EventKind::NodeLeft && e.node == Some(4))
+    });
+    let suspected = s.events.iter().any(|e| {
+        e.index > before.applied_index
+            && e.node == Some(4)
+            && matches!(e.kind, EventKind::NodeSuspected | EventKind::NodeRemoved)
+    });
+    assert!(!suspected, "{}", show(Some(s.clone())));
+    let again = stop(&c);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && err.contains("node 4 is not running"),
+        "{err}"
+    );
+    c.stop_all();
+}
