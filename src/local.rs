@@ -385,7 +385,9 @@ pub fn universe_config(data_dir: &Path) -> Result<orrery_universe::UniverseConfi
 /// `orrery stop --node N`: asks node `node` of the local cluster in
 /// `data_dir` to leave (SIGTERM to the process holding its `node.lock`: it
 /// drains, commits its `Leave` and exits) and waits until it has exited,
-/// at most `within`. Returns its pid.
+/// at most `within`. Returns its pid. (The front door, not decision logic:
+/// it waits on the wall clock.)
+#[allow(clippy::disallowed_methods)]
 pub fn stop_node(data_dir: &Path, node: NodeId, within: std::time::Duration) -> Result<u32> {
     let lock = node_lock_path(&data_dir.join(format!("node-{node}")));
     let Some(held) = DirLock::holder(&lock)? else {
