@@ -504,3 +504,60 @@ async fn a_report_under_an_epoch_never_issued_raises_no_suspicion() {
     assert_eq!(s.members[&v].status, MemberStatus::Active);
     c.shutdown().await;
 }
+
+/// Issue 12: a probe must never delay a heartbeat. Node 4 is impaired (its
+/// probes wait 4x `probe_timeout_ms` = 1.2 s) and cannot reach node 5 (one
+/// way: everyone else can, so node 5 stays a member and node 4 keeps
+/// probing it). Were the probe awaited before the heartbeat, node 4's lease
+/// would lapse (`self_fence_after_ms` 600) at each of those probes and the
+/// coordinator would suspect it for silence; with probes beside the
+/// heartbeats it stays serving, its lease never lapses in the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_probe_never_delays_the_probers_own_heartbeats() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (c, before) = ready_cluster(dir.path(), 5, 23).await;
+    c.nodes[&4].set_health_faults(orrery_node::health::HealthFaults {
+        event_loop_lag_ms: 400,
+        ..Default::default()
+    });
+    c.wait_for(T, |s| !s.members[&4].health.healthy)
+        .await
+        .unwrap_or_else(|s| panic!("node 4 never impaired:\n{}", show(s)));
+    c.net.set_faults(|f| {
+        f.cut.insert((4, 5));
+    });
+    // Several of node 4's probe rounds (every 500 ms over 4 peers, each
+    // probe of node 5 hanging 1.2 s): a fixed window, because what must be
+    // shown is that nothing happens in it.
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut lapses = 0;
+    while tokio::time::Instant::now() < until {
+        if !c.nodes[&4].status().serving {
+            lapses += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = c.state().await.expect("state");
+    // Node 5's own probes of node 4 lose their answers on the cut link, so
+    // node 5 accuses it (and the probes through others refute that); what
+    // must not happen is a lapsed lease ("no heartbeat for ...") or a
+    // removal.
+    let about_4: Vec<String> = s
+        .events
+        .iter()
+        .filter(|e| e.index > before.applied_index && e.node == Some(4))
+        .filter(|e| match e.kind {
+            EventKind::NodeRemoved => true,
+            EventKind::NodeSuspected => !e.detail.contains("accused by node 5"),
+            _ => false,
+        })
+        .map(|e| e.detail.clone())
+        .collect();
+    assert!(about_4.is_empty(), "node 4's lease lapsed: {about_4:?}");
+    assert_eq!(
+        lapses, 0,
+        "node 4 stopped serving {lapses} times (50 ms samples)"
+    );
+    c.shutdown().await;
+}
