@@ -158,7 +158,7 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
             peer_i += 1;
             let (node, net) = (node.clone(), net.clone());
             probing = Some(tokio::spawn(async move {
-                probe_a_peer(&node, net.as_ref(), epoch, peer_i).await
+                probe_a_peer(&node, net.as_ref(), peer_i).await
             }));
         }
         let health = verdict(&node.health.report().state);
@@ -243,7 +243,7 @@ fn note_contact(
 /// says are current) and accuses it to the leader if it fails. The node
 /// does not censor itself when it is unhealthy: the coordinator decides
 /// whose accusations count.
-async fn probe_a_peer(node: &Inner, net: &dyn Transport, epoch: u64, i: usize) {
+async fn probe_a_peer(node: &Inner, net: &dyn Transport, i: usize) {
     let view = node.lease.view();
     let peers: Vec<(NodeId, u64)> = view
         .members
@@ -260,7 +260,6 @@ async fn probe_a_peer(node: &Inner, net: &dyn Transport, epoch: u64, i: usize) {
     };
     let hint = node.leader_hint.load(Ordering::Relaxed);
     let leader = if hint != 0 { hint } else { return };
-    let _ = epoch;
     let req = Request::Accuse {
         suspect,
         epoch: suspect_epoch,

@@ -129,8 +129,9 @@ impl Transport for TcpTransport {
                 Ok(Err(orrery_wire::PoolError::Connect { source, .. }))
                     if source.fenced().is_some() =>
                 {
-                    let reason = source.fenced().unwrap_or_default().to_string();
-                    Ok(Reply::Fenced { reason })
+                    Ok(Reply::Fenced {
+                        reason: source.fenced().map(str::to_string).unwrap_or_default(),
+                    })
                 }
                 Ok(Err(orrery_wire::PoolError::Call(
                     orrery_wire::CallError::Overloaded
