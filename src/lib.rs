@@ -5,11 +5,14 @@
 //! talking to a local cluster of real node processes). The runtime itself
 //! lives in the workspace crates re-exported here.
 
+pub mod backup;
 pub mod ca;
+pub mod drill;
 pub mod exec;
 pub mod inproc;
 pub mod local;
 pub mod procs;
+pub mod roll;
 
 pub use orrery_core as core;
 pub use orrery_node as node;

@@ -57,6 +57,8 @@ pub struct Plan {
     pub app: toml::Table,
     /// What SIGTERM does on every node (`[shutdown]`: drain and leave bounds).
     pub shutdown: orrery_node::config::ShutdownConfig,
+    /// The scheduled backup of every node (`[backup]`; off by default).
+    pub backup: orrery_node::backup::BackupConfig,
 }
 
 impl Plan {
@@ -108,6 +110,7 @@ impl Plan {
             store: orrery_store::StoreConfig::default(),
             app: toml::Table::new(),
             shutdown: Default::default(),
+            backup: Default::default(),
         }
     }
 }
@@ -361,6 +364,8 @@ fn node_config(plan: &Plan, n: &NodeEntry, shared: &Shared, data_dir: PathBuf) -
         },
         app: plan.app.clone(),
         shutdown: plan.shutdown.clone(),
+        resources: Default::default(),
+        backup: plan.backup.clone(),
         nodes: shared.nodes.clone(),
     }
 }
@@ -707,6 +712,47 @@ pub fn quorum_lines(nodes: &[(NodeId, Option<NodeStatus>)]) -> Vec<String> {
         .collect()
 }
 
+/// A line when the nodes that answered run different binaries or speak
+/// different protocol ranges (a roll half done, a forgotten node).
+pub fn version_lines(nodes: &[(NodeId, Option<NodeStatus>)]) -> Vec<String> {
+    let mut by: std::collections::BTreeMap<(String, (u16, u16)), Vec<String>> =
+        std::collections::BTreeMap::new();
+    for (id, st) in nodes {
+        if let Some(st) = st {
+            by.entry((st.version.clone(), st.protocol))
+                .or_default()
+                .push(id.to_string());
+        }
+    }
+    if by.len() < 2 {
+        return vec![];
+    }
+    let parts: Vec<String> = by
+        .iter()
+        .map(|((v, (lo, hi)), ids)| {
+            format!("{v} (protocol {lo}..={hi}) on nodes {}", ids.join(", "))
+        })
+        .collect();
+    vec![format!("version skew: {}", parts.join("; "))]
+}
+
+/// One line per resource past a threshold, on any node that answered
+/// (disk space, store sizes, descriptors: `orrery_node::resources`).
+pub fn resource_lines(nodes: &[(NodeId, Option<NodeStatus>)]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter_map(|(_, st)| st.as_ref())
+        .flat_map(|st| st.resources.iter())
+        .map(|f| {
+            let level = match f.level {
+                orrery_node::resources::Level::Warning => "warning",
+                orrery_node::resources::Level::Critical => "CRITICAL",
+            };
+            format!("resource {level}: {}", f.text)
+        })
+        .collect()
+}
+
 /// `orrery status` when no node could read the replicated state (no
 /// quorum, or no voter up): the node table from what each node reports
 /// about itself, under the nodes' "no quorum" lines.
@@ -718,7 +764,11 @@ pub fn render_nodes(
 ) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    for line in quorum_lines(nodes) {
+    let lines = quorum_lines(nodes)
+        .into_iter()
+        .chain(resource_lines(nodes))
+        .chain(version_lines(nodes));
+    for line in lines {
         let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(
@@ -784,6 +834,9 @@ fn node_state(st: &NodeStatus) -> String {
     if let Some(f) = &st.fenced {
         s.push_str(&format!("; fenced: {f}"));
     }
+    if let Some(d) = &st.voter_down {
+        s.push_str(&format!("; VOTER DOWN: {d}"));
+    }
     if let Some(w) = &st.waiting {
         s.push_str(&format!("; waiting: {w}"));
     }
@@ -801,7 +854,11 @@ pub fn render_status(
 ) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    for line in quorum_lines(nodes) {
+    let lines = quorum_lines(nodes)
+        .into_iter()
+        .chain(resource_lines(nodes))
+        .chain(version_lines(nodes));
+    for line in lines {
         let _ = writeln!(out, "{line}");
     }
     let leader = state
@@ -872,6 +929,10 @@ pub fn render_status(
             (orrery_core::MemberStatus::Left { .. }, _, _) => {
                 "LEFT: stopped by its operator; rejoins when restarted".into()
             }
+            (_, _, Some(st)) if st.voter_down.is_some() => format!(
+                "VOTER DOWN: {}",
+                st.voter_down.as_deref().unwrap_or_default()
+            ),
             (_, _, _) if !m.health.healthy => format!(
                 "IMPAIRED: {}",
                 m.health.reason.as_deref().unwrap_or("self-checks failing")
@@ -1039,6 +1100,40 @@ mod tests {
 #[cfg(test)]
 mod lock_tests {
     use super::*;
+
+    #[test]
+    fn nodes_on_different_binaries_or_protocols_are_called_version_skew() {
+        let st = |v: &str, p: (u16, u16)| {
+            Some(NodeStatus {
+                version: v.into(),
+                protocol: p,
+                ..Default::default()
+            })
+        };
+        let same = vec![
+            (1, st("0.1.0", (1, 1))),
+            (2, st("0.1.0", (1, 1))),
+            (3, None),
+        ];
+        assert!(version_lines(&same).is_empty());
+        let skew = vec![
+            (1, st("0.1.0", (1, 1))),
+            (2, st("0.2.0", (1, 2))),
+            (3, st("0.1.0", (1, 1))),
+        ];
+        let l = version_lines(&skew);
+        assert_eq!(l.len(), 1);
+        assert!(
+            l[0].contains("0.1.0 (protocol 1..=1) on nodes 1, 3"),
+            "{}",
+            l[0]
+        );
+        assert!(
+            l[0].contains("0.2.0 (protocol 1..=2) on nodes 2"),
+            "{}",
+            l[0]
+        );
+    }
 
     #[test]
     fn a_node_log_gives_its_last_error_report() {

@@ -157,6 +157,27 @@ enum Cmd {
         #[arg(long, default_value_t = 15)]
         timeout_s: u64,
     },
+    /// Start one stopped node of a local cluster (detached: it outlives this
+    /// command), on the binary recorded for it; waits until it runs.
+    Start(orrery::roll::StartArgs),
+    /// Monitored rolling restart (or upgrade, with --binary): one batch at a
+    /// time, workers first, voters last, the leader last; each node back at
+    /// stage 0 with its shards and the cluster healthy for --stable-ms
+    /// before the next; stops (or rolls back) at the first node that fails.
+    Roll(orrery::roll::RollArgs),
+    /// Failover drills: `leader` (hand leadership over and back), `node N`
+    /// (drain, stop, restart, readmit, shards back), `history`.
+    Drill {
+        #[command(subcommand)]
+        which: orrery::drill::DrillCmd,
+    },
+    /// Back a local cluster up: the replicated state at one applied index,
+    /// the store (SQLite online backup) and the layout, then restore it into
+    /// a scratch directory and check it; prints the manifest.
+    Backup(orrery::backup::BackupArgs),
+    /// Lay a local cluster's data directory down from a verified backup
+    /// (`orrery up` then reaches stage 0 with the same universe).
+    Restore(orrery::backup::RestoreArgs),
     /// Configuration: `diff` prints every node whose file disagrees with
     /// the replicated cluster-wide keys (node, key, its value, the cluster's).
     Config {
@@ -388,6 +409,14 @@ enum Bench {
         shards: u64,
         #[arg(long, default_value_t = 2_000)]
         proposals: u64,
+    },
+    /// Backup + verify + restore of a universe's store (`--systems`):
+    /// times and sizes.
+    Backup {
+        #[arg(long, default_value_t = 5000)]
+        systems: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: u64,
     },
     /// Start-up of a large cluster in the deterministic simulator.
     Startup {
@@ -642,6 +671,14 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Start(args) => orrery::roll::start(args),
+        Cmd::Backup(args) => orrery::backup::backup(args),
+        Cmd::Restore(args) => orrery::backup::restore(args),
+        Cmd::Bench {
+            which: Bench::Backup { systems, runs },
+        } => orrery::backup::bench(systems, runs),
+        Cmd::Roll(args) => orrery::roll::run(args),
+        Cmd::Drill { which } => orrery::drill::run(which),
         Cmd::Timeline {
             since,
             format,
@@ -1036,7 +1073,7 @@ fn status(data_dir: PathBuf, json: bool, events: usize, shards: bool) -> Result<
             let live = client.node_statuses(&manifest);
             let why = format!("{e:#}");
             print!("{}", local::render_nodes(&manifest, &live, &why, now_ms()));
-            return Ok(());
+            return backup_exit(&live);
         }
         Err(e) => return Err(e),
     };
@@ -1062,6 +1099,18 @@ fn status(data_dir: PathBuf, json: bool, events: usize, shards: bool) -> Result<
     if events > 0 {
         println!("latest events:");
         print!("{}", local::render_events(&state, events, now_ms()));
+    }
+    backup_exit(&live)
+}
+
+/// Prints the backup lines; exits 2 while a backup alarm is in force.
+fn backup_exit(live: &[(orrery_core::NodeId, Option<orrery_node::NodeStatus>)]) -> Result<()> {
+    let (lines, alarm) = orrery::backup::status_lines(live, now_ms());
+    for l in lines {
+        println!("{l}");
+    }
+    if alarm {
+        std::process::exit(2);
     }
     Ok(())
 }

@@ -290,3 +290,36 @@ pub fn show(s: Option<ClusterState>) -> String {
     s.map(|s| local::render_status(&s, &[], 0) + &format!("{:#?}", s.events))
         .unwrap_or_else(|| "no state".into())
 }
+
+/// A tmpfs mounted for a test (a real filesystem that really fills; it
+/// needs root, as `.ci/run` has), unmounted lazily when dropped.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).expect("mkdir");
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test needs `mount -t tmpfs` (root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -87,5 +87,56 @@ fn a_node_restarted_with_an_edited_cluster_key_raises_a_drift_alarm_naming_it() 
         row.contains(&(ttl + 2_000).to_string()) && row.ends_with(&ttl.to_string()),
         "{row}"
     );
+
+    // `config set` makes node 4's value the cluster's: in force everywhere,
+    // in the timeline with old and new value; now node 4 agrees and the
+    // three nodes whose files still say the old value drift instead.
+    let new = (ttl + 2_000).to_string();
+    let before = c.state().expect("state").applied_index;
+    let (ok, out, err) = c.exec(&["--nodes", "1"], &["config", "set", key, &new]);
+    assert!(ok, "config set failed: {out} {err}");
+    let s = c.wait_for("the new value replicated and recorded", T, |s| {
+        s.config.membership.lease_ttl_ms == ttl + 2_000
+            && s.events.iter().any(|e| {
+                e.kind == EventKind::ConfigChanged
+                    && e.index > before
+                    && e.detail.contains(&format!("{key}: {ttl} -> {new}"))
+            })
+    });
+    for id in 1..=3 {
+        let st = c.wait_node(id, "drift against the new value", T, |st| {
+            st.config_drift
+                .iter()
+                .any(|d| d.key == key && d.cluster == new)
+        });
+        assert_eq!(st.config_drift[0].here, ttl.to_string());
+    }
+    c.wait_node(4, "node 4 agreeing now", T, |st| st.config_drift.is_empty());
+    // A value that does not validate is refused, once, and changes nothing.
+    let (ok, out, err) = c.exec(&["--nodes", "1"], &["config", "set", key, "10"]);
+    assert!(!ok, "an invalid lease was accepted: {out}");
+    assert!(
+        format!("{out}{err}").contains("must not exceed"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = c.exec(&["--nodes", "4"], &["config", "set", key, &new]);
+    let said = format!("{out}{err}");
+    assert!(
+        !ok && said.contains("voter"),
+        "a worker proposed a config change: {said}"
+    );
+    let after = c.state().expect("state");
+    assert_eq!(after.config.membership.lease_ttl_ms, ttl + 2_000);
+    assert_eq!(
+        after
+            .events
+            .iter()
+            .filter(|e| e.kind == EventKind::ConfigChanged)
+            .count(),
+        s.events
+            .iter()
+            .filter(|e| e.kind == EventKind::ConfigChanged)
+            .count()
+    );
     c.stop_all();
 }

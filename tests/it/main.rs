@@ -15,9 +15,12 @@
 // decision logic, not the harness that watches it.
 #![allow(clippy::disallowed_methods)]
 
+mod backup;
 mod cluster;
 mod conncaps;
+mod disk;
 mod drift;
+mod drill;
 mod inproc;
 mod integrity;
 mod jobs;
@@ -25,6 +28,7 @@ mod leave;
 mod membership;
 mod operations;
 mod quorum;
+mod roll;
 mod shards;
 mod sim;
 mod startup;

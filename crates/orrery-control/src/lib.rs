@@ -122,14 +122,35 @@ pub struct LeaderView {
 }
 
 /// A handle to this node's control plane. Cheap to clone.
+///
+/// The Raft core it runs can be restarted in place ([`Self::restart`]): after a fatal
+/// storage error (a full disk) openraft stops for good, and the owner brings the same
+/// handle back once the cause is gone. Watchers keep their receivers across a restart.
 pub struct ControlPlane<S: ReplicatedState> {
-    inner: Arc<Inner<S>>,
+    shell: Arc<Shell<S>>,
+}
+
+/// What outlives a restart of the Raft core: the configuration, the transport, the
+/// channels handed to watchers, and the core currently running.
+struct Shell<S: ReplicatedState> {
+    cfg: ControlConfig,
+    transport: Arc<dyn RaftTransport>,
+    core: std::sync::RwLock<Arc<Inner<S>>>,
+    state_tx: watch::Sender<StateView<S>>,
+    leader_tx: watch::Sender<LeaderView>,
+    /// One restart or shutdown at a time.
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Set by [`ControlPlane::shutdown`]: no restart after it.
+    shut: std::sync::atomic::AtomicBool,
+    restarts: std::sync::atomic::AtomicU64,
+    /// The last state digest computed, by applied index.
+    digest: std::sync::Mutex<Option<(u64, String)>>,
 }
 
 impl<S: ReplicatedState> Clone for ControlPlane<S> {
     fn clone(&self) -> Self {
         Self {
-            inner: self.inner.clone(),
+            shell: self.shell.clone(),
         }
     }
 }
@@ -138,7 +159,6 @@ struct Inner<S: ReplicatedState> {
     raft: Raft<Tc, StateMachine<S>>,
     cfg: ControlConfig,
     state_rx: watch::Receiver<StateView<S>>,
-    leader_rx: watch::Receiver<LeaderView>,
     /// Lets `shutdown` wait until every openraft task has released the store.
     db: Weak<redb::Database>,
     /// The snapshot arriving in chunks from the leader, if any.
@@ -151,28 +171,22 @@ struct Inner<S: ReplicatedState> {
     revert_allowed_by: std::sync::Mutex<Option<types::Vote>>,
     /// Reaches other voters (the repaired voter's request to its leader).
     transport: Arc<dyn RaftTransport>,
-    /// The last state digest computed, by applied index.
-    digest: std::sync::Mutex<Option<(u64, String)>>,
 }
 
 fn fatal(e: &Fatal<Tc>) -> ControlError {
     ControlError::Fatal(e.to_string())
 }
 
-impl<S: ReplicatedState> ControlPlane<S> {
-    /// Opens or creates the Raft store under `cfg.data_dir`, restores the state (snapshot +
-    /// replay of committed entries) and starts Raft with pre-vote enabled.
-    ///
-    /// If the store is pristine, initializes the cluster with `cfg.voters`. Every voter may do
-    /// so with the identical voter map; a node that is already initialized (or that received
-    /// the membership from a peer first) skips it.
-    pub async fn start(
-        cfg: ControlConfig,
+impl<S: ReplicatedState> Inner<S> {
+    /// Opens the Raft store under `cfg.data_dir`, checks every record, restores the state
+    /// and starts a Raft core whose leader changes go to `leader_tx`. Returns the core and
+    /// whether the store carries the repair marker.
+    async fn open(
+        cfg: &ControlConfig,
         transport: Arc<dyn RaftTransport>,
-    ) -> Result<Self, ControlError> {
-        cfg.validate()?;
+        leader_tx: watch::Sender<LeaderView>,
+    ) -> Result<(Self, bool), ControlError> {
         let raft_cfg = Arc::new(cfg.to_openraft()?);
-
         let db = store::open_db_retrying(&cfg.data_dir, cfg.shutdown_timeout)
             .await
             .map_err(|e| match e.kind() {
@@ -184,7 +198,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
                 },
                 _ => ControlError::Storage(format!("open {}: {e}", cfg.data_dir.display())),
             })?;
-        let repaired = verify_store(&cfg, &db).await?;
+        let repaired = verify_store(cfg, &db).await?;
         let db_weak = Arc::downgrade(&db);
         let (sm, state_rx) = StateMachine::<S>::open(db.clone())
             .await
@@ -199,53 +213,186 @@ impl<S: ReplicatedState> ControlPlane<S> {
             snapshot_chunk_bytes: cfg.snapshot_chunk_bytes,
             trouble: trouble.clone(),
         };
-
         let raft = Raft::new(cfg.node_id, raft_cfg, net, log, sm)
             .await
             .map_err(|e| fatal(&e))?;
+        relay_leader(&raft, leader_tx);
+        let core = Inner {
+            raft,
+            cfg: cfg.clone(),
+            state_rx,
+            db: db_weak,
+            receiving: SnapshotReceiver::default(),
+            trouble,
+            catching_up: std::sync::atomic::AtomicBool::new(repaired),
+            revert_allowed_by: std::sync::Mutex::new(None),
+            transport,
+        };
+        Ok((core, repaired))
+    }
 
+    /// Stops this core's Raft and waits (at most `shutdown_timeout`) until its tasks have
+    /// released the store, so the same `data_dir` can be reopened as soon as this returns.
+    async fn stop(&self) -> Result<(), ControlError> {
+        let t = self.cfg.shutdown_timeout;
+        let stop = async {
+            let res = self.raft.shutdown().await;
+            // Replication and state-machine workers exit shortly after the core; each holds
+            // a handle to the store until then.
+            while self.db.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The count drops to 0 before redb's `Drop` has finished closing the file (it
+            // marks the file clean last); wait until the file opens, so a caller that reads
+            // or copies it next sees a cleanly closed store.
+            let path = self.cfg.data_dir.join(store::DB_FILE);
+            while store::still_open(&path).await {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            res
+        };
+        match tokio::time::timeout(t, stop).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ControlError::Fatal(format!("raft core task failed: {e}"))),
+            Err(_) => Err(ControlError::Timeout(t)),
+        }
+    }
+}
+
+/// Publishes `raft`'s term and leader to `tx` until the core stops.
+fn relay_leader<S: ReplicatedState>(
+    raft: &Raft<Tc, StateMachine<S>>,
+    tx: watch::Sender<LeaderView>,
+) {
+    tx.send_replace(leader_view(raft));
+    let mut metrics = raft.metrics();
+    tokio::spawn(async move {
+        while metrics.changed().await.is_ok() {
+            let view = {
+                let m = metrics.borrow_watched();
+                LeaderView {
+                    term: m.current_term,
+                    leader: m.current_leader,
+                }
+            };
+            tx.send_if_modified(|cur| {
+                let changed = *cur != view;
+                *cur = view;
+                changed
+            });
+        }
+    });
+}
+
+/// Publishes every state `rx` sees to `tx` until its core stops (watchers keep one
+/// receiver across restarts of the core).
+fn relay_state<S: ReplicatedState>(
+    mut rx: watch::Receiver<StateView<S>>,
+    tx: watch::Sender<StateView<S>>,
+) {
+    tx.send_replace(rx.borrow_and_update().clone());
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let view = rx.borrow_and_update().clone();
+            tx.send_replace(view);
+        }
+    });
+}
+
+impl<S: ReplicatedState> ControlPlane<S> {
+    /// Opens or creates the Raft store under `cfg.data_dir`, restores the state (snapshot +
+    /// replay of committed entries) and starts Raft with pre-vote enabled.
+    ///
+    /// If the store is pristine, initializes the cluster with `cfg.voters`. Every voter may do
+    /// so with the identical voter map; a node that is already initialized (or that received
+    /// the membership from a peer first) skips it.
+    pub async fn start(
+        cfg: ControlConfig,
+        transport: Arc<dyn RaftTransport>,
+    ) -> Result<Self, ControlError> {
+        cfg.validate()?;
+        let (leader_tx, _) = watch::channel(LeaderView::default());
+        let (core, repaired) = Inner::<S>::open(&cfg, transport.clone(), leader_tx.clone()).await?;
         // A repaired voter waits for the leader to bring it back; initializing would give it
         // a membership log of its own.
         if !repaired {
-            initialize_if_pristine(&raft, &cfg).await?;
+            initialize_if_pristine(&core.raft, &cfg).await?;
         } else {
             tracing::warn!(node = cfg.node_id, "raft store was repaired: catching up from the leader, granting no votes until then");
         }
-
-        let (leader_tx, leader_rx) = watch::channel(leader_view(&raft));
-        let mut metrics = raft.metrics();
-        tokio::spawn(async move {
-            while metrics.changed().await.is_ok() {
-                let view = {
-                    let m = metrics.borrow_watched();
-                    LeaderView {
-                        term: m.current_term,
-                        leader: m.current_leader,
-                    }
-                };
-                leader_tx.send_if_modified(|cur| {
-                    let changed = *cur != view;
-                    *cur = view;
-                    changed
-                });
-            }
-        });
-
+        let (state_tx, _) = watch::channel(core.state_rx.borrow().clone());
+        relay_state(core.state_rx.clone(), state_tx.clone());
         Ok(Self {
-            inner: Arc::new(Inner {
-                raft,
+            shell: Arc::new(Shell {
                 cfg,
-                state_rx,
-                leader_rx,
-                db: db_weak,
-                receiving: SnapshotReceiver::default(),
-                trouble,
-                catching_up: std::sync::atomic::AtomicBool::new(repaired),
-                digest: std::sync::Mutex::new(None),
-                revert_allowed_by: std::sync::Mutex::new(None),
                 transport,
+                core: std::sync::RwLock::new(Arc::new(core)),
+                state_tx,
+                leader_tx,
+                lifecycle: tokio::sync::Mutex::new(()),
+                shut: std::sync::atomic::AtomicBool::new(false),
+                restarts: std::sync::atomic::AtomicU64::new(0),
+                digest: std::sync::Mutex::new(None),
             }),
         })
+    }
+
+    /// The Raft core running now.
+    fn inner(&self) -> Arc<Inner<S>> {
+        self.shell
+            .core
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Restarts the Raft core in place: stops the current one (a core stopped by a fatal
+    /// error stops at once), reopens the store, checks it and starts Raft again with the
+    /// same identity. For a voter whose core died of a storage error (a full disk) once the
+    /// cause is gone; the store on disk is what Raft had made durable, so nothing is lost.
+    /// On error the old (stopped) core stays in place and a later restart may try again.
+    pub async fn restart(&self) -> Result<(), ControlError> {
+        let _one = self.shell.lifecycle.lock().await;
+        if self.shell.shut.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ControlError::Fatal(
+                "the control plane was shut down".into(),
+            ));
+        }
+        let old = self.inner();
+        if let Err(e) = old.stop().await {
+            tracing::debug!(
+                node = self.shell.cfg.node_id,
+                "stopping the old raft core: {e}"
+            );
+        }
+        let (core, _) = Inner::<S>::open(
+            &self.shell.cfg,
+            self.shell.transport.clone(),
+            self.shell.leader_tx.clone(),
+        )
+        .await?;
+        relay_state(core.state_rx.clone(), self.shell.state_tx.clone());
+        *self.shell.core.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(core);
+        self.shell
+            .restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(node = self.shell.cfg.node_id, "raft core restarted");
+        Ok(())
+    }
+
+    /// Stops the Raft core without shutting the control plane down (a voter whose disk is
+    /// critical stops writing before a write fails); [`Self::restart`] brings it back, and
+    /// [`Self::health`] reports it stopped until then.
+    pub async fn stop_core(&self) -> Result<(), ControlError> {
+        let _one = self.shell.lifecycle.lock().await;
+        self.inner().stop().await
+    }
+
+    /// How many times the Raft core was restarted in place.
+    pub fn restarts(&self) -> u64 {
+        self.shell
+            .restarts
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Proposes `cmd`. Returns the log index it was committed at and the response of applying it.
@@ -253,9 +400,10 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// Returns [`ControlError::NotLeader`] if this node is not the leader (the caller forwards),
     /// and [`ControlError::CommitUnknown`] if leadership was lost after the entry was appended.
     pub async fn write(&self, cmd: S::Command) -> Result<(u64, S::Response), ControlError> {
+        self.health()?;
         let bytes = postcard::to_stdvec(&cmd)
             .map_err(|e| ControlError::Codec(format!("encode command: {e}")))?;
-        let limit = self.inner.cfg.max_proposal_bytes;
+        let limit = self.shell.cfg.max_proposal_bytes;
         if bytes.len() > limit {
             return Err(ControlError::ProposalTooLarge {
                 bytes: bytes.len(),
@@ -263,7 +411,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
             });
         }
         let resp = self
-            .inner
+            .inner()
             .raft
             .client_write(CmdBytes(bytes))
             .await
@@ -298,7 +446,8 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// Linearizable read: confirms leadership with a quorum (ReadIndex), waits until the read
     /// index is applied locally, then returns the applied state.
     pub async fn read_linearizable(&self) -> Result<StateView<S>, ControlError> {
-        self.inner
+        self.health()?;
+        self.inner()
             .raft
             .ensure_linearizable(ReadPolicy::ReadIndex)
             .await
@@ -315,13 +464,13 @@ impl<S: ReplicatedState> ControlPlane<S> {
             })?;
         // `ensure_linearizable` returns once the read index is applied, and the state machine
         // publishes before it reports an apply, so the watch is at least that fresh.
-        Ok(self.inner.state_rx.borrow().clone())
+        Ok(self.inner().state_rx.borrow().clone())
     }
 
     /// Waits (at most `timeout`) until this node has applied everything the cluster had
     /// committed when it restarted. Needs a live leader. Useful before serving local reads.
     pub async fn wait_for_recovery(&self, timeout: Duration) -> Result<(), ControlError> {
-        self.inner
+        self.inner()
             .raft
             .wait_for_recovery(Some(timeout))
             .await
@@ -331,27 +480,30 @@ impl<S: ReplicatedState> ControlPlane<S> {
 
     /// The locally applied state (may be stale on followers); updated on every apply.
     pub fn state(&self) -> StateView<S> {
-        self.inner.state_rx.borrow().clone()
+        self.inner().state_rx.borrow().clone()
     }
 
     /// Watches the locally applied state; a new value is published after every applied batch.
     pub fn watch_state(&self) -> watch::Receiver<StateView<S>> {
-        self.inner.state_rx.clone()
+        self.shell.state_tx.subscribe()
     }
 
     /// Watches this node's view of the term and the leader.
     pub fn watch_leader(&self) -> watch::Receiver<LeaderView> {
-        self.inner.leader_rx.clone()
+        self.shell.leader_tx.subscribe()
     }
 
     /// The leader this node currently knows of.
     pub fn current_leader(&self) -> Option<NodeId> {
-        self.inner.raft.metrics().borrow_watched().current_leader
+        // A stopped core's last view is stale; it knows of no leader.
+        self.health().ok()?;
+        self.inner().raft.metrics().borrow_watched().current_leader
     }
 
     /// The current leader with its address, if known.
     pub fn current_leader_addr(&self) -> Option<(NodeId, String)> {
-        let m = self.inner.raft.metrics();
+        self.health().ok()?;
+        let m = self.inner().raft.metrics();
         let m = m.borrow_watched();
         let id = m.current_leader?;
         let addr = m
@@ -361,7 +513,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
             .map(|n| n.addr.clone());
         Some((
             id,
-            addr.or_else(|| self.inner.cfg.voters.get(&id).cloned())
+            addr.or_else(|| self.shell.cfg.voters.get(&id).cloned())
                 .unwrap_or_default(),
         ))
     }
@@ -369,12 +521,37 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// Whether this node currently believes it is the leader. Not a fence: use
     /// [`Self::read_linearizable`] or [`Self::write`] for that.
     pub fn is_leader(&self) -> bool {
-        self.inner.raft.is_leader()
+        self.health().is_ok() && self.inner().raft.is_leader()
+    }
+
+    /// While leader: hands leadership to voter `to` (openraft's `transfer_leader`: this
+    /// leader stops proposing, `to` campaigns at once once it holds the leader's log).
+    /// Returns when the request is handed to the Raft core, not when `to` leads: watch
+    /// [`Self::watch_leader`] for that. Refused on a follower and for a non-voter.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ControlError> {
+        let me = self.node_id();
+        if !self.is_leader() {
+            return Err(ControlError::NotLeader {
+                leader: self.current_leader_addr(),
+            });
+        }
+        if to == me {
+            return Err(ControlError::Raft(format!("node {to} already leads")));
+        }
+        if !self.voters().contains_key(&to) {
+            return Err(ControlError::Raft(format!("node {to} is not a voter")));
+        }
+        let core = self.inner();
+        core.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| fatal(&e))
     }
 
     /// The current Raft term as seen by this node.
     pub fn current_term(&self) -> u64 {
-        self.inner.raft.metrics().borrow_watched().current_term
+        self.inner().raft.metrics().borrow_watched().current_term
     }
 
     /// While leader: how long ago a quorum of voters last acknowledged this
@@ -385,7 +562,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
         if !self.is_leader() {
             return None;
         }
-        let m = self.inner.raft.metrics();
+        let m = self.inner().raft.metrics();
         let m = m.borrow_watched();
         m.last_quorum_acked
             .as_ref()
@@ -394,12 +571,12 @@ impl<S: ReplicatedState> ControlPlane<S> {
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        self.inner.cfg.node_id
+        self.shell.cfg.node_id
     }
 
     /// The current voter set (id -> address) from the replicated membership.
     pub fn voters(&self) -> BTreeMap<NodeId, String> {
-        let m = self.inner.raft.metrics();
+        let m = self.inner().raft.metrics();
         let m = m.borrow_watched();
         let membership = m.membership_config.membership();
         membership
@@ -418,7 +595,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// it returns [`ControlError::Fatal`]; openraft does not recover from that by itself, so the
     /// owner should restart the control plane (or the process).
     pub fn health(&self) -> Result<(), ControlError> {
-        match &self.inner.raft.metrics().borrow_watched().running_state {
+        match &self.inner().raft.metrics().borrow_watched().running_state {
             Ok(()) => Ok(()),
             Err(e) => Err(fatal(e)),
         }
@@ -428,18 +605,21 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// returns the encoded reply. Malformed bytes give [`ControlError::MalformedRpc`].
     pub async fn handle_rpc(&self, payload: Vec<u8>) -> Result<Vec<u8>, ControlError> {
         let req: RpcRequest = network::decode(&payload).map_err(ControlError::MalformedRpc)?;
-        let raft = &self.inner.raft;
+        // A stopped core answers nothing (openraft would log every refused message).
+        self.health()?;
+        let core = self.inner();
+        let raft = &core.raft;
         let raft_err = |e: RaftError<Tc>| match e {
             RaftError::Fatal(f) => fatal(&f),
             RaftError::APIError(never) => match never {},
         };
         let catching_up = self
-            .inner
+            .inner()
             .catching_up
             .load(std::sync::atomic::Ordering::Acquire);
         let resp = match req {
             RpcRequest::Vote(_) | RpcRequest::PreVote(_) if catching_up => {
-                return Err(ControlError::CatchingUp(self.inner.cfg.node_id));
+                return Err(ControlError::CatchingUp(self.shell.cfg.node_id));
             }
             RpcRequest::AppendEntries(r) => {
                 if catching_up {
@@ -461,6 +641,15 @@ impl<S: ReplicatedState> ControlPlane<S> {
                 self.take_chunk(chunk).await?
             }
             RpcRequest::AllowRevert { node } => self.allow_revert(node).await?,
+            // A repaired voter must not be handed leadership before it caught up.
+            RpcRequest::TransferLeader(_) if catching_up => {
+                return Err(ControlError::CatchingUp(self.shell.cfg.node_id));
+            }
+            RpcRequest::TransferLeader(r) => RpcResponse::TransferLeader(
+                raft.handle_transfer_leader(r)
+                    .await
+                    .map_err(|e| fatal(&e))?,
+            ),
         };
         network::encode(resp).map_err(ControlError::Codec)
     }
@@ -468,8 +657,8 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// Buffers one snapshot chunk; once the snapshot is whole and its checksum and state
     /// decode, installs it.
     async fn take_chunk(&self, chunk: network::SnapshotChunk) -> Result<RpcResponse, ControlError> {
-        let max = self.inner.cfg.max_snapshot_bytes;
-        let whole = match self.inner.receiving.take(chunk, max)? {
+        let max = self.shell.cfg.max_snapshot_bytes;
+        let whole = match self.inner().receiving.take(chunk, max)? {
             Taken::Whole(w) => w,
             Taken::Need(next_offset) => return Ok(RpcResponse::ChunkAccepted { next_offset }),
         };
@@ -484,13 +673,13 @@ impl<S: ReplicatedState> ControlPlane<S> {
             snapshot: whole.data,
         };
         let resp = self
-            .inner
+            .inner()
             .raft
             .install_full_snapshot(whole.vote, snap)
             .await
             .map_err(|e| fatal(&e))?;
         if self
-            .inner
+            .inner()
             .catching_up
             .load(std::sync::atomic::Ordering::Acquire)
         {
@@ -503,9 +692,9 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// the beginning: openraft treats a follower whose log went backwards as a bug (and
     /// stops), unless the leader was told first (`allow_next_revert`).
     async fn ensure_revert_allowed(&self, vote: &types::Vote) -> Result<(), ControlError> {
-        let me = self.inner.cfg.node_id;
+        let me = self.shell.cfg.node_id;
         if self
-            .inner
+            .inner()
             .revert_allowed_by
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -519,15 +708,15 @@ impl<S: ReplicatedState> ControlPlane<S> {
             .voters()
             .get(&leader)
             .cloned()
-            .or_else(|| self.inner.cfg.voters.get(&leader).cloned());
+            .or_else(|| self.shell.cfg.voters.get(&leader).cloned());
         let (Some(addr), Ok(payload)) =
             (addr, network::encode(RpcRequest::AllowRevert { node: me }))
         else {
             return Err(ControlError::CatchingUp(me));
         };
-        let timeout = self.inner.cfg.rpc_timeout;
+        let timeout = self.shell.cfg.rpc_timeout;
         let reply = self
-            .inner
+            .inner()
             .transport
             .call(leader, addr, payload, timeout)
             .await;
@@ -542,7 +731,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
                     "leader will replicate to this repaired voter from the start"
                 );
                 *self
-                    .inner
+                    .inner()
                     .revert_allowed_by
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(granted);
@@ -554,7 +743,8 @@ impl<S: ReplicatedState> ControlPlane<S> {
 
     /// Leader side of [`Self::ensure_revert_allowed`].
     async fn allow_revert(&self, node: NodeId) -> Result<RpcResponse, ControlError> {
-        let raft = &self.inner.raft;
+        let core = self.inner();
+        let raft = &core.raft;
         if !raft.is_leader() {
             return Err(ControlError::NotLeader {
                 leader: self.current_leader_addr(),
@@ -572,20 +762,20 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// committed: from then on its log holds every committed entry, as a voter's must.
     async fn end_catch_up_once_applied(&self, leader_commit: Option<u64>) {
         let Some(commit) = leader_commit else { return };
-        if self.inner.state_rx.borrow().applied_index < commit {
+        if self.inner().state_rx.borrow().applied_index < commit {
             return;
         }
-        let Some(db) = self.inner.db.upgrade() else {
+        let Some(db) = self.inner().db.upgrade() else {
             return;
         };
         let cleared = tokio::task::spawn_blocking(move || store::set_repaired(&db, None)).await;
         match cleared {
             Ok(Ok(())) => {
-                self.inner
+                self.inner()
                     .catching_up
                     .store(false, std::sync::atomic::Ordering::Release);
                 tracing::info!(
-                    node = self.inner.cfg.node_id,
+                    node = self.shell.cfg.node_id,
                     applied = commit,
                     "repaired voter caught up; voting again"
                 );
@@ -600,7 +790,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
     /// check a repaired voter against the others. Cached per applied index.
     pub fn state_digest(&self) -> (u64, String) {
         let view = self.state();
-        let mut cache = self.inner.digest.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.shell.digest.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((index, hex)) = cache.as_ref().filter(|(i, _)| *i == view.applied_index) {
             return (*index, hex.clone());
         }
@@ -618,7 +808,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
 
     /// Whether this voter is still catching up after a repair (it grants no votes).
     pub fn is_catching_up(&self) -> bool {
-        self.inner
+        self.inner()
             .catching_up
             .load(std::sync::atomic::Ordering::Acquire)
     }
@@ -629,7 +819,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
         if !self.is_leader() {
             return BTreeMap::new();
         }
-        self.inner
+        self.inner()
             .trouble
             .snapshot()
             .into_iter()
@@ -638,37 +828,21 @@ impl<S: ReplicatedState> ControlPlane<S> {
     }
 
     /// Stops Raft and waits (at most `shutdown_timeout`) until its tasks have released the
-    /// store, so the same `data_dir` can be reopened as soon as this returns `Ok`. Idempotent.
+    /// store, so the same `data_dir` can be reopened as soon as this returns `Ok`. Idempotent;
+    /// no [`Self::restart`] after it.
     pub async fn shutdown(&self) -> Result<(), ControlError> {
-        let t = self.inner.cfg.shutdown_timeout;
-        let stop = async {
-            let res = self.inner.raft.shutdown().await;
-            // Replication and state-machine workers exit shortly after the core; each holds
-            // a handle to the store until then.
-            while self.inner.db.strong_count() > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            // The count drops to 0 before redb's `Drop` has finished closing the file (it
-            // marks the file clean last); wait until the file opens, so a caller that reads
-            // or copies it next sees a cleanly closed store.
-            let path = self.inner.cfg.data_dir.join(store::DB_FILE);
-            while store::still_open(&path).await {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            res
-        };
-        match tokio::time::timeout(t, stop).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ControlError::Fatal(format!("raft core task failed: {e}"))),
-            Err(_) => Err(ControlError::Timeout(t)),
-        }
+        let _one = self.shell.lifecycle.lock().await;
+        self.shell
+            .shut
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.inner().stop().await
     }
 
     fn leader_of(&self, f: &ForwardToLeader<Tc>) -> Option<(NodeId, String)> {
         let id = f.leader_id?;
         let addr = match &f.leader_node {
             Some(n) => n.addr.clone(),
-            None => self.inner.cfg.voters.get(&id).cloned().unwrap_or_default(),
+            None => self.shell.cfg.voters.get(&id).cloned().unwrap_or_default(),
         };
         Some((id, addr))
     }

@@ -12,7 +12,8 @@ use openraft::errors::{
 };
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, EntryPayload, RPCTypes, RaftNetworkV2};
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,9 @@ pub(crate) enum RpcRequest {
     AllowRevert {
         node: NodeId,
     },
+    /// The leader hands leadership over (`ControlPlane::transfer_leader`): the named
+    /// voter campaigns at once, the others stop waiting on the old leader's lease.
+    TransferLeader(TransferLeaderRequest<Tc>),
 }
 
 /// One piece of a snapshot. The receiver appends chunks in order and installs the snapshot
@@ -69,6 +73,7 @@ pub(crate) enum RpcResponse {
     RevertAllowed {
         vote: Vote,
     },
+    TransferLeader(TransferLeaderResponse<Tc>),
 }
 
 pub(crate) fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
@@ -276,6 +281,19 @@ impl RaftNetworkV2<Tc> for NetClient {
             Ok(RpcResponse::Vote(r)) => Ok(r),
             Ok(_) => Err(RPCError::Network(self.unexpected())),
             Err(e) => Err(self.rpc_err(e, RPCTypes::Vote)),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<Tc>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<Tc>, RPCError<Tc>> {
+        let req = RpcRequest::TransferLeader(req);
+        match self.call(req, self.ttl(&option)).await {
+            Ok(RpcResponse::TransferLeader(r)) => Ok(r),
+            Ok(_) => Err(RPCError::Network(self.unexpected())),
+            Err(e) => Err(self.rpc_err(e, RPCTypes::TransferLeader)),
         }
     }
 

@@ -304,6 +304,39 @@ async fn leader_failover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_in_place_keeps_its_state_and_its_watchers() {
+    let (_guard, dir) = tempdir();
+    let router = Arc::new(Router::default());
+    let nodes = start_cluster(&dir, &router).await;
+    let old = agreed_leader(&nodes, &[1, 2, 3]).await;
+    nodes[&old].write(KvCmd::Set("x".into(), 1)).await.unwrap();
+    let mut watcher = nodes[&old].watch_state();
+    nodes[&old].restart().await.unwrap();
+    assert_eq!(nodes[&old].restarts(), 1);
+    nodes[&old].health().unwrap();
+    // The state it had made durable is back at once.
+    assert_eq!(nodes[&old].state().state.map.get("x"), Some(&1));
+    // The cluster goes on, and the restarted voter follows it.
+    let l = agreed_leader(&nodes, &[1, 2, 3]).await;
+    nodes[&l].write(KvCmd::Add("x".into(), 1)).await.unwrap();
+    wait_applied(&nodes[&old], "x", 2).await;
+    // A receiver taken before the restart still sees new states.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while watcher.borrow_and_update().state.map.get("x") != Some(&2) {
+            watcher
+                .changed()
+                .await
+                .expect("the watch outlives the restart");
+        }
+    })
+    .await
+    .expect("the watcher saw the write after the restart");
+    shutdown_all(&nodes, &router).await;
+    // After shutdown there is no restart.
+    assert!(nodes[&old].restart().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_restores_state_and_membership() {
     let (_guard, dir) = tempdir();
     let router = Arc::new(Router::default());

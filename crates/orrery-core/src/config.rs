@@ -243,7 +243,66 @@ impl Default for ClusterConfig {
     }
 }
 
+/// The replicated fields whose key in `node.toml` differs from the field
+/// name (they live in the `[startup]` section there): (field, file key).
+pub const FILE_KEYS: [(&str, &str); 3] = [
+    ("stage_deadline_ms", "startup.stage_deadline_ms"),
+    ("stuck_policy", "startup.stuck_policy"),
+    ("liveness_window_ms", "startup.liveness_window_ms"),
+];
+
+/// Longest key and value `config set` takes, in bytes.
+pub const MAX_SET_KEY_BYTES: usize = 128;
+pub const MAX_SET_VALUE_BYTES: usize = 256;
+
 impl ClusterConfig {
+    /// `config set`: this configuration with `key` (spelt as in `node.toml`,
+    /// e.g. `membership.lease_ttl_ms`) set to `value`, and the key's old
+    /// value. Refused, naming why: an unknown key, the node list (members
+    /// change by joining and leaving, not by a config edit), a value of
+    /// another type than the key's, or a result that does not validate.
+    pub fn with_key(&self, key: &str, value: &str) -> Result<(ClusterConfig, String), String> {
+        if key.len() > MAX_SET_KEY_BYTES || value.len() > MAX_SET_VALUE_BYTES {
+            return Err(format!(
+                "key or value too long (at most {MAX_SET_KEY_BYTES} and {MAX_SET_VALUE_BYTES} bytes)"
+            ));
+        }
+        let field = FILE_KEYS
+            .iter()
+            .find(|(_, file)| *file == key)
+            .map_or(key, |(field, _)| *field);
+        if field == "nodes" || field.starts_with("nodes.") {
+            return Err("the node list is not a config key: nodes join and leave".into());
+        }
+        let mut tree = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        let leaf = field
+            .split('.')
+            .try_fold(&mut tree, |v, part| v.get_mut(part))
+            .filter(|v| !v.is_object())
+            .ok_or_else(|| format!("unknown cluster-wide key {key:?}"))?;
+        let new = serde_json::from_str::<serde_json::Value>(value)
+            .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+        let same_kind = matches!(
+            (&*leaf, &new),
+            (serde_json::Value::Number(_), serde_json::Value::Number(_))
+                | (serde_json::Value::String(_), serde_json::Value::String(_))
+                | (serde_json::Value::Bool(_), serde_json::Value::Bool(_))
+        );
+        if !same_kind {
+            return Err(format!("{key} takes a value like {leaf}, not {value:?}"));
+        }
+        let old = std::mem::replace(leaf, new).to_string();
+        let cfg: ClusterConfig =
+            serde_json::from_value(tree).map_err(|e| format!("{key} = {value}: {e}"))?;
+        cfg.membership.validate()?;
+        if cfg.stage_deadline_ms == 0 || cfg.liveness_window_ms == 0 {
+            return Err(
+                "startup.stage_deadline_ms and startup.liveness_window_ms must be positive".into(),
+            );
+        }
+        Ok((cfg, old))
+    }
+
     /// Ids of the voters, ascending.
     pub fn voters(&self) -> Vec<NodeId> {
         self.nodes
@@ -251,5 +310,43 @@ impl ClusterConfig {
             .filter(|(_, s)| s.role.is_voter())
             .map(|(id, _)| *id)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod set_key_tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_set_by_its_file_name_and_the_old_value_returned() {
+        let c = ClusterConfig::default();
+        let (n, old) = c.with_key("membership.lease_ttl_ms", "3000").unwrap();
+        assert_eq!(n.membership.lease_ttl_ms, 3_000);
+        assert_eq!(old, c.membership.lease_ttl_ms.to_string());
+        let (n, _) = c.with_key("startup.stuck_policy", "wait").unwrap();
+        assert_eq!(n.stuck_policy, StuckPolicy::Wait);
+        let (n, _) = c.with_key("startup.stage_deadline_ms", "5000").unwrap();
+        assert_eq!(n.stage_deadline_ms, 5_000);
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_refused_and_change_nothing() {
+        let c = ClusterConfig::default();
+        for (k, v, says) in [
+            ("membership.nope", "1", "unknown"),
+            ("membership", "1", "unknown"),
+            ("nodes", "{}", "node list"),
+            ("nodes.1.addr", "x", "node list"),
+            ("membership.lease_ttl_ms", "soon", "takes a value like"),
+            ("membership.lease_ttl_ms", "-5", "lease_ttl_ms"),
+            ("membership.lease_ttl_ms", "10", "must not exceed"),
+            ("startup.stuck_policy", "maybe", "stuck_policy"),
+            ("startup.stage_deadline_ms", "0", "positive"),
+        ] {
+            let e = c.with_key(k, v).unwrap_err();
+            assert!(e.contains(says), "{k} = {v}: {e}");
+        }
+        let long = "9".repeat(MAX_SET_VALUE_BYTES + 1);
+        assert!(c.with_key("membership.lease_ttl_ms", &long).is_err());
     }
 }

@@ -307,6 +307,11 @@ pub enum EventKind {
     /// A node left the cluster by its own decision (SIGTERM): not a
     /// failure, never suspected.
     NodeLeft,
+    /// An operator's action (a rolling restart, a failover drill) and its
+    /// outcome, recorded for the timeline ([`Command::Operation`]).
+    Operation,
+    /// A cluster-wide configuration key changed ([`Command::SetConfig`]).
+    ConfigChanged,
 }
 
 /// One entry in the replicated event list.
@@ -507,6 +512,24 @@ pub enum Command {
         epoch: Epoch,
         at: Millis,
     },
+    /// An operator's action and its outcome (`orrery roll`, `orrery drill`:
+    /// "roll started", "node 3 restarted in 2100 ms", "drill leader: ok ..."),
+    /// proposed through a voter's console with the admin token. Recorded
+    /// for the timeline only: it changes nothing else.
+    Operation {
+        what: String,
+        detail: String,
+        at: Millis,
+    },
+    /// An operator changes a cluster-wide key (`config set KEY VALUE`,
+    /// through a voter's console with the admin token). Validated in
+    /// `apply` ([`crate::config::ClusterConfig::with_key`]); recorded in the
+    /// timeline with the old and the new value.
+    SetConfig {
+        key: String,
+        value: String,
+        at: Millis,
+    },
 }
 
 impl Command {
@@ -540,7 +563,9 @@ impl Command {
             | Command::JobOverdue { at, .. }
             | Command::AdoptJobCommit { at, .. }
             | Command::RevokeCertificates { at, .. }
-            | Command::Leave { at, .. } => *at,
+            | Command::Leave { at, .. }
+            | Command::Operation { at, .. }
+            | Command::SetConfig { at, .. } => *at,
         }
     }
 }
@@ -579,6 +604,10 @@ pub struct ClusterState {
     /// (`Arc::make_mut`), never the whole state.
     pub config: Arc<ClusterConfig>,
     pub configured: bool,
+    /// Log index of the last `config set` (0: the bootstrap configuration):
+    /// nodes that hold a copy of the state refetch it when this grows.
+    #[serde(default)]
+    pub config_index: u64,
     /// Start-up generation: a cluster-wide restart starts a new boot.
     pub boot: u64,
     /// Last stage every participant has completed in this boot.
@@ -791,6 +820,16 @@ impl ClusterState {
                 at,
             } => self.revoke_certificates(index, node, min_serial, at),
             Command::Leave { node, epoch, at } => self.leave(index, node, epoch, at),
+            Command::SetConfig { key, value, at } => self.set_config(index, &key, &value, at),
+            Command::Operation { what, detail, at } => {
+                let what = what.trim();
+                if what.is_empty() {
+                    return reject("an operation names what it is");
+                }
+                let text = clip(format!("{}: {detail}", clip_to(what.to_string(), 64)));
+                self.event(index, at, EventKind::Operation, None, text);
+                Response::Ok
+            }
             Command::Alarm {
                 node,
                 epoch,
@@ -1284,6 +1323,28 @@ impl ClusterState {
             format!(
                 "node {node}'s certificates below serial {min_serial} revoked: it needs a newly issued one"
             ),
+        );
+        Response::Ok
+    }
+
+    /// `config set`: the key's new value is in force for every decision
+    /// from this index on; the timeline says who had what before.
+    fn set_config(&mut self, index: u64, key: &str, value: &str, at: Millis) -> Response {
+        let (config, old) = match self.config.with_key(key, value) {
+            Ok(v) => v,
+            Err(e) => return reject(e),
+        };
+        if config == *self.config {
+            return reject("no change");
+        }
+        self.config = Arc::new(config);
+        self.config_index = index;
+        self.event(
+            index,
+            at,
+            EventKind::ConfigChanged,
+            None,
+            clip(format!("config set {key}: {old} -> {value} (cluster-wide)")),
         );
         Response::Ok
     }
@@ -1788,6 +1849,69 @@ mod tests {
         assert_eq!(l.s.cert_floor.get(&2), Some(&8));
         assert_eq!(l.s.cert_floor.get(&99), None);
         assert_eq!(l.s.events.len(), before);
+    }
+
+    #[test]
+    fn config_set_changes_a_key_records_old_and_new_and_refuses_bad_values() {
+        let mut s = crate::testkit::configured(crate::testkit::config(3), 1..=3);
+        let before = s.config.membership.lease_ttl_ms;
+        let set = |key: &str, value: &str| Command::SetConfig {
+            key: key.into(),
+            value: value.into(),
+            at: 10,
+        };
+        assert_eq!(
+            s.apply(100, set("membership.lease_ttl_ms", "3000")),
+            Response::Ok
+        );
+        assert_eq!(s.config.membership.lease_ttl_ms, 3_000);
+        let e = s.events.back().unwrap();
+        assert_eq!(e.kind, EventKind::ConfigChanged);
+        assert!(
+            e.detail.contains(&format!("{before} -> 3000")),
+            "{}",
+            e.detail
+        );
+        let snapshot = s.clone();
+        let bad = [
+            ("membership.lease_ttl_ms", "3000"),
+            ("nodes", "{}"),
+            ("membership.lease_ttl_ms", "x"),
+        ];
+        for (i, (k, v)) in (101..).zip(bad) {
+            assert!(
+                matches!(s.apply(i, set(k, v)), Response::Rejected { .. }),
+                "{k} = {v}"
+            );
+        }
+        assert_eq!(s.config, snapshot.config, "a refused set changes nothing");
+        assert_eq!(s.events.len(), snapshot.events.len());
+    }
+
+    #[test]
+    fn an_operation_is_one_clipped_event_and_changes_nothing_else() {
+        let mut l = Log::new(3);
+        let members = l.s.members.clone();
+        let op = |what: &str, detail: String| Command::Operation {
+            what: what.into(),
+            detail,
+            at: 10,
+        };
+        assert_eq!(l.apply(op("roll", "started".into())), Response::Ok);
+        let ev = l.s.events.back().expect("an event");
+        assert_eq!(
+            (ev.kind, ev.node, ev.detail.as_str()),
+            (EventKind::Operation, None, "roll: started")
+        );
+        assert_eq!(l.apply(op("roll", "é".repeat(2 * MAX_TEXT))), Response::Ok);
+        assert!(l.s.events.back().unwrap().detail.len() <= MAX_TEXT);
+        let before = l.s.events.len();
+        assert!(matches!(
+            l.apply(op(" ", "x".into())),
+            Response::Rejected { .. }
+        ));
+        assert_eq!(l.s.events.len(), before);
+        assert_eq!(l.s.members, members);
     }
 
     #[test]

@@ -141,7 +141,8 @@ struct AdminState {
 /// `/cluster` (replicated state, via the leader), `/shards` (what this node
 /// hosts), `/health`, `/stage`, `/tasks` (watchdog), `/log/stats`,
 /// `/timeline?since=MS&last=N`, `/metrics` (Prometheus), `/commands` (the
-/// console commands this node runs); `POST /console` (token required).
+/// console commands this node runs), `/backup/state` (token required: the
+/// state as `orrery backup` stores it); `POST /console` (token required).
 /// Any other path is a 404 and any other method a 405, each with a line
 /// naming what exists.
 pub fn router(node: Node) -> Router {
@@ -171,6 +172,7 @@ fn router_with(node: Node, stats: Arc<AdminStats>) -> Router {
         .route("/metrics", get(metrics))
         .route("/commands", get(commands))
         .route("/console", post(console))
+        .route("/backup/state", get(backup_state))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(admin.max_body_bytes))
@@ -210,7 +212,7 @@ async fn check_host(
 
 /// Every endpoint, for the line a 404 or 405 answers with.
 const ENDPOINTS: &str = "GET / /dashboard /status /cluster /shards /health /stage /tasks \
-/log/stats /timeline /metrics /commands, POST /console";
+/log/stats /timeline /metrics /commands /backup/state (token), POST /console";
 
 /// The one line of a 404: which path, and what exists.
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
@@ -312,6 +314,38 @@ async fn cluster(State(s): State<AdminState>) -> Response {
             r
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// `GET /backup/state` (admin token required): the replicated state of a
+/// linearizable read as `orrery backup` stores it (postcard), with its
+/// applied index and SHA-256 digest in `x-orrery-applied-index` and
+/// `x-orrery-state-digest`.
+async fn backup_state(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s.node, &headers) {
+        return *r;
+    }
+    let st = match bounded(&s.node, s.reads.read(&s.node, &s.stats)).await {
+        Ok(Ok(st)) => st,
+        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(late) => return late,
+    };
+    match crate::backup::encode_state(&st) {
+        Ok(bytes) => {
+            let digest = crate::backup::digest_hex(&bytes);
+            let mut r =
+                ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response();
+            let h = r.headers_mut();
+            h.insert(
+                HeaderName::from_static("x-orrery-applied-index"),
+                HeaderValue::from(st.applied_index),
+            );
+            if let Ok(v) = HeaderValue::from_str(&digest) {
+                h.insert(HeaderName::from_static("x-orrery-state-digest"), v);
+            }
+            r
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -306,6 +306,10 @@ fn proposer(cmd: &Command) -> (&'static str, Proposer) {
         Command::Drain { node, .. } => ("Drain", ItselfOrVoter { node: *node }),
         Command::Deadlock { .. } => ("Deadlock", Member),
         Command::RevokeCertificates { .. } => ("RevokeCertificates", Voter),
+        // `orrery roll` / `orrery drill` through a voter's console (token).
+        Command::Operation { .. } => ("Operation", Voter),
+        // `config set` through a voter's console (token).
+        Command::SetConfig { .. } => ("SetConfig", Voter),
         Command::Configure { .. } => ("Configure", Coordinator),
         Command::Advance { .. } => ("Advance", Coordinator),
         Command::Stuck { .. } => ("Stuck", Coordinator),
@@ -595,6 +599,11 @@ mod tests {
                 at,
             },
             Command::Leave { node, epoch, at },
+            Command::Operation {
+                what: "roll".into(),
+                detail: "started".into(),
+                at,
+            },
         ]
     }
 
@@ -729,6 +738,9 @@ mod tests {
             ("a voter revokes a node's certificates (operator)", caller(2, 11), req("propose RevokeCertificates", 4, 14), true, "ok"),
             ("a worker revokes certificates", caller(4, 14), req("propose RevokeCertificates", 5, 15), true, "not_voter"),
             ("a superseded voter revokes certificates", caller(1, 9), req("propose RevokeCertificates", 4, 14), true, "superseded"),
+            ("a voter records an operation (operator)", caller(2, 11), req("propose Operation", 4, 14), true, "ok"),
+            ("a worker records an operation", caller(4, 14), req("propose Operation", 4, 14), true, "not_voter"),
+            ("a voter records an operation at epoch 0", caller(2, 0), req("propose Operation", 4, 14), true, "not_joined"),
             ("a wait cycle from a member", caller(4, 14), cmd(Command::Deadlock { cycle: vec![], at: 1 }), true, "ok"),
             ("a wait cycle at epoch 0", caller(4, 0), cmd(Command::Deadlock { cycle: vec![], at: 1 }), true, "not_joined"),
             // Leaving: the node itself, under its current epoch.

@@ -96,6 +96,12 @@ pub struct NodeConfig {
     /// Leaving on SIGTERM: how long to wait for the drain and the `Leave`.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Disk space, store sizes and descriptors: thresholds and check period.
+    #[serde(default)]
+    pub resources: crate::resources::ResourcesConfig,
+    /// Scheduled, verified backups run by the Raft leader (off by default).
+    #[serde(default)]
+    pub backup: crate::backup::BackupConfig,
     /// Where application data and per-period job output are stored
     /// (fenced). Default: SQLite at `data_dir/store.db`.
     #[serde(default)]
@@ -563,6 +569,10 @@ impl NodeConfig {
             .map_err(ConfigError::Invalid)?;
         self.log_forward.validate().map_err(ConfigError::Invalid)?;
         self.shutdown.validate().map_err(ConfigError::Invalid)?;
+        self.resources.validate().map_err(ConfigError::Invalid)?;
+        self.backup
+            .validate(&self.store)
+            .map_err(ConfigError::Invalid)?;
         if let Some(c) = self.log_forward.collector {
             if !ids.contains_key(&c) {
                 return bad(format!(

@@ -94,6 +94,11 @@ pub enum ConsoleCommand {
     ConfigGet {
         key: String,
     },
+    /// Change a cluster-wide key everywhere (replicated, in the timeline).
+    ConfigSet {
+        key: String,
+        value: String,
+    },
     Drain {
         drain: bool,
     },
@@ -101,6 +106,15 @@ pub enum ConsoleCommand {
     CertRevoke {
         node: u64,
         min_serial: u64,
+    },
+    /// On the leader: hand Raft leadership to voter `to` (`orrery drill leader`).
+    LeaderTransfer {
+        to: u64,
+    },
+    /// Record an operator's action in the timeline (`orrery roll`, `orrery drill`).
+    OperationRecord {
+        what: String,
+        detail: String,
     },
     Tasks,
     Timeline {
@@ -154,6 +168,18 @@ pub const COMMANDS: &[(&str, &str)] = &[
     (
         "cert revoke",
         "cert revoke NODE MIN_SERIAL (refuse the node's certificates below the serial)",
+    ),
+    (
+        "config set",
+        "config set KEY VALUE (a cluster-wide key, e.g. membership.lease_ttl_ms, everywhere)",
+    ),
+    (
+        "leader transfer",
+        "leader transfer NODE (on the leader: hand leadership to voter NODE)",
+    ),
+    (
+        "operation record",
+        "operation record WHAT DETAIL... (an operator's action, to the timeline)",
     ),
     ("tasks", "tasks"),
     ("timeline", "timeline [N]"),
@@ -444,6 +470,27 @@ impl ConsoleCommand {
                     min_serial: number(w[3], "MIN_SERIAL")?,
                 }
             }
+            "leader" => {
+                if let Some(sub) = w.get(1).filter(|s| **s != "transfer") {
+                    return Err(unknown_sub("leader", sub));
+                }
+                exact(3, "leader transfer")?;
+                C::LeaderTransfer {
+                    to: number(w[2], "NODE")?,
+                }
+            }
+            "operation" => {
+                if let Some(sub) = w.get(1).filter(|s| **s != "record") {
+                    return Err(unknown_sub("operation", sub));
+                }
+                if w.len() < 4 {
+                    return Err(ConsoleError::Usage(usage("operation record")));
+                }
+                C::OperationRecord {
+                    what: channel(w[2])?,
+                    detail: w[3..].join(" "),
+                }
+            }
             "log" => match w.get(1).copied() {
                 Some("level") => {
                     exact(4, "log level")?;
@@ -485,8 +532,15 @@ impl ConsoleCommand {
                         key: w[2].to_string(),
                     }
                 }
+                Some("set") => {
+                    exact(4, "config set")?;
+                    C::ConfigSet {
+                        key: w[2].to_string(),
+                        value: w[3].to_string(),
+                    }
+                }
                 Some(sub) => return Err(unknown_sub("config", sub)),
-                None => return Err(ConsoleError::Usage(usage("config get"))),
+                None => return Err(ConsoleError::Usage("config get|set ...")),
             },
             "fault" => match w.get(1).copied() {
                 Some("log-stall") => {
@@ -564,8 +618,11 @@ impl ConsoleCommand {
             C::LogStats => "log stats",
             C::LogTail { .. } => "log tail",
             C::ConfigGet { .. } => "config get",
+            C::ConfigSet { .. } => "config set",
             C::Drain { .. } => "drain",
             C::CertRevoke { .. } => "cert revoke",
+            C::LeaderTransfer { .. } => "leader transfer",
+            C::OperationRecord { .. } => "operation record",
             C::Tasks => "tasks",
             C::Timeline { .. } => "timeline",
             C::FaultLogStall { .. } => "fault log-stall",
@@ -588,7 +645,10 @@ impl ConsoleCommand {
             C::LogLevel { .. }
                 | C::LogRate { .. }
                 | C::Drain { .. }
+                | C::ConfigSet { .. }
                 | C::CertRevoke { .. }
+                | C::LeaderTransfer { .. }
+                | C::OperationRecord { .. }
                 | C::FaultLogStall { .. }
                 | C::FaultLogEmit { .. }
                 | C::FaultBlockLoop { .. }
@@ -872,7 +932,14 @@ impl Node {
             }
             C::ConfigGet { key } => {
                 let v = config_value(&inner.cfg, &key)?;
-                reply(format!("{key} = {v}"), &v)
+                reply(format!("{key} = {v} (this node's file)"), &v)
+            }
+            C::ConfigSet { key, value } => {
+                self.set_config(&key, &value).await?;
+                reply(
+                    format!("config set {key} = {value}: in force cluster-wide for every decision; a node whose own file says otherwise raises a drift alarm until its file is changed and it restarts"),
+                    &serde_json::json!({"key": key, "value": value}),
+                )
             }
             C::Drain { drain } => {
                 let me = inner.cfg.node_id;
@@ -887,6 +954,33 @@ impl Node {
                 reply(
                     format!("node {node}'s certificates below serial {min_serial} are revoked"),
                     &serde_json::json!({"node": node, "min_serial": min_serial}),
+                )
+            }
+            C::LeaderTransfer { to } => {
+                self.transfer_leader(to)
+                    .await
+                    .map_err(ConsoleError::Failed)?;
+                reply(
+                    format!("leadership handed to node {to}"),
+                    &serde_json::json!({"from": inner.cfg.node_id, "to": to}),
+                )
+            }
+            C::OperationRecord { what, detail } => {
+                let cmd = orrery_core::Command::Operation {
+                    what: what.clone(),
+                    detail,
+                    at: crate::clock::now_ms(),
+                };
+                match inner.propose(cmd).await? {
+                    orrery_core::Response::Ok => {}
+                    orrery_core::Response::Rejected { reason } => {
+                        return Err(ConsoleError::Failed(reason))
+                    }
+                    other => return Err(ConsoleError::Failed(format!("{other:?}"))),
+                }
+                reply(
+                    format!("{what} recorded in the timeline"),
+                    &serde_json::json!({"what": what}),
                 )
             }
             C::Tasks => {
@@ -1147,10 +1241,19 @@ role = "voter"
             C::LogStats,
             C::LogTail { lines: 1 },
             C::ConfigGet { key: s() },
+            C::ConfigSet {
+                key: s(),
+                value: s(),
+            },
             C::Drain { drain: true },
             C::CertRevoke {
                 node: 1,
                 min_serial: 1,
+            },
+            C::LeaderTransfer { to: 2 },
+            C::OperationRecord {
+                what: s(),
+                detail: s(),
             },
             C::Tasks,
             C::Timeline { last: 1 },
@@ -1186,9 +1289,12 @@ role = "voter"
             C::FaultLogEmit { .. } => 15,
             C::FaultBlockLoop { .. } => 16,
             C::Service { .. } => 17,
+            C::LeaderTransfer { .. } => 18,
+            C::OperationRecord { .. } => 19,
+            C::ConfigSet { .. } => 20,
         };
         let seen: std::collections::BTreeSet<usize> = all.iter().map(index).collect();
-        assert_eq!(seen, (0..=17).collect(), "one_of_each lacks a variant");
+        assert_eq!(seen, (0..=20).collect(), "one_of_each lacks a variant");
         all
     }
 

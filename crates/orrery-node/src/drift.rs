@@ -66,16 +66,11 @@ pub fn alarm_text(node: u64, drift: &[Drift]) -> String {
 
 /// The replicated config's field names, as the node's file spells them.
 fn file_key(k: &str) -> String {
-    for (field, key) in [
-        ("stage_deadline_ms", "startup.stage_deadline_ms"),
-        ("stuck_policy", "startup.stuck_policy"),
-        ("liveness_window_ms", "startup.liveness_window_ms"),
-    ] {
-        if k == field {
-            return key.to_string();
-        }
-    }
-    k.to_string()
+    orrery_core::config::FILE_KEYS
+        .iter()
+        .find(|(field, _)| *field == k)
+        .map_or(k, |(_, key)| *key)
+        .to_string()
 }
 
 fn shown(v: Option<&String>) -> String {

@@ -347,7 +347,10 @@ fn check_proof(node: &Inner, p: &HealthProof, nonce: u64) -> (bool, String) {
 pub(crate) fn refresh_view(node: &Inner, state: &orrery_core::ClusterState) -> Arc<MembershipView> {
     let mut fresh = MembershipView::of(state);
     let current = node.lease.view();
-    if current.members == fresh.members && current.cert_floor == fresh.cert_floor {
+    if current.members == fresh.members
+        && current.cert_floor == fresh.cert_floor
+        && current.config_index == fresh.config_index
+    {
         return current;
     }
     // Raft log indexes only grow, so versions stay monotonic across leaders.

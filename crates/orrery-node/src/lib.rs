@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod admin_host;
 mod authz;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod console;
@@ -26,9 +27,11 @@ mod metrics;
 pub mod node;
 pub mod private;
 pub mod quorum;
+pub mod resources;
 pub mod service;
 pub mod shards;
 pub mod transport;
+mod voter;
 pub mod watchdog;
 
 pub use config::NodeConfig;

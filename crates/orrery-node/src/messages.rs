@@ -104,6 +104,10 @@ pub struct MembershipView {
     /// `cert_floor`), enforced by the TLS layer at every handshake.
     #[serde(default)]
     pub cert_floor: BTreeMap<NodeId, u64>,
+    /// The state's `config_index`: a node whose copy of the cluster state
+    /// is older refetches it (cluster-wide keys changed by `config set`).
+    #[serde(default)]
+    pub config_index: u64,
 }
 
 impl MembershipView {
@@ -118,6 +122,7 @@ impl MembershipView {
             version: 0,
             members,
             cert_floor: state.cert_floor.clone(),
+            config_index: state.config_index,
         }
     }
 

@@ -51,6 +51,17 @@ struct SinkLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DiskLabel {
+    watched: String,
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchedLabel {
+    watched: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: String,
 }
@@ -232,6 +243,103 @@ fn log_bound_metrics(reg: &mut Registry, inner: &Inner) {
 /// The services' own counters ([`crate::service::Service::counters`]),
 /// one family per name; a name registered twice (by two services) is
 /// merged, its first help text kept.
+/// Disk space, store sizes, descriptors and the voter's Raft core, from
+/// the resource watcher's last sample (`crate::resources`). Labels come
+/// from a fixed set (three filesystems at most).
+fn resource_metrics(reg: &mut Registry, inner: &Inner, st: &crate::NodeStatus) {
+    let Some(s) = inner.resource_sample() else {
+        return;
+    };
+    let free: Family<DiskLabel, Gauge> = Family::default();
+    let total: Family<DiskLabel, Gauge> = Family::default();
+    for d in &s.disks {
+        let l = DiskLabel {
+            watched: d.watched.name().into(),
+            path: d.path.display().to_string(),
+        };
+        free.get_or_create(&l).set(d.free_bytes as i64);
+        total.get_or_create(&l).set(d.total_bytes as i64);
+    }
+    reg.register(
+        "disk_free_bytes",
+        "Free space an unprivileged user may use, per watched filesystem",
+        free,
+    );
+    reg.register("disk_total_bytes", "Size of each watched filesystem", total);
+    let sizes = [
+        (
+            "raft_store_bytes",
+            "Bytes of the Raft store (log since the last snapshot, and the snapshot)",
+            &s.raft_store,
+        ),
+        (
+            "store_bytes",
+            "Bytes of the SQLite application store (with its write-ahead log)",
+            &s.store,
+        ),
+    ];
+    for (name, help, v) in sizes {
+        if let Some((_, b)) = v {
+            gauge(reg, name, help, *b as i64);
+        }
+    }
+    if let Some(g) = s.store_growth_bytes_per_s {
+        gauge_f(
+            reg,
+            "store_growth_bytes_per_second",
+            "Growth of the application store since the previous sample",
+            g,
+        );
+    }
+    if let Some(n) = s.open_fds {
+        gauge(
+            reg,
+            "open_fds",
+            "Open file descriptors of this process",
+            n as i64,
+        );
+    }
+    if let Some(n) = s.fd_limit {
+        gauge(
+            reg,
+            "fd_limit",
+            "Soft limit on open file descriptors",
+            n.min(i64::MAX as u64) as i64,
+        );
+    }
+    let level: Family<WatchedLabel, Gauge> = Family::default();
+    for f in &st.resources {
+        let v = match f.level {
+            crate::resources::Level::Warning => 1,
+            crate::resources::Level::Critical => 2,
+        };
+        level
+            .get_or_create(&WatchedLabel {
+                watched: f.watched.name().into(),
+            })
+            .set(v);
+    }
+    reg.register(
+        "resource_level",
+        "1 warning, 2 critical, per resource past a threshold (absent: within)",
+        level,
+    );
+    if let Some(c) = inner.control_plane() {
+        gauge(
+            reg,
+            "voter_down",
+            "1 while this voter's Raft core is stopped",
+            i64::from(st.voter_down.is_some()),
+        );
+        counter(
+            reg,
+            "raft_core_restarts",
+            "Restarts of this voter's Raft core in place",
+            c.restarts(),
+        );
+    }
+}
+
 fn service_metrics(reg: &mut Registry, inner: &Inner) {
     type Labels = Vec<(String, String)>;
     let mut families: std::collections::BTreeMap<
@@ -444,6 +552,7 @@ pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
     );
     bound_metrics(&mut reg, inner, &w, admin);
     service_metrics(&mut reg, inner);
+    resource_metrics(&mut reg, inner, &st);
     counter(
         &mut reg,
         "accusations_ignored",
@@ -575,6 +684,7 @@ pub(crate) fn render(inner: &Inner, admin: &AdminStats) -> String {
             stalled,
         );
     }
+    crate::backup::metrics(&mut reg, &st, crate::clock::now_ms());
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
         out = format!("# metrics encoding failed: {e}\n");

@@ -134,6 +134,25 @@ pub struct NodeStatus {
     /// Set once the node is leaving the cluster (SIGTERM): where it is.
     #[serde(default)]
     pub leaving: Option<String>,
+    /// The scheduled backup (`[backup]`), when configured: last good one,
+    /// last failure, overdue (see [`crate::backup::BackupStatus`]).
+    #[serde(default)]
+    pub backup: Option<crate::backup::BackupStatus>,
+    /// On voters: set while its Raft core is stopped (a full disk, a
+    /// storage error): it takes no part in votes or commits, and says why.
+    #[serde(default)]
+    pub voter_down: Option<String>,
+    /// Resources past a threshold (disk space, store sizes, descriptors).
+    #[serde(default)]
+    pub resources: Vec<crate::resources::Finding>,
+    /// The binary's version (`CARGO_PKG_VERSION`).
+    #[serde(default)]
+    pub version: String,
+    /// The node-to-node protocol versions it speaks (oldest, newest); a
+    /// peer whose range does not overlap is refused at the handshake,
+    /// both ranges named.
+    #[serde(default)]
+    pub protocol: (u16, u16),
 }
 
 /// What application code a node runs: stage hooks and, optionally, a
@@ -173,6 +192,10 @@ pub(crate) struct Inner {
     net: Arc<dyn Transport>,
     /// (drift now, drift last announced by an alarm): see [`crate::drift`].
     drift: Mutex<(Vec<crate::drift::Drift>, Vec<crate::drift::Drift>)>,
+    /// The scheduled backup's state ([`crate::backup::run`]).
+    pub(crate) backup: crate::backup::Runner,
+    /// The last resource sample, for `/metrics`.
+    resources: Mutex<Option<crate::resources::Sample>>,
     /// Probes: connections of their own.
     control_net: Arc<dyn Transport>,
     /// Heartbeats: connections of their own, used from the heartbeat thread.
@@ -328,6 +351,8 @@ impl Node {
             addr: me.addr.clone(),
             stage: Stage::NOT_STARTED.number(),
             started_at_ms: now_ms(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: (orrery_wire::PROTOCOL_MIN, orrery_wire::PROTOCOL_MAX),
             stage_since_ms: now_ms(),
             ..Default::default()
         };
@@ -370,6 +395,8 @@ impl Node {
         let services = services.stages;
         let inner = Arc::new(Inner {
             drift: Mutex::default(),
+            backup: Default::default(),
+            resources: Mutex::default(),
             jobs,
             shards,
             contacts,
@@ -421,7 +448,11 @@ impl Node {
         tokio::spawn(watch_fail_stop(inner.clone()));
         inner.watchdog.spawn(inner.shutdown.clone(), now_ms);
         tokio::spawn(record_alarms(inner.clone()));
+        tokio::spawn(crate::backup::run(Node {
+            inner: inner.clone(),
+        }));
         tokio::spawn(crate::quorum::watch(inner.clone()));
+        tokio::spawn(crate::resources::watch(inner.clone()));
         if inner.cfg.me().role.hosts_services() && !inner.jobs.specs().is_empty() {
             tokio::spawn(crate::jobs::run(inner.clone()));
         }
@@ -563,6 +594,31 @@ impl Node {
             Response::Rejected { reason } => Err(AskError::Rejected(reason)),
             other => Err(AskError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// `config set KEY VALUE`: changes a cluster-wide key in the replicated
+    /// configuration (validated by `apply`, recorded with old and new value).
+    pub async fn set_config(&self, key: &str, value: &str) -> Result<(), AskError> {
+        let cmd = Command::SetConfig {
+            key: key.to_string(),
+            value: value.to_string(),
+            at: now_ms(),
+        };
+        match self.inner.propose(cmd).await? {
+            Response::Ok => Ok(()),
+            Response::Rejected { reason } => Err(AskError::Rejected(reason)),
+            other => Err(AskError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Hands Raft leadership to voter `to` (`orrery drill leader`, through
+    /// the leader's console); refused on any node but the leader.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), String> {
+        let me = self.inner.cfg.node_id;
+        let Some(control) = &self.inner.control else {
+            return Err(format!("node {me} is not a voter: it holds no leadership"));
+        };
+        control.transfer_leader(to).await.map_err(|e| e.to_string())
     }
 
     /// The shard map this node routes by, and what it hosts.
@@ -846,6 +902,7 @@ async fn record_alarms(inner: Arc<Inner>) {
             _ = inner.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        inner.refresh_stale_cache().await;
         inner.check_drift(&mine);
         if let Some(log) = inner.log.get() {
             for sink in log.stats().sinks {
@@ -870,19 +927,36 @@ async fn record_alarms(inner: Arc<Inner>) {
             }
         }
         let epoch = inner.epoch.load(Ordering::Relaxed);
-        for alarm in inner.watchdog.take_alarms() {
-            if epoch == 0 {
-                continue;
+        if epoch != 0 {
+            record_alarm_outbox(&inner, epoch).await;
+        }
+    }
+}
+
+/// Commits the watchdog's pending alarms in order; the first that fails
+/// goes back with the rest, to be tried next second (an alarm about a
+/// voter's own dead Raft core needs the other voters, and may need a
+/// moment to find them).
+async fn record_alarm_outbox(inner: &Inner, epoch: u64) {
+    let mut pending = inner.watchdog.take_alarms().into_iter();
+    while let Some(alarm) = pending.next() {
+        let cmd = Command::Alarm {
+            node: inner.cfg.node_id,
+            epoch,
+            what: alarm.what.clone(),
+            at: alarm.at_ms,
+        };
+        if let Err(e) = inner.propose(cmd).await {
+            debug!(target: LOG, "could not record an alarm (tried again next second): {e}");
+            for a in std::iter::once(alarm)
+                .chain(pending)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                inner.watchdog.requeue(a);
             }
-            let cmd = Command::Alarm {
-                node: inner.cfg.node_id,
-                epoch,
-                what: alarm.what,
-                at: alarm.at_ms,
-            };
-            if let Err(e) = inner.propose(cmd).await {
-                debug!(target: LOG, "could not record an alarm: {e}");
-            }
+            return;
         }
     }
 }
@@ -963,6 +1037,7 @@ impl Inner {
             .unwrap_or(0);
         s.no_quorum = self.no_quorum();
         s.control_alarms = self.contacts.alarms();
+        s.backup = self.backup.status(now_ms());
         if let Some(c) = &self.control {
             s.raft_digest = Some(c.state_digest());
             s.raft_catching_up = c.is_catching_up();
@@ -1006,6 +1081,12 @@ impl Inner {
 
     /// Whether this node sees a quorum: `Some` names whom it can reach.
     pub(crate) fn no_quorum(&self) -> Option<NoQuorum> {
+        // A voter whose Raft core is stopped hears no Raft traffic: its own
+        // view of the quorum says nothing (`voter_down` says why), and its
+        // proposals (the alarm about it) must still try the other voters.
+        if self.control.as_ref().is_some_and(|c| c.health().is_err()) {
+            return None;
+        }
         let voters: Vec<NodeId> = self.cfg.voters().keys().copied().collect();
         let leading_ack_age_ms = self.control.as_ref().filter(|c| c.is_leader()).map(|c| {
             c.quorum_ack_age()
@@ -1029,6 +1110,31 @@ impl Inner {
             return Some(Arc::new(c.state().state.0.clone()));
         }
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A node without a replica refetches its copy of the cluster state
+    /// when the membership view says the configuration changed since.
+    async fn refresh_stale_cache(&self) {
+        if self.control.is_some() {
+            return;
+        }
+        let have = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.config_index);
+        let Some(have) = have else { return };
+        if self.lease.view().config_index <= have {
+            return;
+        }
+        match self.ask(Request::FetchState).await {
+            Ok(Reply::State(state)) => {
+                *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(*state));
+            }
+            Ok(other) => debug!(target: LOG, "refetch after a config change: unexpected {other:?}"),
+            Err(e) => debug!(target: LOG, "refetch after a config change: {e}"),
+        }
     }
 
     /// Compares this node's cluster-wide keys with the replicated ones and
@@ -1240,6 +1346,32 @@ impl Inner {
         self.update_status(|s| s.fenced = Some(reason));
         self.fenced_notify.notify_waiters();
         self.fenced_notify.notify_one();
+    }
+
+    pub(crate) fn control_plane(&self) -> Option<&ControlPlane<ControlState>> {
+        self.control.as_ref()
+    }
+
+    /// Publishes a resource sample, what is past a threshold, and whether
+    /// this voter's Raft core is down.
+    pub(crate) fn set_resources(
+        &self,
+        s: crate::resources::Sample,
+        found: Vec<crate::resources::Finding>,
+        voter_down: Option<String>,
+    ) {
+        *self.resources.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        self.update_status(|st| {
+            st.resources = found;
+            st.voter_down = voter_down;
+        });
+    }
+
+    pub(crate) fn resource_sample(&self) -> Option<crate::resources::Sample> {
+        self.resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn update_status(&self, f: impl FnOnce(&mut NodeStatus)) {

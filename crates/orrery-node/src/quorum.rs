@@ -200,6 +200,10 @@ pub(crate) enum AlarmKey {
     NoQuorum,
     Replication(NodeId),
     SlowProposal,
+    /// This voter's Raft core is stopped (a full disk, a storage error).
+    VoterDown,
+    /// A resource past a threshold (`crate::resources`).
+    Resource(crate::resources::Watched),
 }
 
 /// Contacts with peers and proofs of a quorum, recorded from every path

@@ -346,6 +346,15 @@ impl Watchdog {
         Some(alarm)
     }
 
+    /// Puts back an alarm that could not be recorded (it goes first; when
+    /// the outbox is full the newest wait, the oldest is kept).
+    pub fn requeue(&self, alarm: Alarm) {
+        let mut out = lock(&self.outbox);
+        if out.len() < OUTBOX {
+            out.push_front(alarm);
+        }
+    }
+
     /// Alarms not yet recorded in the timeline (taken out).
     pub fn take_alarms(&self) -> Vec<Alarm> {
         lock(&self.outbox).drain(..).collect()

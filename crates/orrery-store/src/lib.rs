@@ -14,6 +14,7 @@
 //! callers use `spawn_blocking`. Every bound has a config key
 //! ([`StoreConfig`]); no input panics.
 
+pub mod backup;
 mod config;
 mod error;
 mod migrations;

@@ -29,7 +29,7 @@ pub(crate) struct SqliteStore {
 /// The database's clock in milliseconds since the Unix epoch.
 const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
-fn err(e: rusqlite::Error) -> StoreError {
+pub(crate) fn err(e: rusqlite::Error) -> StoreError {
     match &e {
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
@@ -134,7 +134,7 @@ fn make_private(path: &Path) {
     let _ = path;
 }
 
-fn read_recorded(conn: &Connection) -> Result<Vec<Recorded>, StoreError> {
+pub(crate) fn read_recorded(conn: &Connection) -> Result<Vec<Recorded>, StoreError> {
     let mut stmt = conn
         .prepare("SELECT version, name, checksum, state FROM schema_migrations ORDER BY version")
         .map_err(err)?;
