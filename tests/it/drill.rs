@@ -78,10 +78,7 @@ fn drills_hand_leadership_over_and_back_restart_a_node_and_refuse_a_sick_cluster
         rows[0].contains("leader") && rows[0].contains("ok: leadership"),
         "{text}"
     );
-    assert!(
-        rows[1].contains("ok: node 4: drained"),
-        "{text}"
-    );
+    assert!(rows[1].contains("ok: node 4: drained"), "{text}");
     assert!(rows[2].contains("node 2: refused"), "{text}");
     assert!(
         rows[3].contains("leader") && rows[3].contains("refused"),
