@@ -712,6 +712,50 @@ pub fn quorum_lines(nodes: &[(NodeId, Option<NodeStatus>)]) -> Vec<String> {
         .collect()
 }
 
+/// The alarms in force on every node that answered, critical first, as a
+/// table; and whether one is critical and not acknowledged.
+pub fn render_alarms(nodes: &[(NodeId, Option<NodeStatus>)], now_ms: u64) -> (String, bool) {
+    use orrery_node::alarms::{unacked_critical, Severity};
+    use std::fmt::Write;
+    let mut all: Vec<&orrery_node::alarms::ActiveAlarm> = nodes
+        .iter()
+        .filter_map(|(_, s)| s.as_ref())
+        .flat_map(|s| s.alarms.iter())
+        .collect();
+    all.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then(a.first_seen_ms.cmp(&b.first_seen_ms))
+    });
+    let mut out = String::new();
+    if all.is_empty() {
+        return (out, false);
+    }
+    let _ = writeln!(
+        out,
+        "{:<9} {:<5} {:<22} {:>9} {:>9} {:<4} WHAT",
+        "SEVERITY", "NODE", "ALARM", "FOR", "SEEN", "ACK"
+    );
+    for a in &all {
+        let ago = |t: u64| format!("{:.0}s", now_ms.saturating_sub(t) as f64 / 1000.0);
+        let sev = match a.severity {
+            Severity::Critical => "CRITICAL",
+            Severity::Warning => "warning",
+        };
+        let _ = writeln!(
+            out,
+            "{sev:<9} {:<5} {:<22} {:>9} {:>9} {:<4} {}",
+            a.node,
+            a.name(),
+            ago(a.first_seen_ms),
+            ago(a.last_seen_ms),
+            if a.acked { "yes" } else { "no" },
+            a.what
+        );
+    }
+    (out, unacked_critical(all))
+}
+
 /// A line when the nodes that answered run different binaries or speak
 /// different protocol ranges (a roll half done, a forgotten node).
 pub fn version_lines(nodes: &[(NodeId, Option<NodeStatus>)]) -> Vec<String> {

@@ -125,6 +125,15 @@ enum Cmd {
         #[command(flatten)]
         target: ClusterTarget,
     },
+    /// Every node's alarms in force: severity, node, kind, first and last
+    /// seen, acknowledged, what. Exits 2 while a critical one is not
+    /// acknowledged (`alarm ack` in the console).
+    Alarms {
+        #[arg(long, default_value = "orrery-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The cluster's decisions as a post-mortem timeline.
     Timeline {
         /// Only events since: an RFC 3339 time, a duration ago (`10m`), or ms.
@@ -602,6 +611,7 @@ fn run() -> Result<()> {
             events,
             shards,
         } => status(data_dir, json, events, shards),
+        Cmd::Alarms { data_dir, json } => alarms(data_dir, json),
         Cmd::Exec {
             nodes,
             timeout,
@@ -1073,7 +1083,7 @@ fn status(data_dir: PathBuf, json: bool, events: usize, shards: bool) -> Result<
             let live = client.node_statuses(&manifest);
             let why = format!("{e:#}");
             print!("{}", local::render_nodes(&manifest, &live, &why, now_ms()));
-            return backup_exit(&live);
+            return status_exit(&live);
         }
         Err(e) => return Err(e),
     };
@@ -1100,16 +1110,49 @@ fn status(data_dir: PathBuf, json: bool, events: usize, shards: bool) -> Result<
         println!("latest events:");
         print!("{}", local::render_events(&state, events, now_ms()));
     }
-    backup_exit(&live)
+    status_exit(&live)
 }
 
-/// Prints the backup lines; exits 2 while a backup alarm is in force.
-fn backup_exit(live: &[(orrery_core::NodeId, Option<orrery_node::NodeStatus>)]) -> Result<()> {
-    let (lines, alarm) = orrery::backup::status_lines(live, now_ms());
+/// Prints the backup and alarm lines; exits 2 while a backup alarm or a
+/// critical alarm nobody acknowledged is in force (for scripts and cron).
+fn status_exit(live: &[(orrery_core::NodeId, Option<orrery_node::NodeStatus>)]) -> Result<()> {
+    let (lines, backup_alarm) = orrery::backup::status_lines(live, now_ms());
     for l in lines {
         println!("{l}");
     }
-    if alarm {
+    let (table, critical) = local::render_alarms(live, now_ms());
+    if !table.is_empty() {
+        print!("alarms in force:\n{table}");
+    }
+    if backup_alarm || critical {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// `orrery alarms`: every node's alarms in force.
+fn alarms(data_dir: PathBuf, json: bool) -> Result<()> {
+    let manifest = Manifest::load(&data_dir)?;
+    let live = AdminClient::default().node_statuses(&manifest);
+    let (table, critical) = local::render_alarms(&live, now_ms());
+    if json {
+        let all: Vec<&orrery_node::alarms::ActiveAlarm> = live
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .flat_map(|s| s.alarms.iter())
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if table.is_empty() {
+        println!("no alarms in force");
+    } else {
+        print!("{table}");
+    }
+    for (id, st) in &live {
+        if st.is_none() {
+            eprintln!("node {id} did not answer: its alarms are unknown");
+        }
+    }
+    if critical {
         std::process::exit(2);
     }
     Ok(())

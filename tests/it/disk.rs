@@ -43,6 +43,19 @@ fn poll<V>(what: &str, mut f: impl FnMut() -> Result<V, String>) -> V {
     }
 }
 
+/// `orrery CMD --data-dir` against the cluster: (exit code, stdout).
+fn run(c: &TestCluster, cmd: &str) -> (Option<i32>, String) {
+    let out = std::process::Command::new(crate::cluster::BIN)
+        .args([cmd, "--data-dir"])
+        .arg(c.dir.path())
+        .output()
+        .expect("run orrery");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// (applied index, digest) of node `id`, if it answers.
 fn digest(c: &TestCluster, id: NodeId) -> Option<(u64, String)> {
     c.node_status(id)?.raft_digest
@@ -98,12 +111,28 @@ fn a_full_disk_takes_a_voter_out_loudly_and_it_recovers_once_space_is_freed() {
         "a new leader: {:?}",
         s.leader
     );
-    let table = c.status_command();
+    // `orrery status` shows it and exits 2 (a critical alarm nobody has
+    // acknowledged); `orrery alarms` lists both; once acknowledged, 0.
+    let (code, table) = run(&c, "status");
+    assert_eq!(code, Some(2), "{table}");
     assert!(table.contains("VOTER DOWN"), "{table}");
     assert!(
         table.contains("resource CRITICAL") && table.contains(&path),
         "{table}"
     );
+    let (code, list) = run(&c, "alarms");
+    assert_eq!(code, Some(2), "{list}");
+    let row = |name: &str| {
+        list.lines()
+            .any(|l| l.starts_with("CRITICAL") && l.contains(name))
+    };
+    assert!(row("voter_down") && row("resource:raft_disk"), "{list}");
+    for name in ["voter_down", "resource:raft_disk"] {
+        let (ok, out, err) = c.exec(&["--nodes", &victim.to_string()], &["alarm", "ack", name]);
+        assert!(ok, "ack {name}: {out} {err}");
+    }
+    let (code, table) = run(&c, "status");
+    assert_eq!(code, Some(0), "acknowledged, status exits 0: {table}");
 
     // The other two voters keep committing.
     let worker = 4.to_string();
@@ -123,6 +152,7 @@ fn a_full_disk_takes_a_voter_out_loudly_and_it_recovers_once_space_is_freed() {
         s.voter_down.is_none() && s.resources.is_empty()
     });
     assert!(st.control_alarms.is_empty(), "{:?}", st.control_alarms);
+    assert!(st.alarms.is_empty(), "every alarm cleared: {:?}", st.alarms);
     let other = (1..=3).find(|v| *v != victim).expect("another voter");
     poll("equal digests at one index", || {
         match (digest(&c, other), digest(&c, victim)) {

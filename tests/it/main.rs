@@ -27,6 +27,7 @@ mod jobs;
 mod leave;
 mod membership;
 mod operations;
+mod promlint;
 mod quorum;
 mod roll;
 mod shards;

@@ -117,6 +117,12 @@ pub enum ConsoleCommand {
         detail: String,
     },
     Tasks,
+    /// This node's alarms in force (`crate::alarms`).
+    Alarms,
+    /// Acknowledge an alarm (`kind` or `kind:subject`) until it clears.
+    AlarmAck {
+        name: String,
+    },
     Timeline {
         last: usize,
     },
@@ -182,6 +188,11 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "operation record WHAT DETAIL... (an operator's action, to the timeline)",
     ),
     ("tasks", "tasks"),
+    ("alarms", "alarms"),
+    (
+        "alarm ack",
+        "alarm ack KIND[:SUBJECT] (acknowledged until it clears; orrery status then exits 0)",
+    ),
     ("timeline", "timeline [N]"),
     ("fault log-stall", "fault log-stall SINK on|off"),
     (
@@ -444,6 +455,17 @@ impl ConsoleCommand {
             "health" => exact(1, "health").map(|_| C::Health)?,
             "shards" => exact(1, "shards").map(|_| C::Shards)?,
             "tasks" => exact(1, "tasks").map(|_| C::Tasks)?,
+            "alarms" => exact(1, "alarms").map(|_| C::Alarms)?,
+            "alarm" => match w.get(1).copied() {
+                Some("ack") => {
+                    exact(3, "alarm ack")?;
+                    C::AlarmAck {
+                        name: w[2].to_string(),
+                    }
+                }
+                Some(sub) => return Err(unknown_sub("alarm", sub)),
+                None => return Err(ConsoleError::Usage(usage("alarm ack"))),
+            },
             "timeline" => match w.len() {
                 1 => C::Timeline { last: 20 },
                 2 => C::Timeline {
@@ -624,6 +646,8 @@ impl ConsoleCommand {
             C::LeaderTransfer { .. } => "leader transfer",
             C::OperationRecord { .. } => "operation record",
             C::Tasks => "tasks",
+            C::Alarms => "alarms",
+            C::AlarmAck { .. } => "alarm ack",
             C::Timeline { .. } => "timeline",
             C::FaultLogStall { .. } => "fault log-stall",
             C::FaultLogEmit { .. } => "fault log-emit",
@@ -646,6 +670,7 @@ impl ConsoleCommand {
                 | C::LogRate { .. }
                 | C::Drain { .. }
                 | C::ConfigSet { .. }
+                | C::AlarmAck { .. }
                 | C::CertRevoke { .. }
                 | C::LeaderTransfer { .. }
                 | C::OperationRecord { .. }
@@ -983,6 +1008,38 @@ impl Node {
                     &serde_json::json!({"what": what}),
                 )
             }
+            C::Alarms => {
+                let alarms = inner.status_now().alarms;
+                let lines: Vec<String> = alarms
+                    .iter()
+                    .map(|a| {
+                        let sev = match a.severity {
+                            crate::alarms::Severity::Critical => "CRITICAL",
+                            crate::alarms::Severity::Warning => "warning",
+                        };
+                        let ack = if a.acked { " (acked)" } else { "" };
+                        format!("{sev} {}{ack}: {}", a.name(), a.what)
+                    })
+                    .collect();
+                let text = if lines.is_empty() {
+                    "no alarms in force".to_string()
+                } else {
+                    lines.join("\n")
+                };
+                reply(text, &alarms)
+            }
+            C::AlarmAck { name } => {
+                if !inner.ack_alarm(&name) {
+                    return Err(ConsoleError::BadArgument(format!(
+                        "no alarm {name} in force on node {} (see `alarms`)",
+                        inner.cfg.node_id
+                    )));
+                }
+                reply(
+                    format!("alarm {name} acknowledged until it clears"),
+                    &serde_json::json!({"acked": name}),
+                )
+            }
             C::Tasks => {
                 let r = inner.watchdog.report();
                 let oldest = r
@@ -1256,6 +1313,8 @@ role = "voter"
                 detail: s(),
             },
             C::Tasks,
+            C::Alarms,
+            C::AlarmAck { name: s() },
             C::Timeline { last: 1 },
             C::FaultLogStall {
                 sink: s(),
@@ -1292,9 +1351,11 @@ role = "voter"
             C::LeaderTransfer { .. } => 18,
             C::OperationRecord { .. } => 19,
             C::ConfigSet { .. } => 20,
+            C::Alarms => 21,
+            C::AlarmAck { .. } => 22,
         };
         let seen: std::collections::BTreeSet<usize> = all.iter().map(index).collect();
-        assert_eq!(seen, (0..=20).collect(), "one_of_each lacks a variant");
+        assert_eq!(seen, (0..=22).collect(), "one_of_each lacks a variant");
         all
     }
 

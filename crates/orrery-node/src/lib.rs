@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod admin_host;
+pub mod alarms;
 mod authz;
 pub mod backup;
 pub mod clock;

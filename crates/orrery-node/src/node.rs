@@ -145,6 +145,10 @@ pub struct NodeStatus {
     /// Resources past a threshold (disk space, store sizes, descriptors).
     #[serde(default)]
     pub resources: Vec<crate::resources::Finding>,
+    /// Every alarm in force on this node (`crate::alarms`): kind,
+    /// severity, first and last seen, acknowledged.
+    #[serde(default)]
+    pub alarms: Vec<crate::alarms::ActiveAlarm>,
     /// The binary's version (`CARGO_PKG_VERSION`).
     #[serde(default)]
     pub version: String,
@@ -196,6 +200,8 @@ pub(crate) struct Inner {
     pub(crate) backup: crate::backup::Runner,
     /// The last resource sample, for `/metrics`.
     resources: Mutex<Option<crate::resources::Sample>>,
+    /// First-seen times and acknowledgements of the alarms in force.
+    alarm_book: Mutex<crate::alarms::AlarmBook>,
     /// Probes: connections of their own.
     control_net: Arc<dyn Transport>,
     /// Heartbeats: connections of their own, used from the heartbeat thread.
@@ -397,6 +403,7 @@ impl Node {
             drift: Mutex::default(),
             backup: Default::default(),
             resources: Mutex::default(),
+            alarm_book: Mutex::default(),
             jobs,
             shards,
             contacts,
@@ -1048,7 +1055,87 @@ impl Inner {
             Some(_) => None,
             None => self.known_leader(),
         };
+        let conditions = self.alarm_conditions(&s);
+        s.alarms = self
+            .alarm_book
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update(self.cfg.node_id, now_ms(), conditions);
         s
+    }
+
+    /// Every condition this node alarms about now, from where each is kept.
+    fn alarm_conditions(&self, s: &NodeStatus) -> Vec<crate::alarms::Condition> {
+        use crate::alarms::{Condition, Severity::*};
+        use crate::quorum::AlarmKey as K;
+        let cond = |kind, subject: String, severity, what: String, since_ms| Condition {
+            kind,
+            subject,
+            severity,
+            what,
+            since_ms,
+        };
+        let mut out: Vec<Condition> = self
+            .contacts
+            .keyed_alarms()
+            .into_iter()
+            .map(|(key, a)| {
+                let (kind, subject, severity) = match key {
+                    K::NoQuorum => ("no_quorum", String::new(), Critical),
+                    K::Replication(v) => ("replication", v.to_string(), Warning),
+                    K::SlowProposal => ("slow_proposal", String::new(), Warning),
+                    K::VoterDown => ("voter_down", String::new(), Critical),
+                    K::Resource(w) => {
+                        let critical = s.resources.iter().any(|f| {
+                            f.watched == w && f.level == crate::resources::Level::Critical
+                        });
+                        (
+                            "resource",
+                            w.name().to_string(),
+                            if critical { Critical } else { Warning },
+                        )
+                    }
+                };
+                cond(kind, subject, severity, a.what, Some(a.at_ms))
+            })
+            .collect();
+        if !s.config_drift.is_empty() {
+            let what = crate::drift::alarm_text(self.cfg.node_id, &s.config_drift);
+            out.push(cond("drift", String::new(), Warning, what, None));
+        }
+        if let Some(why) = s.backup.as_ref().and_then(|b| b.alarm()) {
+            out.push(cond("backup", String::new(), Critical, why, None));
+        }
+        if let Some(log) = self.log.get() {
+            for sink in log.stats().sinks.into_iter().filter(|k| k.stalled) {
+                let what = format!(
+                    "log sink {} stalled: lines are dropped and counted",
+                    sink.name
+                );
+                out.push(cond("log_sink", sink.name, Warning, what, None));
+            }
+        }
+        if let Some(h) = &s.health {
+            if !h.state.reasons().is_empty() {
+                let severity = if h.state.is_fail_stop() {
+                    Critical
+                } else {
+                    Warning
+                };
+                let what = format!("self-checks failing: {}", h.state.reasons().join("; "));
+                out.push(cond("health", String::new(), severity, what, None));
+            }
+        }
+        out
+    }
+
+    /// `alarm ack NAME` (`kind` or `kind:subject`): false if none in force.
+    pub(crate) fn ack_alarm(&self, name: &str) -> bool {
+        self.status_now();
+        self.alarm_book
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ack(name)
     }
 
     /// Every service's own counters, for `/metrics`.

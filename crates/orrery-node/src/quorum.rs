@@ -309,6 +309,14 @@ impl Contacts {
         lock(&self.alarms).remove(&key).is_some()
     }
 
+    /// The alarms in force with their keys.
+    pub fn keyed_alarms(&self) -> Vec<(AlarmKey, Alarm)> {
+        lock(&self.alarms)
+            .iter()
+            .map(|(k, a)| (*k, a.clone()))
+            .collect()
+    }
+
     /// The alarms in force, oldest first.
     pub fn alarms(&self) -> Vec<Alarm> {
         let mut out: Vec<Alarm> = lock(&self.alarms).values().cloned().collect();
