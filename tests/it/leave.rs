@@ -67,6 +67,43 @@ fn poll<V>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<V>) -> V
     }
 }
 
+/// The leader leaving hands its leadership over instead of leaving the
+/// others to sit out an election timeout; it is not suspected either.
+#[test]
+fn a_sigtermed_leader_hands_leadership_over_before_it_exits() {
+    let mut c = TestCluster::new(4, 3, |_| {});
+    c.start_all();
+    c.wait_for("stage 0", T, ready);
+    let leader = c
+        .wait_node(1, "a leader", T, |s| s.leader.is_some())
+        .leader
+        .expect("leader");
+    let before = c.state().expect("state").applied_index;
+    c.stop(leader);
+    let log = c.log(leader);
+    let line = log
+        .lines()
+        .find(|l| l.contains("leaving: leadership handed to node"))
+        .unwrap_or_else(|| panic!("no hand-over in the leader's log:\n{log}"));
+    let to: NodeId = line
+        .rsplit(' ')
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_ne!(to, leader);
+    let s = c.wait_for("the chosen voter coordinating", T, |s| s.leader == Some(to));
+    assert!(
+        failures_of(&s, leader).is_empty(),
+        "{}",
+        show(Some(s.clone()))
+    );
+    assert!(s
+        .events
+        .iter()
+        .any(|e| { e.kind == EventKind::NodeLeft && e.node == Some(leader) && e.index > before }));
+    c.stop_all();
+}
+
 #[test]
 fn a_sigtermed_worker_leaves_without_being_suspected_and_rejoins() {
     let mut c = TestCluster::new(5, 3, |_| {});

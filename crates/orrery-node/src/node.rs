@@ -538,6 +538,7 @@ impl Node {
             Ok(Ok(Response::Ok)) => {
                 inner.set_leaving("left the cluster");
                 info!(target: LOG, node = me, epoch, "left the cluster (epoch {epoch} revoked, {} ms): not a failure; what it still owned moves now", started.elapsed().as_millis());
+                inner.hand_off_leadership(within).await;
                 return Ok(());
             }
             Ok(Ok(Response::Rejected { reason })) => {
@@ -1127,6 +1128,36 @@ impl Inner {
             }
         }
         out
+    }
+
+    /// Leaving while it leads: hands Raft leadership to the voter heard
+    /// from most recently and waits (at most `within`) until it no longer
+    /// leads, so the cluster does not sit out an election timeout.
+    async fn hand_off_leadership(&self, within: Duration) {
+        let Some(control) = self.control.as_ref().filter(|c| c.is_leader()) else {
+            return;
+        };
+        let me = self.cfg.node_id;
+        let peers = self.contacts.snapshot().peers;
+        let to = control
+            .voters()
+            .into_keys()
+            .filter(|v| *v != me)
+            .max_by_key(|v| peers.get(v).map_or(0, |c| c.heard_mono));
+        let Some(to) = to else { return };
+        let handed = tokio::time::timeout(within, async {
+            control.transfer_leader(to).await.map_err(|e| e.to_string())?;
+            while control.is_leader() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<(), String>(())
+        })
+        .await;
+        match handed {
+            Ok(Ok(())) => info!(target: LOG, "leaving: leadership handed to node {to}"),
+            Ok(Err(e)) => warn!(target: LOG, "leaving: handing leadership to node {to} failed: {e}; the others elect a leader"),
+            Err(_) => warn!(target: LOG, "leaving: node {to} did not take leadership within {within:?}; the others elect a leader"),
+        }
     }
 
     /// `alarm ack NAME` (`kind` or `kind:subject`): false if none in force.
