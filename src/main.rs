@@ -327,15 +327,35 @@ impl ClusterTarget {
 fn config_diff(fleet: &exec::Fleet) -> Result<()> {
     let client = AdminClient::default();
     let mut rows = vec![];
+    let mut digests = vec![];
     for n in &fleet.nodes {
         match client.node_status(&n.admin_addr) {
-            Ok(st) => rows.extend(
-                st.config_drift
-                    .into_iter()
-                    .map(|d| (n.id, d.key, d.here, d.cluster)),
-            ),
+            Ok(st) => {
+                let d = &st.config_digests;
+                digests.push(format!(
+                    "{:<5} {:<8} {:<32} {:<32} {:<32} {}",
+                    n.id,
+                    n.role.to_string(),
+                    d.cluster,
+                    d.node,
+                    d.local,
+                    st.version
+                ));
+                rows.extend(
+                    st.config_drift
+                        .into_iter()
+                        .map(|d| (n.id, d.key, d.here, d.cluster)),
+                )
+            }
             Err(e) => println!("node {}: no answer ({e})", n.id),
         }
+    }
+    println!(
+        "{:<5} {:<8} {:<32} {:<32} {:<32} VERSION",
+        "NODE", "ROLE", "CLUSTER-WIDE DIGEST", "PER-NODE DIGEST", "LOCAL DIGEST"
+    );
+    for line in digests {
+        println!("{line}");
     }
     if rows.is_empty() {
         println!("no drift: every node that answered runs the cluster's values");

@@ -113,6 +113,58 @@ fn walk(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>)
     }
 }
 
+/// The keys of a node's file that are its own by nature (paths and
+/// addresses): they may differ on every node and say nothing about drift.
+pub const LOCAL_ONLY: [&str; 6] = [
+    "node_id",
+    "data_dir",
+    "listen",
+    "admin_listen",
+    "tls",
+    "store",
+];
+
+/// A digest (SHA-256, hex, first 16 bytes) of a node's effective
+/// configuration per class: `cluster` (the replicated keys, as this node's
+/// file has them: equal everywhere when nothing drifts), `node` (the
+/// per-node keys: may differ, but nodes of one role usually agree),
+/// `local` (paths and addresses). Credentials are left out of all three.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigDigests {
+    pub cluster: String,
+    pub node: String,
+    pub local: String,
+}
+
+/// [`ConfigDigests`] of `cfg`.
+pub fn digests(cfg: &crate::NodeConfig) -> ConfigDigests {
+    let cluster = serde_json::to_value(cfg.cluster_config()).unwrap_or_default();
+    let mut all = serde_json::to_value(cfg).unwrap_or_default();
+    crate::console::redact_credentials(&mut all);
+    let mut local = serde_json::Map::new();
+    if let Some(map) = all.as_object_mut() {
+        for key in ["nodes", "startup", "membership", "placement"] {
+            map.remove(key);
+        }
+        for key in LOCAL_ONLY {
+            if let Some(v) = map.remove(key) {
+                local.insert(key.to_string(), v);
+            }
+        }
+    }
+    ConfigDigests {
+        cluster: digest(&cluster),
+        node: digest(&all),
+        local: digest(&serde_json::Value::Object(local)),
+    }
+}
+
+fn digest(v: &serde_json::Value) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(v.to_string().as_bytes());
+    d.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +173,27 @@ mod tests {
     fn config() -> ClusterConfig {
         let cfg: NodeConfig = toml::from_str(&crate::config::tests::sample()).unwrap();
         cfg.cluster_config()
+    }
+
+    #[test]
+    fn digests_change_only_in_the_class_of_the_key_that_changed() {
+        let base: NodeConfig = toml::from_str(&crate::config::tests::sample()).unwrap();
+        let d0 = digests(&base);
+        let mut c = base.clone();
+        c.membership.lease_ttl_ms += 1;
+        let d = digests(&c);
+        assert!(d.cluster != d0.cluster && d.node == d0.node && d.local == d0.local);
+        let mut c = base.clone();
+        c.data_dir = "/elsewhere".into();
+        let d = digests(&c);
+        assert!(d.cluster == d0.cluster && d.node == d0.node && d.local != d0.local);
+        let mut c = base.clone();
+        c.watchdog.alarm_interval_ms += 1;
+        let d = digests(&c);
+        assert!(d.cluster == d0.cluster && d.node != d0.node && d.local == d0.local);
+        let mut c = base;
+        c.secret = "another secret".into();
+        assert_eq!(digests(&c), d0, "credentials are in no digest");
     }
 
     #[test]

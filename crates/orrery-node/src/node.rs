@@ -149,6 +149,10 @@ pub struct NodeStatus {
     /// severity, first and last seen, acknowledged.
     #[serde(default)]
     pub alarms: Vec<crate::alarms::ActiveAlarm>,
+    /// Digests of its effective configuration per class (cluster-wide,
+    /// per-node, local-only): `crate::drift::ConfigDigests`.
+    #[serde(default)]
+    pub config_digests: crate::drift::ConfigDigests,
     /// The binary's version (`CARGO_PKG_VERSION`).
     #[serde(default)]
     pub version: String,
@@ -357,6 +361,7 @@ impl Node {
             addr: me.addr.clone(),
             stage: Stage::NOT_STARTED.number(),
             started_at_ms: now_ms(),
+            config_digests: crate::drift::digests(&cfg),
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: (orrery_wire::PROTOCOL_MIN, orrery_wire::PROTOCOL_MAX),
             stage_since_ms: now_ms(),
