@@ -27,8 +27,22 @@ pub enum DrillCmd {
     /// Drain node N, stop it, restart it: time its readmission and its
     /// shards coming back.
     Node(NodeArgs),
+    /// Back the cluster up into a scratch directory, then restore that
+    /// backup into another and check it (`orrery restore --check`): timed,
+    /// the outcome in the timeline. Nothing of the cluster changes.
+    Backup(BackupDrillArgs),
     /// Past drills, from the timeline.
     History(HistoryArgs),
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BackupDrillArgs {
+    /// Where the drill's backup goes (default: a temporary directory,
+    /// removed afterwards).
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// What every drill needs.
@@ -82,6 +96,7 @@ pub struct HistoryArgs {
 /// The timeline's name for each drill (`Command::Operation`'s `what`).
 pub const LEADER: &str = "drill-leader";
 pub const NODE: &str = "drill-node";
+pub const BACKUP: &str = "drill-backup";
 
 /// Who leads now and who takes over: refused (with the reason) on an
 /// unhealthy cluster, without another voter, or for a `to` that is not one.
@@ -176,6 +191,7 @@ pub fn run(cmd: DrillCmd) -> Result<()> {
     match cmd {
         DrillCmd::Leader(a) => leader(a),
         DrillCmd::Node(a) => node(a),
+        DrillCmd::Backup(a) => backup(a),
         DrillCmd::History(a) => {
             let fleet = exec::Fleet::local(&a.data_dir)?;
             let events = exec::fetch_timeline(&fleet, 0, Duration::from_secs(3))?;
@@ -308,6 +324,58 @@ fn leader(a: LeaderArgs) -> Result<()> {
     let outcome = outcome.map_err(|e| format!("failed: {e}"));
     let leader = o.observe().leader;
     finish(&o, leader, LEADER, outcome)
+}
+
+/// `drill backup`: refused on an unhealthy cluster; else backup, then a
+/// restore check of exactly that backup, each timed.
+fn backup(a: BackupDrillArgs) -> Result<()> {
+    let c = &a.common;
+    let mut o = Observer::new(&c.data_dir, c.token.clone())?;
+    let obs = o.observe();
+    if let Some(why) = unhealthy(&obs) {
+        let why = format!("refused: the cluster is not healthy: {why}");
+        return finish(&o, obs.leader, BACKUP, Err(why));
+    }
+    let temp = tempfile::tempdir()?;
+    let dest = a
+        .scratch
+        .clone()
+        .unwrap_or_else(|| temp.path().join("backups"));
+    let outcome = backup_and_check(c, &dest).map_err(|e| format!("failed: {e:#}"));
+    let leader = o.observe().leader;
+    finish(&o, leader, BACKUP, outcome)
+}
+
+fn backup_and_check(c: &Common, dest: &std::path::Path) -> Result<String> {
+    let t0 = std::time::Instant::now();
+    crate::backup::backup(crate::backup::BackupArgs {
+        data_dir: c.data_dir.clone(),
+        to: Some(dest.to_path_buf()),
+        keep: None,
+        token: c.token.clone(),
+        json: false,
+    })?;
+    let took_backup = t0.elapsed().as_millis();
+    let newest = std::fs::read_dir(dest)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("backup-"))
+        })
+        .max()
+        .ok_or_else(|| anyhow::anyhow!("no backup in {} after the backup", dest.display()))?;
+    let t1 = std::time::Instant::now();
+    crate::backup::restore(crate::backup::RestoreArgs {
+        from: newest.clone(),
+        data_dir: dest.join("restore-check"),
+        check: true,
+        replace: false,
+    })?;
+    Ok(format!(
+        "backup {} written and verified in {took_backup} ms, restore check {} ms",
+        newest.display(),
+        t1.elapsed().as_millis()
+    ))
 }
 
 fn node(a: NodeArgs) -> Result<()> {

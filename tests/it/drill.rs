@@ -54,6 +54,17 @@ fn drills_hand_leadership_over_and_back_restart_a_node_and_refuse_a_sick_cluster
     });
     assert!(!suspected, "{}", show(Some(s.clone())));
 
+    // A backup drill: written, verified, restored into a scratch directory
+    // and checked; the cluster's own files are untouched.
+    let store = orrery::local::Manifest::store_path(c.dir.path());
+    let (ok, text) = orrery(&["drill", "backup"], c.dir.path());
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("written and verified in") && text.contains("restore check"),
+        "{text}"
+    );
+    assert!(store.exists());
+
     // A voter stopped: the cluster is not healthy; both drills refuse.
     let (ok, text) = orrery(&["stop", "--node", "3"], c.dir.path());
     assert!(ok, "{text}");
@@ -69,19 +80,32 @@ fn drills_hand_leadership_over_and_back_restart_a_node_and_refuse_a_sick_cluster
     );
     let (ok, text) = orrery(&["drill", "leader"], c.dir.path());
     assert!(!ok && text.contains("refused"), "{text}");
+    let (ok, text) = orrery(&["drill", "backup"], c.dir.path());
+    assert!(
+        !ok && text.contains("refused: the cluster is not healthy"),
+        "{text}"
+    );
 
     let (ok, text) = orrery(&["drill", "history"], c.dir.path());
     assert!(ok, "{text}");
     let rows: Vec<&str> = text.lines().skip(1).collect();
-    assert_eq!(rows.len(), 4, "{text}");
+    assert_eq!(rows.len(), 6, "{text}");
     assert!(
         rows[0].contains("leader") && rows[0].contains("ok: leadership"),
         "{text}"
     );
     assert!(rows[1].contains("ok: node 4: drained"), "{text}");
-    assert!(rows[2].contains("node 2: refused"), "{text}");
     assert!(
-        rows[3].contains("leader") && rows[3].contains("refused"),
+        rows[2].contains("backup") && rows[2].contains("ok: backup"),
+        "{text}"
+    );
+    assert!(rows[3].contains("node 2: refused"), "{text}");
+    assert!(
+        rows[4].contains("leader") && rows[4].contains("refused"),
+        "{text}"
+    );
+    assert!(
+        rows[5].contains("backup") && rows[5].contains("refused"),
         "{text}"
     );
     reaper.stop();
