@@ -22,6 +22,7 @@ pub mod coordinator;
 mod detector;
 pub mod health;
 pub mod jobs;
+pub mod lease;
 pub mod shardmap;
 pub mod sim;
 pub mod stage;

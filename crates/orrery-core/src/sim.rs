@@ -2058,45 +2058,41 @@ impl Sim {
                 health,
                 sent,
             } => {
-                // Acknowledge only while leading with a quorum (a
-                // linearisable read of the membership).
-                if !self.leads(to) || epoch == 0 {
-                    return;
-                }
-                if let Some(reason) = self.state.refusal(from, epoch) {
-                    self.send(to, from, Msg::HeartbeatRefused { epoch, reason });
-                    return;
-                }
-                // The coordinator stops renewing a lease once it has
-                // decided to remove the node (fence first, then remove).
-                let may_ack = match self.coordinator.as_mut() {
-                    Some(c) => {
-                        c.on_heartbeat(self.now, from, epoch, health);
-                        c.may_ack(from, epoch)
-                    }
-                    None => false,
+                // The shipped rule (`crate::lease`); leading here means
+                // leading with a quorum (a linearisable read of the membership).
+                let hb = crate::lease::Heartbeat {
+                    node: from,
+                    epoch,
+                    health,
                 };
-                if !may_ack {
-                    return;
-                }
-                let shards = self.state.shards.version;
-                let jobs = self
-                    .state
-                    .jobs_held_by(from)
-                    .into_iter()
-                    .filter(|l| l.holder_epoch == epoch)
-                    .cloned()
-                    .collect();
-                self.send(
-                    to,
-                    from,
-                    Msg::HeartbeatAck {
-                        epoch,
-                        sent,
-                        shards,
-                        jobs,
-                    },
+                let leads = self.leads(to);
+                let answer = crate::lease::answer_heartbeat(
+                    self.now,
+                    leads,
+                    &self.state,
+                    self.coordinator.as_mut(),
+                    hb,
                 );
+                match answer {
+                    crate::lease::LeaseAnswer::Fenced { reason } => {
+                        self.send(to, from, Msg::HeartbeatRefused { epoch, reason })
+                    }
+                    crate::lease::LeaseAnswer::Renewed {
+                        shards_version,
+                        jobs,
+                    } => self.send(
+                        to,
+                        from,
+                        Msg::HeartbeatAck {
+                            epoch,
+                            sent,
+                            shards: shards_version,
+                            jobs,
+                        },
+                    ),
+                    crate::lease::LeaseAnswer::NotLeader
+                    | crate::lease::LeaseAnswer::NotVouched => {}
+                }
             }
             Msg::HeartbeatAck {
                 epoch,

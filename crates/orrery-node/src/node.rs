@@ -1151,7 +1151,10 @@ impl Inner {
             .max_by_key(|v| peers.get(v).map_or(0, |c| c.heard_mono));
         let Some(to) = to else { return };
         let handed = tokio::time::timeout(within, async {
-            control.transfer_leader(to).await.map_err(|e| e.to_string())?;
+            control
+                .transfer_leader(to)
+                .await
+                .map_err(|e| e.to_string())?;
             while control.is_leader() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -1160,8 +1163,12 @@ impl Inner {
         .await;
         match handed {
             Ok(Ok(())) => info!(target: LOG, "leaving: leadership handed to node {to}"),
-            Ok(Err(e)) => warn!(target: LOG, "leaving: handing leadership to node {to} failed: {e}; the others elect a leader"),
-            Err(_) => warn!(target: LOG, "leaving: node {to} did not take leadership within {within:?}; the others elect a leader"),
+            Ok(Err(e)) => {
+                warn!(target: LOG, "leaving: handing leadership to node {to} failed: {e}; the others elect a leader")
+            }
+            Err(_) => {
+                warn!(target: LOG, "leaving: node {to} did not take leadership within {within:?}; the others elect a leader")
+            }
         }
     }
 
@@ -1617,49 +1624,47 @@ impl Inner {
                 leader: c.current_leader(),
             };
         }
-        // Vouch for a lease only while a quorum still follows us: a
-        // leader on the minority side of a partition must let its
-        // nodes self-fence.
+        // The rule is `orrery_core::lease`, which the simulator runs too.
         let quorum_fresh = c
             .quorum_ack_age()
             .is_some_and(|age| age.as_millis() as u64 <= self.cfg.raft.election_min_ms);
-        if !quorum_fresh {
-            return Reply::NotLeader { leader: None };
-        }
-        // `authz` refused a fenced epoch on this replica already.
         let state = c.state();
-        let may_ack = match self
-            .coordinator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            Some(co) => {
-                co.on_heartbeat(now_ms(), node, hb_epoch, health);
-                co.may_ack(node, hb_epoch)
-            }
-            None => false,
+        let hb = orrery_core::lease::Heartbeat {
+            node,
+            epoch: hb_epoch,
+            health,
         };
-        if !may_ack {
-            return Reply::Error(format!(
+        let answer = orrery_core::lease::answer_heartbeat(
+            now_ms(),
+            quorum_fresh,
+            &state.state.0,
+            self.coordinator
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut(),
+            hb,
+        );
+        use orrery_core::lease::LeaseAnswer as A;
+        match answer {
+            A::NotLeader => Reply::NotLeader { leader: None },
+            // `authz` refuses a fenced epoch before this on the same replica.
+            A::Fenced { reason } => Reply::Error(format!(
+                "lease of node {node} epoch {hb_epoch} not renewed: {reason}"
+            )),
+            A::NotVouched => Reply::Error(format!(
                 "lease of node {node} epoch {hb_epoch} not renewed: the coordinator is removing it or not yet coordinating"
-            ));
-        }
-        let view = self.lease.view();
-        // The leases it holds under this very epoch: a new process of
-        // the same node must not run its predecessor's periods.
-        let jobs = state
-            .state
-            .0
-            .jobs_held_by(node)
-            .into_iter()
-            .filter(|l| l.holder_epoch == hb_epoch)
-            .cloned()
-            .collect();
-        Reply::HeartbeatAck {
-            view: (view.version != view_version).then(|| Box::new((*view).clone())),
-            shards_version: state.state.0.shards.version,
-            jobs,
+            )),
+            A::Renewed {
+                shards_version,
+                jobs,
+            } => {
+                let view = self.lease.view();
+                Reply::HeartbeatAck {
+                    view: (view.version != view_version).then(|| Box::new((*view).clone())),
+                    shards_version,
+                    jobs,
+                }
+            }
         }
     }
 
