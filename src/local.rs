@@ -365,6 +365,7 @@ fn node_config(plan: &Plan, n: &NodeEntry, shared: &Shared, data_dir: PathBuf) -
         app: plan.app.clone(),
         shutdown: plan.shutdown.clone(),
         resources: Default::default(),
+        drills: Default::default(),
         backup: plan.backup.clone(),
         nodes: shared.nodes.clone(),
     }

@@ -111,3 +111,45 @@ fn drills_hand_leadership_over_and_back_restart_a_node_and_refuse_a_sick_cluster
     reaper.stop();
     c.stop_all();
 }
+
+/// `drills.leader_every_ms`: the leader hands leadership on by itself, on
+/// schedule, records each drill, and nobody is suspected.
+#[test]
+fn scheduled_leader_drills_move_leadership_and_are_recorded() {
+    let c = TestCluster::new(3, 3, |_| {});
+    for v in 1..=3 {
+        c.edit_config(v, |cfg| cfg.drills.leader_every_ms = 1_500);
+    }
+    let mut c = c;
+    c.start_all();
+    let before = c.wait_for("stage 0", T, ready);
+    let first = before.leader.expect("a leader");
+    let s = c.wait_for("two scheduled drills recorded", T, |s| {
+        s.events
+            .iter()
+            .filter(|e| {
+                e.kind == EventKind::Operation && e.detail.contains("drill-leader: ok: scheduled")
+            })
+            .count()
+            >= 2
+    });
+    let moved: Vec<NodeId> = s
+        .events
+        .iter()
+        .filter(|e| e.index > before.applied_index && e.kind == EventKind::LeaderChanged)
+        .filter_map(|e| e.node)
+        .collect();
+    assert!(
+        moved.iter().any(|l| *l != first),
+        "{moved:?}: {}",
+        show(Some(s.clone()))
+    );
+    let failures = s.events.iter().any(|e| {
+        matches!(e.kind, EventKind::NodeSuspected | EventKind::NodeRemoved)
+            || e.detail.contains("drill-leader: failed")
+    });
+    assert!(!failures, "{}", show(Some(s.clone())));
+    let (ok, text) = orrery(&["drill", "history"], c.dir.path());
+    assert!(ok && text.contains("ok: scheduled: leadership"), "{text}");
+    c.stop_all();
+}

@@ -99,6 +99,9 @@ pub struct NodeConfig {
     /// Disk space, store sizes and descriptors: thresholds and check period.
     #[serde(default)]
     pub resources: crate::resources::ResourcesConfig,
+    /// Scheduled failover drills (off by default).
+    #[serde(default)]
+    pub drills: crate::drills::DrillsConfig,
     /// Scheduled, verified backups run by the Raft leader (off by default).
     #[serde(default)]
     pub backup: crate::backup::BackupConfig,
@@ -570,6 +573,7 @@ impl NodeConfig {
         self.log_forward.validate().map_err(ConfigError::Invalid)?;
         self.shutdown.validate().map_err(ConfigError::Invalid)?;
         self.resources.validate().map_err(ConfigError::Invalid)?;
+        self.drills.validate().map_err(ConfigError::Invalid)?;
         self.backup
             .validate(&self.store)
             .map_err(ConfigError::Invalid)?;

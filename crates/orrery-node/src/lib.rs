@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod console;
 pub mod drift;
+pub mod drills;
 pub mod health;
 pub mod jobs;
 mod lease;

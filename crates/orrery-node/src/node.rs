@@ -465,6 +465,7 @@ impl Node {
         }));
         tokio::spawn(crate::quorum::watch(inner.clone()));
         tokio::spawn(crate::resources::watch(inner.clone()));
+        tokio::spawn(crate::drills::run(inner.clone()));
         if inner.cfg.me().role.hosts_services() && !inner.jobs.specs().is_empty() {
             tokio::spawn(crate::jobs::run(inner.clone()));
         }
