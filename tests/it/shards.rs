@@ -7,7 +7,8 @@ use orrery::inproc::{ready, InProcCluster};
 use orrery::local::Plan;
 use orrery_core::shardmap::ShardId;
 use orrery_core::{EventKind, NodeId};
-use orrery_node::shards::CallError;
+use orrery_node::shards::{CallCtx, CallError, ShardActor, ShardFuture, ShardService};
+use std::sync::Arc;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
@@ -429,4 +430,334 @@ async fn capacity_weights_shape_the_placement() {
         load[&4]
     );
     c.shutdown().await;
+}
+
+/// A store-backed counter per shard, for the hand-over test: a load claims
+/// the shard's fence and reads its count; `add` writes count + 1 under the
+/// ownership epoch (`write_ms` after it started: a write in flight) and
+/// only then counts it in memory. A former owner still serving beside the
+/// new one would write a stale count; the store refuses that, and the
+/// refusal must reach the caller typed.
+struct Counters {
+    store: Arc<dyn orrery_store::Store>,
+    keys: u64,
+    write_ms: u64,
+    /// Writes the store refused as a stale owner's.
+    stale: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct Counter {
+    name: String,
+    epoch: u64,
+    n: u64,
+    store: Arc<dyn orrery_store::Store>,
+    write_ms: u64,
+    stale: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn on_store<T: Send + 'static>(
+    store: &Arc<dyn orrery_store::Store>,
+    f: impl FnOnce(&dyn orrery_store::Store) -> Result<T, orrery_store::StoreError> + Send + 'static,
+) -> Result<T, CallError> {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || f(&*s))
+        .await
+        .map_err(|e| CallError::Handler(e.to_string()))?
+        .map_err(CallError::from)
+}
+
+impl ShardService for Counters {
+    fn kinds(&self) -> Vec<orrery_core::shardmap::KindSpec> {
+        vec![orrery_core::shardmap::KindSpec::new(
+            "counter",
+            0..self.keys,
+        )]
+    }
+
+    fn load(
+        &self,
+        shard: ShardId,
+        ctx: CallCtx,
+    ) -> ShardFuture<'_, Result<Box<dyn ShardActor>, CallError>> {
+        Box::pin(async move {
+            let epoch = ctx
+                .owner_epoch
+                .ok_or_else(|| CallError::Handler("no ownership epoch".into()))?;
+            let name = format!("counter/{}", shard.key);
+            let n = name.clone();
+            let row = on_store(&self.store, move |s| {
+                s.claim_shard(&n, epoch)?;
+                s.get(&n, "counter", "n")
+            })
+            .await?;
+            let n = row
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(0);
+            Ok(Box::new(Counter {
+                name,
+                epoch,
+                n,
+                store: self.store.clone(),
+                write_ms: self.write_ms,
+                stale: self.stale.clone(),
+            }) as Box<dyn ShardActor>)
+        })
+    }
+}
+
+impl ShardActor for Counter {
+    fn handle<'a>(
+        &'a mut self,
+        call: &'a str,
+        payload: Vec<u8>,
+        _ctx: CallCtx,
+    ) -> ShardFuture<'a, Result<Vec<u8>, CallError>> {
+        Box::pin(async move {
+            if call != "add" {
+                return Err(CallError::UnknownCall {
+                    kind: "counter".into(),
+                    call: call.into(),
+                });
+            }
+            let next = self.n + 1;
+            // The payload may ask for a slower write (ms, 8 LE bytes).
+            let delay = payload
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(self.write_ms);
+            let (name, epoch) = (self.name.clone(), self.epoch);
+            // Once issued, the write completes even if the caller gives up.
+            let write = tokio::spawn({
+                let (store, stale) = (self.store.clone(), self.stale.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    on_store(&store, move |s| {
+                        let r = s.write(
+                            &name,
+                            epoch,
+                            &[orrery_store::Op::put("counter", "n", next.to_le_bytes())],
+                        );
+                        if let Err(orrery_store::StoreError::StaleOwner { .. }) = &r {
+                            stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        r
+                    })
+                    .await
+                }
+            });
+            write
+                .await
+                .map_err(|e| CallError::Handler(e.to_string()))??;
+            self.n = next;
+            Ok(next.to_le_bytes().to_vec())
+        })
+    }
+}
+
+/// What the callers saw for one counter.
+#[derive(Default)]
+struct Seen {
+    /// Values successful `add`s returned.
+    ok: Vec<u64>,
+    /// Calls that timed out (their write may or may not have landed).
+    uncertain: u64,
+}
+
+/// A node drains and leaves (SIGTERM's path) under a steady load of store
+/// writes to its shards: no call fails with anything but a typed error the
+/// router retries, and no increment is lost or applied twice (two owners
+/// serving one counter would write a stale count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaving_under_write_load_fails_no_call_untyped_and_loses_no_write() {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    const KEYS: u64 = 48;
+    const WRITE_MS: u64 = 5;
+    const SLOW_MS: u64 = 3_000;
+    let store: Arc<dyn orrery_store::Store> = Arc::from(
+        orrery_store::open(&orrery_store::StoreConfig::sqlite(
+            dir.path().join("counters.db"),
+        ))
+        .expect("open the store"),
+    );
+    let mut plan = Plan::new(5, 3, dir.path().join("cluster"));
+    plan.demo = (1..=5)
+        .map(|id| {
+            (
+                id,
+                orrery_node::config::DemoConfig {
+                    shards: 0,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let mut c = InProcCluster::plan(&plan, 23).expect("plan");
+    let stale = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut ids: Vec<(bool, NodeId)> = c
+        .configs
+        .values()
+        .map(|cfg| (!cfg.me().role.is_voter(), cfg.node_id))
+        .collect();
+    ids.sort();
+    for (_, id) in ids {
+        let cfg = c.configs[&id].clone();
+        let services = orrery_node::Services {
+            stages: vec![Arc::new(orrery_node::DemoService::new(cfg.demo.clone()))
+                as Arc<dyn orrery_node::Service>],
+            shards: Some(Arc::new(Counters {
+                store: store.clone(),
+                keys: KEYS,
+                write_ms: WRITE_MS,
+                stale: stale.clone(),
+            })),
+            ..Default::default()
+        };
+        let node = orrery_node::Node::start_in(cfg, services, c.net.clone())
+            .await
+            .expect("start");
+        c.nodes.insert(id, node);
+    }
+    let leaver: NodeId = 5;
+    let s = c
+        .wait_for(T, |s| {
+            ready(s)
+                && s.shards.entries.len() == KEYS as usize
+                && s.shards.load().get(&leaver).copied().unwrap_or(0) > 0
+        })
+        .await
+        .unwrap_or_else(|s| panic!("not ready with counters placed:\n{}", show(s)));
+    let theirs = s.shards.load()[&leaver];
+    // The load: callers on the other nodes, every counter in turn.
+    let seen: Arc<Mutex<BTreeMap<u64, Seen>>> = Arc::default();
+    let failures: Arc<Mutex<BTreeMap<&'static str, u64>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = vec![];
+    for t in 0..8u64 {
+        let node = c.nodes[&(1 + t % 4)].clone();
+        let (seen, failures, stop) = (seen.clone(), failures.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut key = t * 7 % KEYS;
+            let mut calls = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = node
+                    .call(counter(key), "add", vec![], Duration::from_secs(2))
+                    .await;
+                calls += 1;
+                let mut seen = seen.lock().unwrap();
+                let at = seen.entry(key).or_default();
+                match r {
+                    Ok(v) => at.ok.push(u64::from_le_bytes(v[..8].try_into().unwrap())),
+                    Err(e) => {
+                        if e == CallError::Timeout {
+                            at.uncertain += 1;
+                        }
+                        *failures.lock().unwrap().entry(e.kind()).or_default() += 1;
+                        eprintln!("add counter/{key}: {e}");
+                    }
+                }
+                drop(seen);
+                key = (key + 1) % KEYS;
+            }
+            calls
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Writes in flight on the leaver when its shards move: each lands long
+    // after the new owner raised the fence, is refused there, and its
+    // caller must get a typed error the router retries on the new owner.
+    let mut slow = vec![];
+    for (id, _) in s.shards.entries.iter().filter(|(_, e)| e.owner == leaver) {
+        let (node, key, seen) = (c.nodes[&1].clone(), id.key, seen.clone());
+        slow.push(tokio::spawn(async move {
+            let r = node
+                .call(
+                    counter(key),
+                    "add",
+                    SLOW_MS.to_le_bytes().to_vec(),
+                    Duration::from_secs(10),
+                )
+                .await;
+            let mut seen = seen.lock().unwrap();
+            let at = seen.entry(key).or_default();
+            match &r {
+                Ok(v) => at.ok.push(u64::from_le_bytes(v[..8].try_into().unwrap())),
+                Err(CallError::Timeout) => at.uncertain += 1,
+                Err(_) => {}
+            }
+            r.err()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM's path: drain, stop serving, Leave.
+    c.nodes[&leaver].leave().await.expect("left the cluster");
+    let s = c
+        .wait_for(T, |s| {
+            s.shards.load().get(&leaver).copied().unwrap_or(0) == 0
+        })
+        .await
+        .unwrap_or_else(|s| panic!("node {leaver} still owns shards:\n{}", show(s)));
+    assert_eq!(s.shards.entries.len(), KEYS as usize);
+    // Keep the load on while the moved counters settle on their new owners.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for l in load {
+        calls += l.await.expect("load task");
+    }
+    for w in slow {
+        if let Some(e) = w.await.expect("slow write") {
+            eprintln!("slow add: {e}");
+            *failures.lock().unwrap().entry(e.kind()).or_default() += 1;
+        }
+    }
+    if let Some(n) = c.nodes.remove(&leaver) {
+        n.shutdown().await;
+    }
+    let failures = failures.lock().unwrap().clone();
+    let stale = stale.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{calls} adds, {theirs} counters moved off node {leaver}, {stale} stale write(s) refused, failures by kind: {failures:?}");
+    assert!(calls > 100, "the load made only {calls} calls");
+    assert!(
+        stale > 0,
+        "no write in flight was refused as stale: the hand-over went untested"
+    );
+    let untyped: Vec<_> = failures
+        .iter()
+        .filter(|(k, _)| !crate::roll::RETRIED.contains(k))
+        .collect();
+    assert!(
+        untyped.is_empty(),
+        "calls failed untyped during the hand-over: {failures:?}"
+    );
+    // Nothing lost, nothing applied twice.
+    for (key, at) in seen.lock().unwrap().iter() {
+        let stored = store
+            .get(&format!("counter/{key}"), "counter", "n")
+            .unwrap()
+            .map(|b| u64::from_le_bytes(b[..].try_into().unwrap()))
+            .unwrap_or(0);
+        let distinct: std::collections::BTreeSet<u64> = at.ok.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            at.ok.len(),
+            "counter/{key}: two adds returned one count: {:?}",
+            at.ok
+        );
+        let ok = at.ok.len() as u64;
+        assert!(
+            ok <= stored && stored <= ok + at.uncertain,
+            "counter/{key}: stored {stored}, {ok} adds acknowledged, {} uncertain",
+            at.uncertain
+        );
+    }
+    c.shutdown().await;
+}
+
+fn counter(key: u64) -> ShardId {
+    ShardId { kind: 0, key }
 }

@@ -2328,6 +2328,27 @@ async fn reporter(node: Arc<Inner>, epoch: u64) {
 /// Routes calls to shard owners for one node.
 struct NodeRouter(std::sync::Weak<Inner>);
 
+/// How often a remote shard call in flight checks whether the map moved
+/// the shard away from the owner it was sent to.
+const MOVE_CHECK: Duration = Duration::from_millis(50);
+
+/// Resolves (with the map's version) once this node's shard map names
+/// another owner (or ownership epoch) for `shard` than `sent_to`.
+async fn owner_moves(
+    node: &Inner,
+    shard: ShardId,
+    sent_to: orrery_core::shardmap::ShardEntry,
+) -> u64 {
+    loop {
+        tokio::time::sleep(MOVE_CHECK).await;
+        let map = node.shards.map();
+        let now = map.owner(shard).map(|e| (e.owner, e.epoch));
+        if now != Some((sent_to.owner, sent_to.epoch)) {
+            return map.version;
+        }
+    }
+}
+
 impl Router for NodeRouter {
     fn route(
         &self,
@@ -2383,7 +2404,16 @@ impl Router for NodeRouter {
                         deadline_ms: left.as_millis().min(u128::from(u32::MAX)) as u32,
                         chain: chain.clone(),
                     };
-                    match node.net.call(entry.owner, req, left).await {
+                    // A call to an owner that stops answering (paused, cut
+                    // off) must not wait out the whole deadline once the map
+                    // has moved the shard: it follows the move.
+                    let answer = tokio::select! {
+                        r = node.net.call(entry.owner, req, left) => r,
+                        version = owner_moves(&node, shard, entry) => {
+                            Ok(Reply::ShardReply(Err(CallError::Moved { version })))
+                        }
+                    };
+                    match answer {
                         Ok(Reply::ShardReply(r)) => r,
                         Ok(Reply::Fenced { reason }) => Err(CallError::Fenced {
                             node: entry.owner,

@@ -16,6 +16,16 @@
 //! names it the owner under the current ownership epoch *and* its own lease
 //! is fresh; otherwise the call is answered `Moved` or `Fenced`.
 //!
+//! Hand-over between live owners: a shard taken over from a previous owner
+//! is *loaded* — which raises its fence in the store — only `handover`
+//! after this node learned of the move, by when the previous owner has
+//! heard of it or fenced itself; so a live previous owner is not cut off
+//! in the middle of the calls it still accepted. Calls queued at a shard
+//! that was unloaded are answered `Moved`, not run, and a write the store
+//! refuses as a stale owner's anyway (a call already running when the
+//! fence rose) reaches the caller as `Unavailable`, which the router
+//! retries on the new owner; the refusal itself stands.
+//!
 //! What this module must never do: decide placement (the coordinator does),
 //! queue without a bound, or wait without a deadline.
 
@@ -26,6 +36,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -111,6 +122,22 @@ impl CallError {
             CallError::Handler(_) => 9,
         };
         Self::KINDS[i]
+    }
+}
+
+/// A store error met while serving a call: a fencing refusal of the shard's
+/// write ([`orrery_store::StoreError::StaleOwner`]: a newer owner took the
+/// shard over) is [`CallError::Unavailable`], which the router retries on
+/// the new owner — the write itself stays refused; anything else is the
+/// handler's failure.
+impl From<orrery_store::StoreError> for CallError {
+    fn from(e: orrery_store::StoreError) -> Self {
+        match e {
+            orrery_store::StoreError::StaleOwner { .. } => CallError::Unavailable(format!(
+                "{e} (a newer owner took the shard over; retry there)"
+            )),
+            e => CallError::Handler(e.to_string()),
+        }
     }
 }
 
@@ -244,6 +271,9 @@ struct Slot {
     tx: mpsc::Sender<Envelope>,
     /// The call the actor is running now, with its chain (for diagnosis).
     busy: Arc<Mutex<Option<Vec<Hop>>>>,
+    /// Set (to the map version that took the shard away) when the slot is
+    /// unloaded: the actor answers calls still queued with `Moved`.
+    unloaded: Arc<AtomicU64>,
 }
 
 /// What this node hosts.
@@ -268,10 +298,12 @@ pub struct HostedShards {
 pub struct ShardHost {
     me: NodeId,
     cfg: ShardsConfig,
-    /// Hand-over delay: a newly assigned shard is served only this long
-    /// after this node first saw the assignment (the node's
-    /// `self_fence_after_ms`), by when the previous owner has either heard
-    /// of the move or fenced itself. Never two owners serving at once.
+    /// Hand-over delay: a shard taken over from a previous owner is loaded
+    /// (its store fence raised) and served only this long after this node
+    /// first saw the assignment (the node's `self_fence_after_ms`), by when
+    /// the previous owner has either heard of the move or fenced itself.
+    /// Never two owners serving at once, and the fence never rises under a
+    /// previous owner still serving.
     handover: Duration,
     /// When this node first saw each shard assigned to it, by epoch.
     assigned_at: Mutex<BTreeMap<ShardId, (u64, Instant)>>,
@@ -393,9 +425,14 @@ impl ShardHost {
         {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.retain(|id, slot| {
-                map.entries
+                let keep = map
+                    .entries
                     .get(id)
-                    .is_some_and(|e| e.owner == self.me && e.epoch == slot.epoch)
+                    .is_some_and(|e| e.owner == self.me && e.epoch == slot.epoch);
+                if !keep {
+                    slot.unloaded.store(map.version.max(1), Ordering::SeqCst);
+                }
+                keep
             });
         }
         let Some(service) = self.service.clone() else {
@@ -413,11 +450,44 @@ impl ShardHost {
             }
             loading.insert(*id, e.epoch);
             drop(loading);
+            // Taken over from a previous owner: the load raises the shard's
+            // fence in the store, so it waits out the hand-over delay.
+            let not_before = e
+                .previous
+                .is_some()
+                .then(|| self.assigned_at(*id, e.epoch).map(|at| at + self.handover))
+                .flatten();
             let host = self.clone();
             let service = service.clone();
             let router = router.clone();
             let (id, epoch) = (*id, e.epoch);
-            tokio::spawn(async move { host.load(service, id, epoch, router).await });
+            tokio::spawn(async move { host.load(service, id, epoch, not_before, router).await });
+        }
+    }
+
+    /// When this node first saw `id` assigned to it under `epoch`.
+    fn assigned_at(&self, id: ShardId, epoch: u64) -> Option<Instant> {
+        self.assigned_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, at)| *at)
+    }
+
+    /// Whether the map this node holds gives it `id` under `epoch`.
+    fn still_mine(&self, id: ShardId, epoch: u64) -> bool {
+        self.map()
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.owner == self.me && e.epoch == epoch)
+    }
+
+    /// Forgets the load of `id` under `epoch` (not a newer one's).
+    fn done_loading(&self, id: ShardId, epoch: u64) {
+        let mut loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        if loading.get(&id) == Some(&epoch) {
+            loading.remove(&id);
         }
     }
 
@@ -426,8 +496,17 @@ impl ShardHost {
         service: Arc<dyn ShardService>,
         id: ShardId,
         epoch: u64,
+        not_before: Option<Instant>,
         router: Arc<dyn Router>,
     ) {
+        if let Some(t) = not_before {
+            tokio::time::sleep_until(t).await;
+            if !self.still_mine(id, epoch) {
+                // Moved on before the hand-over ended: never fenced it.
+                self.done_loading(id, epoch);
+                return;
+            }
+        }
         let mut attempt = 0u32;
         let result = loop {
             let deadline = Instant::now() + Duration::from_millis(self.cfg.load_wait_ms * 5);
@@ -439,11 +518,7 @@ impl ShardHost {
             let mut ctx = CallCtx::new(deadline, vec![hop], Some(router.clone()));
             ctx.owner_epoch = Some(epoch);
             let result = service.load(id, ctx).await;
-            let still_mine = self
-                .map()
-                .entries
-                .get(&id)
-                .is_some_and(|e| e.owner == self.me && e.epoch == epoch);
+            let still_mine = self.still_mine(id, epoch);
             match &result {
                 Err(e) if still_mine => {
                     // Retried with backoff: a callee may not serve yet, a
@@ -465,31 +540,37 @@ impl ShardHost {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
-        self.loading
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        let still_mine = self
-            .map()
-            .entries
-            .get(&id)
-            .is_some_and(|e| e.owner == self.me && e.epoch == epoch);
+        self.done_loading(id, epoch);
+        let still_mine = self.still_mine(id, epoch);
         match result {
             Ok(actor) if still_mine => {
                 let (tx, rx) = mpsc::channel(self.cfg.mailbox.max(1));
                 let busy = Arc::new(Mutex::new(None));
+                let unloaded = Arc::new(AtomicU64::new(0));
                 tokio::spawn(run_actor(
                     actor,
                     rx,
                     busy.clone(),
+                    unloaded.clone(),
                     self.me,
                     id,
                     self.cfg.slow_handler_ms,
                 ));
-                self.slots
+                let slot = Slot {
+                    epoch,
+                    tx,
+                    busy,
+                    unloaded,
+                };
+                if let Some(old) = self
+                    .slots
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, Slot { epoch, tx, busy });
+                    .insert(id, slot)
+                {
+                    old.unloaded
+                        .store(self.map().version.max(1), Ordering::SeqCst);
+                }
                 self.changed.notify_waiters();
             }
             Ok(_) => {}
@@ -641,6 +722,7 @@ async fn run_actor(
     mut actor: Box<dyn ShardActor>,
     mut rx: mpsc::Receiver<Envelope>,
     busy: Arc<Mutex<Option<Vec<Hop>>>>,
+    unloaded: Arc<AtomicU64>,
     me: NodeId,
     id: ShardId,
     slow_ms: u64,
@@ -654,6 +736,13 @@ async fn run_actor(
         } = env;
         if reply.is_closed() || Instant::now() >= ctx.deadline {
             let _ = reply.send(Err(CallError::Timeout));
+            continue;
+        }
+        // Unloaded (it moved) with calls still queued: not run here, the
+        // caller retries them on the new owner.
+        let version = unloaded.load(Ordering::SeqCst);
+        if version > 0 {
+            let _ = reply.send(Err(CallError::Moved { version }));
             continue;
         }
         *busy.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.chain.clone());

@@ -200,7 +200,8 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(&*s))
         .await
         .map_err(err)?
-        .map_err(|e| CallError::Handler(e.to_string()))
+        // A stale owner's refusal is typed (retried on the new owner).
+        .map_err(CallError::from)
 }
 
 fn period_of(now_ms: u64, period_ms: u64) -> u64 {
