@@ -463,8 +463,10 @@ fn chromium() -> Option<PathBuf> {
 }
 
 /// Loads `url` in headless Chromium; returns the DOM after the page's first
-/// polls. Bounded: Chromium is killed after 60 s.
+/// polls. Bounded: Chromium is killed after 60 s. Its output is read while
+/// it runs (a DOM over the pipe's 64 KiB would otherwise block it).
 fn chromium_run(bin: &PathBuf, url: &str, extra: &[&str]) -> String {
+    use std::io::Read;
     let mut child = Command::new(bin)
         .args([
             "--headless",
@@ -480,6 +482,12 @@ fn chromium_run(bin: &PathBuf, url: &str, extra: &[&str]) -> String {
         .stderr(Stdio::null())
         .spawn()
         .expect("start chromium");
+    let mut stdout = child.stdout.take().expect("chromium stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if child.try_wait().expect("chromium").is_some() {
@@ -491,8 +499,8 @@ fn chromium_run(bin: &PathBuf, url: &str, extra: &[&str]) -> String {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = child.wait_with_output().expect("chromium output");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let out = reader.join().expect("chromium output");
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The node cells of the dashboard: (node, stage, status).
@@ -622,6 +630,281 @@ fn dashboard_and_timeline_tell_the_story_of_a_killed_node() {
         removal.contains("revoked:"),
         "the removal says why: {removal}"
     );
+    c.stop_all();
+}
+
+/// The start tags `<TAG ...>` in `dom`.
+fn start_tags<'a>(dom: &'a str, tag: &str) -> Vec<&'a str> {
+    let open = format!("<{tag} ");
+    dom.match_indices(&open)
+        .filter_map(|(i, _)| dom[i..].find('>').map(|end| &dom[i..i + end]))
+        .collect()
+}
+
+/// The value of attribute `name` in a start tag.
+fn attr_of(tag: &str, name: &str) -> Option<String> {
+    let key = format!(" {name}=\"");
+    let i = tag.find(&key)? + key.len();
+    Some(tag[i..i + tag[i..].find('"')?].to_string())
+}
+
+/// Chart `id` of the dashboard: points of its line per node.
+fn chart_points(dom: &str, id: &str) -> std::collections::BTreeMap<u64, u64> {
+    let Some(at) = dom.find(&format!("id=\"chart-{id}\"")) else {
+        return Default::default();
+    };
+    let svg = &dom[at..at + dom[at..].find("</svg>").unwrap_or(dom.len() - at)];
+    start_tags(svg, "path")
+        .into_iter()
+        .filter(|t| attr_of(t, "class").as_deref() == Some("series"))
+        .filter_map(|t| {
+            Some((
+                attr_of(t, "data-node")?.parse().ok()?,
+                attr_of(t, "data-points")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// The active alarms panel's rows: (node, kind, severity, class).
+fn active_alarm_rows(dom: &str) -> Vec<(u64, String, String, String)> {
+    start_tags(dom, "li")
+        .into_iter()
+        .filter(|t| attr_of(t, "class").is_some_and(|c| c.starts_with("active-alarm")))
+        .filter_map(|t| {
+            Some((
+                attr_of(t, "data-node")?.parse().ok()?,
+                attr_of(t, "data-kind")?,
+                attr_of(t, "data-severity")?,
+                attr_of(t, "class")?,
+            ))
+        })
+        .collect()
+}
+
+const CHARTS: [&str; 5] = ["lag", "rpc-rate", "rpc-latency", "shards", "log-drops"];
+
+#[test]
+fn dashboard_charts_and_active_alarms_render_in_headless_chromium() {
+    let mut c = TestCluster::new(3, 3, |p| {
+        p.fault_commands = true;
+    });
+    c.start_all();
+    c.wait_for("stage 0", T, ready);
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build();
+    let get = |addr: &str, path: &str, origin: Option<&str>| {
+        let mut req = agent.get(&format!("http://{addr}{path}"));
+        if let Some(o) = origin {
+            req = req.set("Origin", o);
+        }
+        let r = req
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
+        let allow = r.header("access-control-allow-origin").map(str::to_string);
+        let body: serde_json::Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+        (body, allow)
+    };
+
+    // Every node keeps a bounded ring of samples: wait for two from each.
+    let deadline = Instant::now() + T;
+    loop {
+        let counts: Vec<usize> = (1..=3)
+            .map(|id| {
+                let (h, _) = get(&c.admin_addr(id), "/history", None);
+                assert_eq!(h["node"], id, "{h}");
+                assert_eq!(h["capacity"], orrery_node::history::CAPACITY);
+                h["samples"].as_array().map_or(0, Vec::len)
+            })
+            .collect();
+        if counts.iter().all(|n| *n >= 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "samples per node: {counts:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (h, _) = get(&c.admin_addr(2), "/history", None);
+    let s = &h["samples"][1];
+    for key in [
+        "at_ms",
+        "lag_p99_ms",
+        "lag_max_ms",
+        "rpc_per_s",
+        "shards",
+        "log_dropped_per_s",
+    ] {
+        assert!(s[key].is_number(), "{key} in {s}");
+    }
+    assert!(
+        s["rpc_per_s"].as_f64().unwrap() > 0.0,
+        "a voter serves RPCs: {s}"
+    );
+    let since = s["at_ms"].as_u64().unwrap();
+    let (later, _) = get(&c.admin_addr(2), &format!("/history?since={since}"), None);
+    assert!(
+        later["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["at_ms"].as_u64().unwrap() > since),
+        "?since= answers only later samples: {later}"
+    );
+
+    // Cross-origin: node 2 lets node 1's dashboard read /history and
+    // /status, nobody else, and nothing else.
+    let page = format!("http://{}", c.admin_addr(1));
+    for path in ["/history", "/status"] {
+        let (_, allow) = get(&c.admin_addr(2), path, Some(&page));
+        assert_eq!(allow.as_deref(), Some(page.as_str()), "{path}");
+        let (_, allow) = get(&c.admin_addr(2), path, Some("http://evil.example"));
+        assert_eq!(allow, None, "{path} for another origin");
+    }
+    let r = agent
+        .get(&format!("http://{}/cluster", c.admin_addr(2)))
+        .set("Origin", &page)
+        .call()
+        .unwrap();
+    assert_eq!(r.header("access-control-allow-origin"), None, "/cluster");
+    // The Host check still stands in front of it.
+    let r = agent
+        .get(&format!("http://{}/history", c.admin_addr(2)))
+        .set("Host", "evil.example")
+        .set("Origin", &page)
+        .call();
+    assert!(
+        matches!(r, Err(ureq::Error::Status(421, _))),
+        "a rebound Host is refused: {r:?}"
+    );
+
+    let Some(bin) = chromium() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have chromium (Debian's package); .ci/run installs it"
+        );
+        eprintln!("SKIPPED the dashboard charts and alarms panel: no chromium on this machine (apt-get install chromium)");
+        c.stop_all();
+        return;
+    };
+    let url = format!("{page}/");
+    // Charts: one line per node with at least 2 points in each of them, and
+    // the alarms panel rendered from every node's /status.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let dom = chromium_run(&bin, &url, &["--dump-dom"]);
+        let charts: Vec<_> = CHARTS
+            .iter()
+            .map(|id| (*id, chart_points(&dom, id)))
+            .collect();
+        let drawn = charts.iter().all(|(id, pts)| {
+            // RPC latency has no point for a sample without RPCs.
+            let need = if *id == "rpc-latency" { 1 } else { 2 };
+            (1..=3).all(|n| pts.get(&n).is_some_and(|p| *p >= need))
+        });
+        let panel = start_tags(&dom, "section")
+            .into_iter()
+            .find(|t| attr_of(t, "id").as_deref() == Some("alarms-panel"))
+            .unwrap_or("");
+        let answered = attr_of(panel, "data-nodes-answered").unwrap_or_default();
+        if drawn && attr_of(panel, "data-rendered").as_deref() == Some("true") && answered == "3" {
+            let rows = active_alarm_rows(&dom);
+            assert!(
+                !rows.is_empty() || dom.contains("<li class=\"none\">no active alarms</li>"),
+                "an empty panel says so: {panel}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "charts {charts:?}, alarms panel {panel:?}:\n{dom}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let screenshot = |name: &str| {
+        let shot = artifacts().join(name);
+        let _ = std::fs::remove_file(&shot);
+        let arg = format!("--screenshot={}", shot.display());
+        chromium_run(&bin, &url, &[&arg, "--window-size=1400,1000"]);
+        assert!(
+            std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
+            "screenshot saved at {}",
+            shot.display()
+        );
+        eprintln!("screenshot: {}", shot.display());
+    };
+    screenshot("dashboard-charts.png");
+
+    // An alarm: node 2's file sink stalls (lines are dropped and counted);
+    // the panel shows it in the warning colour, naming node and kind.
+    let (ok, out, err) = c.exec(&["--nodes", "2"], &["fault", "log-stall", "file", "on"]);
+    assert!(ok, "{out}{err}");
+    let deadline = Instant::now() + T;
+    loop {
+        let (st, _) = get(&c.admin_addr(2), "/status", None);
+        let alarms = st["alarms"].as_array().cloned().unwrap_or_default();
+        if alarms.iter().any(|a| a["kind"] == "log_sink") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no log_sink alarm: {alarms:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Lines into the stalled sink (its queue holds 4096): the drops chart rises.
+    let (ok, out, err) = c.exec(
+        &["--nodes", "2"],
+        &["fault", "log-emit", "chart", "10000", "info", "5000/s"],
+    );
+    assert!(ok, "{out}{err}");
+    let deadline = Instant::now() + T;
+    loop {
+        let (h, _) = get(&c.admin_addr(2), "/history", None);
+        let samples = h["samples"].as_array().cloned().unwrap_or_default();
+        if samples
+            .iter()
+            .any(|x| x["log_dropped_per_s"].as_f64().unwrap_or(0.0) > 0.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no drops in node 2's samples: {samples:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dom = chromium_run(&bin, &url, &["--dump-dom"]);
+        let rows = active_alarm_rows(&dom);
+        let shown = rows
+            .iter()
+            .find(|(n, kind, _, _)| *n == 2 && kind == "log_sink");
+        if let Some((_, _, severity, class)) = shown {
+            assert_eq!(severity, "warning", "{rows:?}");
+            assert!(
+                class.contains("sev-warning"),
+                "coloured by severity: {rows:?}"
+            );
+            assert!(
+                !dom.contains("<li class=\"none\">no active alarms</li>"),
+                "{rows:?}"
+            );
+            // Critical rows come first.
+            let first_warning = rows.iter().position(|r| r.2 == "warning");
+            let last_critical = rows.iter().rposition(|r| r.2 == "critical");
+            assert!(
+                last_critical.is_none() || last_critical < first_warning,
+                "critical first: {rows:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the alarm is not shown: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    screenshot("dashboard-alarms.png");
+    let (ok, out, err) = c.exec(&["--nodes", "2"], &["fault", "log-stall", "file", "off"]);
+    assert!(ok, "{out}{err}");
     c.stop_all();
 }
 

@@ -135,27 +135,39 @@ struct AdminState {
     reads: Arc<StateReads>,
     stats: Arc<AdminStats>,
     hosts: Arc<AllowedHosts>,
+    /// The chart samples (`GET /history`) and who may read them cross-origin.
+    history: Arc<crate::history::History>,
+    origins: Arc<crate::history::Origins>,
 }
 
 /// Routes: `GET /` and `/dashboard` (the page), `/status` (this node),
 /// `/cluster` (replicated state, via the leader), `/shards` (what this node
 /// hosts), `/health`, `/stage`, `/tasks` (watchdog), `/log/stats`,
 /// `/timeline?since=MS&last=N`, `/metrics` (Prometheus), `/commands` (the
-/// console commands this node runs), `/backup/state` (token required: the
+/// console commands this node runs), `/history?since=MS` (the charts'
+/// samples, [`crate::history`]), `/backup/state` (token required: the
 /// state as `orrery backup` stores it); `POST /console` (token required).
+/// `/status` and `/history` alone answer another node's dashboard
+/// cross-origin ([`crate::history::Origins`]).
 /// Any other path is a 404 and any other method a 405, each with a line
 /// naming what exists.
 pub fn router(node: Node) -> Router {
-    router_with(node, Arc::default())
+    router_with(node, Arc::default(), Arc::default())
 }
 
-fn router_with(node: Node, stats: Arc<AdminStats>) -> Router {
+fn router_with(
+    node: Node,
+    stats: Arc<AdminStats>,
+    history: Arc<crate::history::History>,
+) -> Router {
     let admin = node.config().admin.clone();
     let state = AdminState {
         commands: Arc::new(Semaphore::new(admin.max_concurrent_commands)),
         reads: Arc::default(),
         stats,
         hosts: Arc::new(AllowedHosts::of(node.config())),
+        history,
+        origins: Arc::new(crate::history::Origins::of(node.config())),
         node,
     };
     Router::new()
@@ -171,6 +183,7 @@ fn router_with(node: Node, stats: Arc<AdminStats>) -> Router {
         .route("/timeline", get(timeline))
         .route("/metrics", get(metrics))
         .route("/commands", get(commands))
+        .route("/history", get(history_samples))
         .route("/console", post(console))
         .route("/backup/state", get(backup_state))
         .method_not_allowed_fallback(method_not_allowed)
@@ -212,7 +225,7 @@ async fn check_host(
 
 /// Every endpoint, for the line a 404 or 405 answers with.
 const ENDPOINTS: &str = "GET / /dashboard /status /cluster /shards /health /stage /tasks \
-/log/stats /timeline /metrics /commands /backup/state (token), POST /console";
+/log/stats /timeline /metrics /commands /history /backup/state (token), POST /console";
 
 /// The one line of a 404: which path, and what exists.
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
@@ -247,8 +260,42 @@ async fn dashboard() -> Html<&'static str> {
     Html(DASHBOARD)
 }
 
-async fn status(State(s): State<AdminState>) -> Json<crate::node::NodeStatus> {
-    Json(s.node.status())
+async fn status(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    cross_origin(&s, &headers, Json(s.node.status()).into_response())
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    /// Only samples taken after this time (ms since the Unix epoch).
+    since: Option<u64>,
+}
+
+/// The charts' samples of this node ([`crate::history`]).
+async fn history_samples(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> Response {
+    let answer = s
+        .history
+        .answer(s.node.config().node_id, q.since.unwrap_or(0));
+    cross_origin(&s, &headers, Json(answer).into_response())
+}
+
+/// Lets another node's dashboard read this answer: the `Origin` echoed
+/// only if it is `http://ADMIN_ADDR` of a configured node. Only `/status`
+/// and `/history` call it (simple GETs: no preflight to answer).
+fn cross_origin(s: &AdminState, headers: &HeaderMap, mut r: Response) -> Response {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if let Some(o) = origin.filter(|o| s.origins.allows(o)) {
+        if let Ok(v) = HeaderValue::from_str(o) {
+            r.headers_mut()
+                .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        }
+    }
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("origin"));
+    r
 }
 
 /// What this node hosts: map version, shards assigned, loaded, loading.
@@ -547,7 +594,9 @@ pub async fn serve(listener: TcpListener, node: Node) -> io::Result<()> {
         tracing::warn!(target: LOG, "cannot widen the admin accept queue: {e}");
     }
     let stats = Arc::new(AdminStats::default());
-    let app = router_with(node.clone(), stats.clone());
+    let history = Arc::new(crate::history::History::default());
+    tokio::spawn(crate::history::run(node.clone(), history.clone()));
+    let app = router_with(node.clone(), stats.clone(), history);
     let limiter = ConnLimiter::new(
         ConnLimits {
             max_open: cfg.max_connections,

@@ -21,6 +21,7 @@ pub mod console;
 pub mod drift;
 pub mod drills;
 pub mod health;
+pub mod history;
 pub mod jobs;
 mod lease;
 pub mod logfwd;

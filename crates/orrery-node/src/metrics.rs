@@ -81,6 +81,8 @@ pub(crate) struct RpcMetrics {
     errors: Family<KindLabel, Counter>,
     latency: LatencyFamily,
     refused: Family<ReasonLabel, Counter>,
+    /// All kinds together, for the dashboard's charts (`GET /history`).
+    pub(crate) tally: std::sync::Arc<crate::history::RpcTally>,
 }
 
 impl Default for RpcMetrics {
@@ -97,6 +99,7 @@ impl Default for RpcMetrics {
             errors: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             refused,
+            tally: Default::default(),
         }
     }
 }
@@ -109,6 +112,7 @@ impl RpcMetrics {
             self.errors.get_or_create(&l).inc();
         }
         self.latency.get_or_create(&l).observe(took.as_secs_f64());
+        self.tally.observe(took, error);
     }
 
     /// A request refused by authorisation, under its reason's stable label.
