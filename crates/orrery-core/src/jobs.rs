@@ -31,7 +31,9 @@
 //! [`MAX_JOB_HISTORY`], [`MAX_JOB_SUMMARY`], and the timeline budget
 //! [`MAX_JOB_EVENTS_PER_MINUTE`]).
 
-use crate::state::{clip_to, reject, ClusterState, Command, EventKind, Response, MAX_TEXT};
+use crate::state::{
+    clip_to, reject, reject_as, ClusterState, Command, EventKind, Rejection, Response, MAX_TEXT,
+};
 use crate::{Epoch, Millis, NodeId, Stage};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -445,10 +447,15 @@ impl ClusterState {
             ));
         }
         if let Some(c) = j.committed(period) {
-            return reject(format!(
-                "period {period} of job {job} already committed by node {} (lease epoch {})",
-                c.holder, c.lease_epoch
-            ));
+            return reject_as(
+                Rejection::AlreadyCommitted {
+                    lease_epoch: c.lease_epoch,
+                },
+                format!(
+                    "period {period} of job {job} already committed by node {} (lease epoch {})",
+                    c.holder, c.lease_epoch
+                ),
+            );
         }
         let mut takeover = None;
         if let Some(l) = &j.lease {
@@ -541,36 +548,50 @@ impl ClusterState {
             ));
         }
         if let Some(c) = j.committed(period) {
-            return reject(format!(
-                "period {period} of job {job} already committed by node {} (lease epoch {})",
-                c.holder, c.lease_epoch
-            ));
+            return reject_as(
+                Rejection::AlreadyCommitted {
+                    lease_epoch: c.lease_epoch,
+                },
+                format!(
+                    "period {period} of job {job} already committed by node {} (lease epoch {})",
+                    c.holder, c.lease_epoch
+                ),
+            );
         }
         let Some(l) = &j.lease else {
             return reject(format!("job {job} has no lease: nothing was granted yet"));
         };
         if l.period != period || l.lease_epoch != lease_epoch {
-            return reject(if (period, lease_epoch) < (l.period, l.lease_epoch) {
-                if l.period == period {
-                    format!(
+            let stale = (period, lease_epoch) < (l.period, l.lease_epoch);
+            let kind = if stale {
+                Rejection::StaleToken
+            } else {
+                Rejection::Other
+            };
+            return reject_as(
+                kind,
+                if stale {
+                    if l.period == period {
+                        format!(
                         "stale job token: lease epoch {lease_epoch} for period {period} of job {job} \
                          superseded by {}",
                         l.lease_epoch
                     )
-                } else {
-                    format!(
+                    } else {
+                        format!(
                         "stale job token: lease epoch {lease_epoch} for period {period} of job {job} \
                          superseded by lease epoch {} for period {}",
                         l.lease_epoch, l.period
                     )
-                }
-            } else {
-                format!(
+                    }
+                } else {
+                    format!(
                     "job token (period {period}, lease epoch {lease_epoch}) of job {job} was never \
                      granted: the current lease is epoch {} for period {}",
                     l.lease_epoch, l.period
                 )
-            });
+                },
+            );
         }
         if (l.holder, l.holder_epoch) != (holder, holder_epoch) {
             return reject(format!(
@@ -580,10 +601,13 @@ impl ClusterState {
             ));
         }
         if let Some(why) = self.job_lease_invalidity(l) {
-            return reject(format!(
-                "stale job token: lease epoch {lease_epoch} for period {period} of job {job} \
+            return reject_as(
+                Rejection::StaleToken,
+                format!(
+                    "stale job token: lease epoch {lease_epoch} for period {period} of job {job} \
                  no longer binds: {why}"
-            ));
+                ),
+            );
         }
         let j = self.jobs.jobs.get_mut(&job).expect("checked above");
         // Leases only move to newer periods and a period is committed under
@@ -892,7 +916,7 @@ mod tests {
 
     fn rejected(r: Response) -> String {
         match r {
-            Response::Rejected { reason } => reason,
+            Response::Rejected { reason, .. } => reason,
             other => panic!("expected a rejection, got {other:?}"),
         }
     }

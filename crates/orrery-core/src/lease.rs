@@ -20,8 +20,12 @@ use crate::{ClusterState, Coordinator, Epoch, Health, JobLease, Millis, NodeId};
 pub enum LeaseAnswer {
     /// Not the leader (or not one a quorum follows): ask the leader.
     NotLeader,
-    /// The heartbeat's epoch is fenced: the reason, for the node to rejoin.
-    Fenced { reason: String },
+    /// The heartbeat's epoch is fenced: the reason, for the node to rejoin
+    /// (`fence`: its kind; `None` if the node is not a member at all).
+    Fenced {
+        reason: String,
+        fence: Option<crate::Fence>,
+    },
     /// The coordinator is removing the node, or not coordinating yet.
     NotVouched,
     Renewed {
@@ -51,8 +55,8 @@ pub fn answer_heartbeat(
     if !leads_with_quorum || hb.epoch == 0 {
         return LeaseAnswer::NotLeader;
     }
-    if let Some(reason) = state.refusal(hb.node, hb.epoch) {
-        return LeaseAnswer::Fenced { reason };
+    if let Some((fence, reason)) = state.refusal_kind(hb.node, hb.epoch) {
+        return LeaseAnswer::Fenced { reason, fence };
     }
     let vouched = match coordinator {
         Some(c) => {
@@ -123,7 +127,10 @@ mod tests {
         ));
         let mut co = Coordinator::new(1, 1, 0);
         match answer_heartbeat(10, true, &s, Some(&mut co), hb(2, old)) {
-            LeaseAnswer::Fenced { reason } => assert!(!reason.is_empty()),
+            LeaseAnswer::Fenced { reason, fence } => {
+                assert!(!reason.is_empty());
+                assert_eq!(fence, Some(crate::Fence::Superseded));
+            }
             other => panic!("{other:?}"),
         }
     }

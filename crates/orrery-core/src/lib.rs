@@ -36,8 +36,8 @@ pub use health::Health;
 pub use jobs::{JobCommit, JobLease, JobSpec, JobState, Jobs};
 pub use stage::Stage;
 pub use state::{
-    ClusterState, Command, Event, EventKind, Gate, Member, MemberHealth, MemberStatus, Progress,
-    Response, StageReport, Wait,
+    ClusterState, Command, Event, EventKind, Fence, Gate, Member, MemberHealth, MemberStatus,
+    Progress, Rejection, Response, StageReport, Wait,
 };
 
 /// A node's identity, stable across restarts (it comes from the node's config).

@@ -355,6 +355,8 @@ pub struct JobAttempt {
     pub accepted: bool,
     /// Why it was rejected (empty if accepted).
     pub reason: String,
+    /// What kind of refusal (`None` if accepted).
+    pub rejection: Option<crate::Rejection>,
 }
 
 /// A node as the run left it.
@@ -500,7 +502,7 @@ enum Msg {
     ShardMap(Box<ShardMap>),
     HeartbeatRefused {
         epoch: Epoch,
-        reason: String,
+        fence: Option<crate::Fence>,
     },
     ProbeReq {
         term: u64,
@@ -676,8 +678,16 @@ fn node_serving(n: &SimNode, now: Millis, fence: Millis) -> bool {
 }
 
 /// Whether a refusal fences the process (rather than refusing one request).
-fn fencing(reason: &str) -> bool {
-    reason.contains("excluded") || reason.contains("superseded") || reason.contains("revoked")
+fn fence_of(kind: crate::Rejection) -> Option<crate::Fence> {
+    match kind {
+        crate::Rejection::Fenced(f) => Some(f),
+        _ => None,
+    }
+}
+
+fn fencing(kind: crate::Rejection) -> bool {
+    use crate::{Fence::*, Rejection};
+    matches!(kind, Rejection::Fenced(Excluded | Superseded | Revoked))
 }
 
 /// A cut: links between `side` and the rest are down in [from, until).
@@ -1252,14 +1262,16 @@ impl Sim {
             stale: !latest || !current || done,
             accepted: false,
             reason: String::new(),
+            rejection: None,
         })
     }
 
     /// (f): a job period is committed once, and never with a stale token.
     fn on_job_commit(&mut self, mut a: JobAttempt, resp: &Response) {
         a.accepted = *resp == Response::Ok;
-        if let Response::Rejected { reason } = resp {
+        if let Response::Rejected { reason, kind } = resp {
             a.reason = reason.clone();
+            a.rejection = Some(*kind);
         }
         self.trace.push(format!(
             "{} job {} period {} lease epoch {} from node {} (epoch {}): {}",
@@ -1935,12 +1947,12 @@ impl Sim {
     /// The control plane refused `id`'s process under `epoch`: a revoked
     /// process comes back under a new epoch (unless it stopped itself); an
     /// excluded or superseded one stays fenced.
-    fn refused(&mut self, id: NodeId, epoch: Epoch, reason: &str) {
+    fn refused(&mut self, id: NodeId, epoch: Epoch, fence: Option<crate::Fence>) {
         let n = self.nodes.get_mut(&id).expect("node");
         if epoch != n.epoch || epoch == 0 || n.fenced {
             return;
         }
-        if !reason.contains("revoked") || n.failstop {
+        if fence != Some(crate::Fence::Revoked) || n.failstop {
             n.fenced = true;
             return;
         }
@@ -2018,16 +2030,16 @@ impl Sim {
                         if stage < n.stage {
                             self.report(to);
                         }
-                    } else if let Response::Rejected { reason } = resp {
-                        if fencing(&reason) {
+                    } else if let Response::Rejected { kind, .. } = resp {
+                        if fencing(kind) {
                             let epoch = n.epoch;
-                            self.refused(to, epoch, &reason);
+                            self.refused(to, epoch, fence_of(kind));
                         }
                     }
-                } else if let Response::Rejected { reason } = resp {
-                    if fencing(&reason) {
+                } else if let Response::Rejected { kind, .. } = resp {
+                    if fencing(kind) {
                         let epoch = n.epoch;
-                        self.refused(to, epoch, &reason);
+                        self.refused(to, epoch, fence_of(kind));
                     }
                 }
             }
@@ -2074,8 +2086,8 @@ impl Sim {
                     hb,
                 );
                 match answer {
-                    crate::lease::LeaseAnswer::Fenced { reason } => {
-                        self.send(to, from, Msg::HeartbeatRefused { epoch, reason })
+                    crate::lease::LeaseAnswer::Fenced { fence, .. } => {
+                        self.send(to, from, Msg::HeartbeatRefused { epoch, fence })
                     }
                     crate::lease::LeaseAnswer::Renewed {
                         shards_version,
@@ -2118,7 +2130,7 @@ impl Sim {
                 }
             }
             Msg::ShardMap(map) => self.adopt_shards(to, *map),
-            Msg::HeartbeatRefused { epoch, reason } => self.refused(to, epoch, &reason),
+            Msg::HeartbeatRefused { epoch, fence, .. } => self.refused(to, epoch, fence),
             Msg::ProbeReq {
                 term,
                 round,
@@ -2196,9 +2208,9 @@ impl Sim {
             return; // A late reply about a stage already behind us.
         }
         match gate {
-            Gate::Fenced { reason } => {
+            Gate::Fenced { fence, .. } => {
                 let epoch = n.epoch;
-                self.refused(id, epoch, &reason);
+                self.refused(id, epoch, fence);
             }
             Gate::Closed { .. } => {}
             Gate::Open => {
@@ -2468,8 +2480,13 @@ mod tests {
                 assert_eq!(a.accepted, !a.stale, "seed {seed}: {a:?}");
                 if a.stale {
                     assert!(
-                        a.reason.contains("stale job token")
-                            || a.reason.contains("already committed"),
+                        matches!(
+                            a.rejection,
+                            Some(
+                                crate::Rejection::StaleToken
+                                    | crate::Rejection::AlreadyCommitted { .. }
+                            )
+                        ),
                         "seed {seed}: {a:?}"
                     );
                 }

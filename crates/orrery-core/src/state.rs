@@ -577,8 +577,38 @@ pub enum Response {
     Ok,
     /// A join was accepted under this epoch.
     Joined { epoch: Epoch },
-    /// The command changed nothing, and why.
-    Rejected { reason: String },
+    /// The command changed nothing: why, for people (`reason`), and what
+    /// kind of refusal, for code (`kind`; never branch on `reason`).
+    Rejected { reason: String, kind: Rejection },
+}
+
+/// What kind of refusal a [`Response::Rejected`] is: what callers decide on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    /// Any other refusal (invalid, stale coordinator, no change, ...).
+    #[default]
+    Other,
+    /// The cluster is not configured yet: try again shortly.
+    NotConfigured,
+    /// The proposer's process is fenced: it must stop and rejoin.
+    Fenced(Fence),
+    /// The job period was committed already, under this lease epoch.
+    AlreadyCommitted { lease_epoch: u64 },
+    /// A job token that no longer binds (a newer lease, a fenced holder).
+    StaleToken,
+}
+
+/// Why a process's epoch no longer counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fence {
+    /// A newer process of the same node joined.
+    Superseded,
+    /// Excluded from this start-up.
+    Excluded,
+    /// Removed (declared dead) or its epoch otherwise revoked.
+    Revoked,
+    /// It left the cluster.
+    Left,
 }
 
 /// Whether a node may start work on a stage.
@@ -589,9 +619,11 @@ pub enum Gate {
     Closed {
         reason: String,
     },
-    /// Never, under this epoch: superseded or excluded.
+    /// Never, under this epoch: superseded or excluded (`fence`; `None`:
+    /// the node is not a member at all).
     Fenced {
         reason: String,
+        fence: Option<Fence>,
     },
 }
 
@@ -667,7 +699,10 @@ impl ClusterState {
         debug_assert!(index > self.applied_index || index == 0);
         self.applied_index = index;
         if !self.configured && !matches!(command, Command::Configure { .. }) {
-            return reject("the cluster is not configured yet");
+            return reject_as(
+                Rejection::NotConfigured,
+                "the cluster is not configured yet",
+            );
         }
         match command {
             Command::Configure { config, at } => self.configure(index, config, at),
@@ -1114,8 +1149,8 @@ impl ClusterState {
         let Some(m) = self.members.get(&node) else {
             return reject(format!("node {node} is not in the cluster configuration"));
         };
-        if let Some(reason) = m.fenced_reason(node, epoch) {
-            return reject(reason);
+        if let Some((fence, reason)) = m.fence(node, epoch) {
+            return reject_as(Rejection::Fenced(fence), reason);
         }
         if stage < m.report.stage {
             return reject(format!(
@@ -1304,7 +1339,7 @@ impl ClusterState {
         min_serial: u64,
         at: Millis,
     ) -> Response {
-        let reject = |reason: String| Response::Rejected { reason };
+        let reject = |reason: String| reject_as(Rejection::Other, reason);
         if !self.config.nodes.contains_key(&node) {
             return reject(format!("node {node} is not in the cluster configuration"));
         }
@@ -1428,10 +1463,14 @@ impl ClusterState {
         let Some(m) = self.members.get(&node) else {
             return Gate::Fenced {
                 reason: format!("node {node} is not in the cluster configuration"),
+                fence: None,
             };
         };
-        if let Some(reason) = m.fenced_reason(node, epoch) {
-            return Gate::Fenced { reason };
+        if let Some((fence, reason)) = m.fence(node, epoch) {
+            return Gate::Fenced {
+                reason,
+                fence: Some(fence),
+            };
         }
         let needs = Stage::from_number(next.number() - 1).unwrap_or(Stage::NOT_STARTED);
         if self.stage == Stage::READY {
@@ -1476,16 +1515,24 @@ impl ClusterState {
     /// the epoch was revoked, excluded, or superseded. Epoch 0 (not yet
     /// joined) is let through: joining is how a fenced node comes back.
     pub fn refusal(&self, node: NodeId, epoch: Epoch) -> Option<String> {
+        self.refusal_kind(node, epoch).map(|(_, why)| why)
+    }
+
+    /// [`Self::refusal`] with its kind (`None`: not a member at all).
+    pub fn refusal_kind(&self, node: NodeId, epoch: Epoch) -> Option<(Option<Fence>, String)> {
         if epoch == 0 {
             return None;
         }
         let Some(m) = self.members.get(&node) else {
-            return Some(format!("node {node} is not in the cluster configuration"));
+            return Some((
+                None,
+                format!("node {node} is not in the cluster configuration"),
+            ));
         };
         if epoch > m.epoch {
             return None; // Newer than this view: the view is stale, not the sender.
         }
-        m.fenced_reason(node, epoch)
+        m.fence(node, epoch).map(|(f, why)| (Some(f), why))
     }
 
     /// Has `node` a perfect health record at `now`: healthy, and so for at
@@ -1555,21 +1602,32 @@ impl Member {
     }
 
     pub(crate) fn fenced_reason(&self, node: NodeId, epoch: Epoch) -> Option<String> {
+        self.fence(node, epoch).map(|(_, why)| why)
+    }
+
+    /// [`Self::fenced_reason`] with its kind.
+    pub(crate) fn fence(&self, node: NodeId, epoch: Epoch) -> Option<(Fence, String)> {
         if epoch != self.epoch {
-            return Some(format!(
-                "node {node} epoch {epoch} is superseded: the current epoch is {}",
-                self.epoch
+            return Some((
+                Fence::Superseded,
+                format!(
+                    "node {node} epoch {epoch} is superseded: the current epoch is {}",
+                    self.epoch
+                ),
             ));
         }
         match &self.status {
-            MemberStatus::Excluded { reason, .. } => Some(format!(
-                "node {node} epoch {epoch} was excluded from this start-up: {reason}"
+            MemberStatus::Excluded { reason, .. } => Some((
+                Fence::Excluded,
+                format!("node {node} epoch {epoch} was excluded from this start-up: {reason}"),
             )),
-            MemberStatus::Removed { reason, .. } => {
-                Some(format!("node {node} epoch {epoch} was revoked: {reason}"))
-            }
-            MemberStatus::Left { .. } => Some(format!(
-                "node {node} epoch {epoch} left the cluster: it rejoins under a new epoch"
+            MemberStatus::Removed { reason, .. } => Some((
+                Fence::Revoked,
+                format!("node {node} epoch {epoch} was revoked: {reason}"),
+            )),
+            MemberStatus::Left { .. } => Some((
+                Fence::Left,
+                format!("node {node} epoch {epoch} left the cluster: it rejoins under a new epoch"),
             )),
             MemberStatus::Active => None,
         }
@@ -1577,8 +1635,13 @@ impl Member {
 }
 
 pub(crate) fn reject(reason: impl Into<String>) -> Response {
+    reject_as(Rejection::Other, reason)
+}
+
+pub(crate) fn reject_as(kind: Rejection, reason: impl Into<String>) -> Response {
     Response::Rejected {
         reason: reason.into(),
+        kind,
     }
 }
 

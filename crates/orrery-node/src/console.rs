@@ -191,7 +191,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("alarms", "alarms"),
     (
         "alarm ack",
-        "alarm ack KIND[:SUBJECT] (acknowledged until it clears; orrery status then exits 0)",
+        "alarm ack NAME (kind or kind:subject, as `alarms` lists it; acknowledged until it clears)",
     ),
     ("timeline", "timeline [N]"),
     ("fault log-stall", "fault log-stall SINK on|off"),
@@ -998,7 +998,7 @@ impl Node {
                 };
                 match inner.propose(cmd).await? {
                     orrery_core::Response::Ok => {}
-                    orrery_core::Response::Rejected { reason } => {
+                    orrery_core::Response::Rejected { reason, .. } => {
                         return Err(ConsoleError::Failed(reason))
                     }
                     other => return Err(ConsoleError::Failed(format!("{other:?}"))),

@@ -27,7 +27,7 @@
 use crate::clock::now_ms;
 use crate::node::Inner;
 use crate::service::{JobRun, PeriodicJob};
-use orrery_core::{Command, JobLease, JobSpec, Response};
+use orrery_core::{Command, JobLease, JobSpec, Rejection, Response};
 use orrery_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -412,7 +412,7 @@ async fn adopt(node: &Inner, lease: &JobLease, token: &str, stored: u64) -> Outc
             info!(target: LOG, "{token}: committed the stored output of lease epoch {stored}");
             Outcome::Committed
         }
-        Ok(Response::Rejected { reason }) => {
+        Ok(Response::Rejected { reason, .. }) => {
             info!(target: LOG, "{token}: adoption rejected: {reason}");
             Outcome::Stale
         }
@@ -431,7 +431,6 @@ async fn adopt(node: &Inner, lease: &JobLease, token: &str, stored: u64) -> Outc
 /// is retried a few times; a rejection is final (a retry that finds the
 /// period committed under this very token counts as committed).
 async fn commit(node: &Inner, lease: &JobLease, token: &str, summary: String) -> Outcome {
-    let ours = format!("(lease epoch {})", lease.lease_epoch);
     let mut last = String::new();
     for attempt in 0..5u64 {
         if attempt > 0 {
@@ -442,15 +441,14 @@ async fn commit(node: &Inner, lease: &JobLease, token: &str, summary: String) ->
                 info!(target: LOG, "{token}: committed");
                 return Outcome::Committed;
             }
-            Ok(Response::Rejected { reason })
-                if attempt > 0
-                    && reason.contains("already committed")
-                    && reason.ends_with(&ours) =>
-            {
+            Ok(Response::Rejected {
+                kind: Rejection::AlreadyCommitted { lease_epoch },
+                ..
+            }) if attempt > 0 && lease_epoch == lease.lease_epoch => {
                 info!(target: LOG, "{token}: committed (an earlier attempt landed)");
                 return Outcome::Committed;
             }
-            Ok(Response::Rejected { reason }) => {
+            Ok(Response::Rejected { reason, .. }) => {
                 info!(target: LOG, "{token}: stale holder, commit rejected: {reason}");
                 return Outcome::Stale;
             }

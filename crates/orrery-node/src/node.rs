@@ -24,7 +24,9 @@ use orrery_control::{
     TransportFuture,
 };
 use orrery_core::shardmap::{ShardId, ShardMap};
-use orrery_core::{ClusterState, Command, Coordinator, Gate, NodeId, Response, Role, Stage, Wait};
+use orrery_core::{
+    ClusterState, Command, Coordinator, Fence, Gate, NodeId, Response, Role, Stage, Wait,
+};
 use orrery_log::LogChannels;
 use orrery_wire::{
     AdmitError, BoxFuture, CancellationToken, Handler, PeerInfo, WireConfig, WireStats,
@@ -547,7 +549,7 @@ impl Node {
                 inner.hand_off_leadership(within).await;
                 return Ok(());
             }
-            Ok(Ok(Response::Rejected { reason })) => {
+            Ok(Ok(Response::Rejected { reason, .. })) => {
                 format!("the control plane refused it: {reason}")
             }
             Ok(Ok(other)) => format!("unexpected answer {other:?}"),
@@ -590,7 +592,7 @@ impl Node {
             .await?
         {
             Response::Ok => Ok(()),
-            Response::Rejected { reason } => Err(AskError::Rejected(reason)),
+            Response::Rejected { reason, .. } => Err(AskError::Rejected(reason)),
             other => Err(AskError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -605,7 +607,7 @@ impl Node {
         };
         match self.inner.propose(cmd).await? {
             Response::Ok => Ok(()),
-            Response::Rejected { reason } => Err(AskError::Rejected(reason)),
+            Response::Rejected { reason, .. } => Err(AskError::Rejected(reason)),
             other => Err(AskError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -620,7 +622,7 @@ impl Node {
         };
         match self.inner.propose(cmd).await? {
             Response::Ok => Ok(()),
-            Response::Rejected { reason } => Err(AskError::Rejected(reason)),
+            Response::Rejected { reason, .. } => Err(AskError::Rejected(reason)),
             other => Err(AskError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -1446,8 +1448,8 @@ impl Inner {
         match self.propose(cmd).await {
             Ok(Response::Ok) => {}
             // Already draining (an operator asked): wait for it the same way.
-            Ok(Response::Rejected { reason }) if reason == "no change" => {}
-            Ok(Response::Rejected { reason }) => return format!("drain refused ({reason})"),
+            Ok(Response::Rejected { reason, .. }) if reason == "no change" => {}
+            Ok(Response::Rejected { reason, .. }) => return format!("drain refused ({reason})"),
             Ok(other) => return format!("drain: unexpected answer {other:?}"),
             Err(e) => return format!("cannot drain ({e})"),
         }
@@ -1649,7 +1651,7 @@ impl Inner {
         match answer {
             A::NotLeader => Reply::NotLeader { leader: None },
             // `authz` refuses a fenced epoch before this on the same replica.
-            A::Fenced { reason } => Reply::Error(format!(
+            A::Fenced { reason, .. } => Reply::Error(format!(
                 "lease of node {node} epoch {hb_epoch} not renewed: {reason}"
             )),
             A::NotVouched => Reply::Error(format!(
@@ -1901,7 +1903,7 @@ async fn coordinate(node: Arc<Inner>) {
                     at: now_ms(),
                 };
                 match control.write(cmd).await {
-                    Ok((_, Response::Rejected { reason })) => {
+                    Ok((_, Response::Rejected { reason, .. })) => {
                         warn!(target: LOG, "job declaration rejected: {reason}")
                     }
                     Ok(_) => info!(target: LOG, jobs = specs.len(), "declared the services' jobs"),
@@ -1960,7 +1962,7 @@ async fn coordinate(node: Arc<Inner>) {
         }
         for cmd in cmds {
             match control.write(cmd.clone()).await {
-                Ok((_, Response::Rejected { reason })) => {
+                Ok((_, Response::Rejected { reason, .. })) => {
                     debug!(target: LOG, ?cmd, "rejected: {reason}")
                 }
                 Ok(_) => info!(target: LOG, ?cmd, "coordinator decided"),
@@ -2075,8 +2077,11 @@ async fn start_up(node: Arc<Inner>) {
             .await
         {
             Ok(Response::Joined { epoch }) => break epoch,
-            Ok(Response::Rejected { reason }) if reason.contains("not configured") => {}
-            Ok(Response::Rejected { reason }) => {
+            Ok(Response::Rejected {
+                kind: orrery_core::Rejection::NotConfigured,
+                ..
+            }) => {}
+            Ok(Response::Rejected { reason, .. }) => {
                 warn!(target: LOG, "join refused: {reason}");
                 node.update_status(|s| s.fenced = Some(reason));
                 return;
@@ -2113,7 +2118,7 @@ async fn start_up(node: Arc<Inner>) {
                     next: n,
                 }) if n == next => break,
                 Ok(Reply::Gate {
-                    gate: Gate::Fenced { reason },
+                    gate: Gate::Fenced { reason, .. },
                     ..
                 }) => {
                     warn!(target: LOG, "fenced: {reason}");
@@ -2155,7 +2160,7 @@ async fn start_up(node: Arc<Inner>) {
         loop {
             match node.report().await {
                 Ok(Response::Ok) => break,
-                Ok(Response::Rejected { reason }) => {
+                Ok(Response::Rejected { reason, .. }) => {
                     warn!(target: LOG, "report refused: {reason}");
                     node.update_status(|s| s.fenced = Some(reason));
                     return;
@@ -2312,9 +2317,10 @@ async fn reporter(node: Arc<Inner>, epoch: u64) {
             return;
         }
         match node.report().await {
-            Ok(Response::Rejected { reason })
-                if reason.contains("superseded") || reason.contains("excluded") =>
-            {
+            Ok(Response::Rejected {
+                reason,
+                kind: orrery_core::Rejection::Fenced(Fence::Superseded | Fence::Excluded),
+            }) => {
                 warn!(target: LOG, "fenced: {reason}");
                 node.fence(reason);
                 return;
