@@ -212,6 +212,20 @@ impl TestCluster {
         self.status_command_with(&[])
     }
 
+    /// The real `orrery status` and its exit code (2 while a critical
+    /// alarm nobody acknowledged is in force, e.g. no quorum).
+    pub fn status_with_code(&self) -> (Option<i32>, String) {
+        let out = Command::new(BIN)
+            .args(["status", "--data-dir"])
+            .arg(self.dir.path())
+            .output()
+            .expect("run orrery status");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     /// `orrery status` with extra arguments (e.g. `--shards`).
     pub fn status_command_with(&self, args: &[&str]) -> String {
         let out = Command::new(BIN)

@@ -146,8 +146,10 @@ fn losing_two_of_three_voters_is_called_no_quorum_and_recovers() {
         "{out}"
     );
 
-    // `orrery status`: the line first, then the table from the nodes.
-    let out = c.status_command();
+    // `orrery status`: the line first, then the table from the nodes; it
+    // exits 2 (no quorum is a critical alarm), for scripts and cron.
+    let (code, out) = c.status_with_code();
+    assert_eq!(code, Some(2), "{out}");
     let first = out.lines().next().unwrap_or_default();
     assert!(
         first.starts_with("no quorum: 1 of 3 voters reachable"),
@@ -187,14 +189,21 @@ fn losing_two_of_three_voters_is_called_no_quorum_and_recovers() {
                     .any(|a| a.what.contains("no quorum"))
         });
     }
-    poll("orrery status without the no-quorum line", T, || {
-        let out = c.status_command();
-        // (The alarm it raised is in the timeline by now, under the table.)
-        if out.lines().any(|l| l.starts_with("no quorum")) || !out.starts_with("cluster: ") {
-            return Err(out);
-        }
-        Ok(())
-    });
+    poll(
+        "orrery status without the no-quorum line, exiting 0",
+        T,
+        || {
+            let (code, out) = c.status_with_code();
+            if code != Some(0) {
+                return Err(format!("exit {code:?}: {out}"));
+            }
+            // (The alarm it raised is in the timeline by now, under the table.)
+            if out.lines().any(|l| l.starts_with("no quorum")) || !out.starts_with("cluster: ") {
+                return Err(out);
+            }
+            Ok(())
+        },
+    );
     // The mutation goes through now.
     poll("drain on committed", T, || {
         let (ok, out, err) = c.exec(&["--nodes", &worker.to_string()], &["drain", "on"]);
