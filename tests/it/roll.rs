@@ -19,7 +19,16 @@ const T: Duration = Duration::from_secs(60);
 
 /// Failure kinds a caller retries (the route moved, the owner was being
 /// handed over, fenced or busy, a deadline passed): what a roll may cause.
-pub const RETRIED: [&str; 5] = ["timeout", "moved", "fenced", "overloaded", "unavailable"];
+/// Typed failures a caller expects around a hand-over: the router retried
+/// them until the deadline, or (`in_doubt`) the outcome is unknown.
+pub const RETRIED: [&str; 6] = [
+    "timeout",
+    "moved",
+    "fenced",
+    "overloaded",
+    "unavailable",
+    "in_doubt",
+];
 
 pub fn ready(s: &ClusterState) -> bool {
     s.stage == Stage::READY

@@ -597,6 +597,12 @@ async fn a_node_leaving_under_write_load_fails_no_call_untyped_and_loses_no_writ
         })
         .collect();
     let mut c = InProcCluster::plan(&plan, 23).expect("plan");
+    // A live owner answers its in-flight calls, however slow: the slow
+    // writes' callers wait for the leaver's refusal (then retried on the
+    // new owner) rather than failing in doubt; nothing is ever re-sent.
+    for cfg in c.configs.values_mut() {
+        cfg.shards.moved_owner_grace_ms = 2 * SLOW_MS;
+    }
     let stale = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut ids: Vec<(bool, NodeId)> = c
         .configs
@@ -653,7 +659,7 @@ async fn a_node_leaving_under_write_load_fails_no_call_untyped_and_loses_no_writ
                 match r {
                     Ok(v) => at.ok.push(u64::from_le_bytes(v[..8].try_into().unwrap())),
                     Err(e) => {
-                        if e == CallError::Timeout {
+                        if matches!(e, CallError::Timeout | CallError::InDoubt { .. }) {
                             at.uncertain += 1;
                         }
                         *failures.lock().unwrap().entry(e.kind()).or_default() += 1;
@@ -686,7 +692,7 @@ async fn a_node_leaving_under_write_load_fails_no_call_untyped_and_loses_no_writ
             let at = seen.entry(key).or_default();
             match &r {
                 Ok(v) => at.ok.push(u64::from_le_bytes(v[..8].try_into().unwrap())),
-                Err(CallError::Timeout) => at.uncertain += 1,
+                Err(CallError::Timeout | CallError::InDoubt { .. }) => at.uncertain += 1,
                 Err(_) => {}
             }
             r.err()

@@ -574,6 +574,7 @@ impl NodeConfig {
         self.shutdown.validate().map_err(ConfigError::Invalid)?;
         self.resources.validate().map_err(ConfigError::Invalid)?;
         self.drills.validate().map_err(ConfigError::Invalid)?;
+        self.shards.validate().map_err(ConfigError::Invalid)?;
         self.backup
             .validate(&self.store)
             .map_err(ConfigError::Invalid)?;

@@ -2355,6 +2355,36 @@ async fn owner_moves(
     }
 }
 
+/// One remote shard call to `entry.owner`. A call to an owner that stops
+/// answering (paused, cut off) must not wait out its whole deadline once the
+/// map has moved the shard; but the owner may already have run it, so it is
+/// never re-sent: once the move is seen, the owner gets
+/// `shards.moved_owner_grace_ms` more to answer (a live owner finishes its
+/// in-flight calls before it hands over), then the call fails `InDoubt`.
+async fn call_owner(
+    node: &Inner,
+    shard: ShardId,
+    entry: orrery_core::shardmap::ShardEntry,
+    req: Request,
+    left: Duration,
+) -> Result<Reply, crate::transport::TransportError> {
+    let call = node.net.call(entry.owner, req, left);
+    tokio::pin!(call);
+    tokio::select! {
+        r = &mut call => r,
+        version = owner_moves(node, shard, entry) => {
+            let grace = Duration::from_millis(node.cfg.shards.moved_owner_grace_ms);
+            match tokio::time::timeout(grace, &mut call).await {
+                Ok(r) => r,
+                Err(_) => Ok(Reply::ShardReply(Err(CallError::InDoubt {
+                    owner: entry.owner,
+                    version,
+                }))),
+            }
+        }
+    }
+}
+
 impl Router for NodeRouter {
     fn route(
         &self,
@@ -2410,15 +2440,7 @@ impl Router for NodeRouter {
                         deadline_ms: left.as_millis().min(u128::from(u32::MAX)) as u32,
                         chain: chain.clone(),
                     };
-                    // A call to an owner that stops answering (paused, cut
-                    // off) must not wait out the whole deadline once the map
-                    // has moved the shard: it follows the move.
-                    let answer = tokio::select! {
-                        r = node.net.call(entry.owner, req, left) => r,
-                        version = owner_moves(&node, shard, entry) => {
-                            Ok(Reply::ShardReply(Err(CallError::Moved { version })))
-                        }
-                    };
+                    let answer = call_owner(&node, shard, entry, req, left).await;
                     match answer {
                         Ok(Reply::ShardReply(r)) => r,
                         Ok(Reply::Fenced { reason }) => Err(CallError::Fenced {

@@ -89,11 +89,17 @@ pub enum CallError {
     TooLarge { len: usize, max: usize },
     #[error("handler failed: {0}")]
     Handler(String),
+    /// The map moved the shard away from `owner` while the call was in
+    /// flight there, and `owner` did not answer within
+    /// `shards.moved_owner_grace_ms`: it may or may not have run the call.
+    /// Never retried by the router (a re-sent call could apply twice).
+    #[error("in doubt: the shard moved off node {owner} (map version {version}) while the call was in flight there and node {owner} did not answer; it may or may not have taken effect")]
+    InDoubt { owner: NodeId, version: u64 },
 }
 
 impl CallError {
     /// Every [`CallError::kind`], for metrics (a fixed, bounded label set).
-    pub const KINDS: [&'static str; 10] = [
+    pub const KINDS: [&'static str; 11] = [
         "timeout",
         "moved",
         "fenced",
@@ -104,6 +110,7 @@ impl CallError {
         "unknown_call",
         "too_large",
         "handler",
+        "in_doubt",
     ];
 
     /// A stable label for the variant (metrics count failures by it; it is
@@ -120,6 +127,7 @@ impl CallError {
             CallError::UnknownCall { .. } => 7,
             CallError::TooLarge { .. } => 8,
             CallError::Handler(_) => 9,
+            CallError::InDoubt { .. } => 10,
         };
         Self::KINDS[i]
     }
@@ -244,6 +252,12 @@ pub struct ShardsConfig {
     pub max_payload: usize,
     /// A failed load is retried after 100 ms, doubling up to this. Default 5000.
     pub load_retry_max_ms: u64,
+    /// A remote call whose shard the map moves off its owner while the
+    /// call is in flight waits this much longer for that owner's answer
+    /// (a live owner finishes its in-flight calls before it hands over),
+    /// then fails `InDoubt` instead of waiting out its deadline on an owner
+    /// that stopped answering. Default 1000.
+    pub moved_owner_grace_ms: u64,
 }
 
 impl Default for ShardsConfig {
@@ -254,7 +268,29 @@ impl Default for ShardsConfig {
             load_wait_ms: 2_000,
             max_payload: 1 << 20,
             load_retry_max_ms: 5_000,
+            moved_owner_grace_ms: 1_000,
         }
+    }
+}
+
+impl ShardsConfig {
+    /// Every bound positive and finite, so no call waits without one.
+    pub fn validate(&self) -> Result<(), String> {
+        let in_range = |name: &str, v: u64| {
+            if (1..=600_000).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("shards.{name} must be 1..=600000 ms, got {v}"))
+            }
+        };
+        in_range("slow_handler_ms", self.slow_handler_ms)?;
+        in_range("load_wait_ms", self.load_wait_ms)?;
+        in_range("load_retry_max_ms", self.load_retry_max_ms)?;
+        in_range("moved_owner_grace_ms", self.moved_owner_grace_ms)?;
+        if self.mailbox == 0 || self.max_payload == 0 {
+            return Err("shards.mailbox and shards.max_payload must be positive".into());
+        }
+        Ok(())
     }
 }
 
@@ -767,5 +803,37 @@ async fn run_actor(
         }
         *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let _ = reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CallError, ShardsConfig};
+
+    #[test]
+    fn every_shard_bound_is_checked() {
+        assert!(ShardsConfig::default().validate().is_ok());
+        let zero_grace = ShardsConfig {
+            moved_owner_grace_ms: 0,
+            ..Default::default()
+        };
+        let e = zero_grace.validate().unwrap_err();
+        assert!(e.contains("shards.moved_owner_grace_ms"), "{e}");
+        let no_mailbox = ShardsConfig {
+            mailbox: 0,
+            ..Default::default()
+        };
+        assert!(no_mailbox.validate().is_err());
+    }
+
+    #[test]
+    fn in_doubt_has_its_own_kind() {
+        let e = CallError::InDoubt {
+            owner: 4,
+            version: 9,
+        };
+        assert_eq!(e.kind(), "in_doubt");
+        assert!(CallError::KINDS.contains(&e.kind()));
+        assert!(e.to_string().contains("node 4"), "{e}");
     }
 }
