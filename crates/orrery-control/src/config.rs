@@ -51,6 +51,11 @@ pub struct ControlConfig {
     /// Largest snapshot this node accepts from a leader (buffered while it arrives).
     /// Default 1 GiB.
     pub max_snapshot_bytes: u64,
+    /// How long [`crate::ControlPlane::write`] waits for its entry to commit and apply; past
+    /// it the write fails [`ControlError::Timeout`] (commit status unknown). openraft keeps a
+    /// deposed leader's pending writes open until their entries are applied or reverted, which
+    /// can be never (e.g. the entry arrives inside a snapshot). Default 10 s.
+    pub write_timeout: Duration,
 }
 
 /// Bytes an AppendEntries request adds around its entries, and one entry around its
@@ -82,6 +87,7 @@ impl ControlConfig {
             max_message_bytes: 4 * 1024 * 1024 - 16 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
             max_snapshot_bytes: 1 << 30,
+            write_timeout: Duration::from_secs(10),
         }
     }
 
@@ -108,8 +114,11 @@ impl ControlConfig {
         if ms(self.election_timeout_max) <= ms(self.election_timeout_min) {
             return err("election_timeout_max must exceed election_timeout_min".into());
         }
-        if self.rpc_timeout.is_zero() || self.install_snapshot_timeout.is_zero() {
-            return err("rpc timeouts must be non-zero".into());
+        if self.rpc_timeout.is_zero()
+            || self.install_snapshot_timeout.is_zero()
+            || self.write_timeout.is_zero()
+        {
+            return err("rpc, snapshot and write timeouts must be non-zero".into());
         }
         if self.snapshot_every_n_logs == 0 {
             return err("snapshot_every_n_logs must be at least 1".into());

@@ -143,6 +143,8 @@ struct Shell<S: ReplicatedState> {
     /// Set by [`ControlPlane::shutdown`]: no restart after it.
     shut: std::sync::atomic::AtomicBool,
     restarts: std::sync::atomic::AtomicU64,
+    /// Writes that did not commit within `write_timeout`.
+    write_timeouts: std::sync::atomic::AtomicU64,
     /// The last state digest computed, by applied index.
     digest: std::sync::Mutex<Option<(u64, String)>>,
 }
@@ -332,6 +334,7 @@ impl<S: ReplicatedState> ControlPlane<S> {
                 lifecycle: tokio::sync::Mutex::new(()),
                 shut: std::sync::atomic::AtomicBool::new(false),
                 restarts: std::sync::atomic::AtomicU64::new(0),
+                write_timeouts: std::sync::atomic::AtomicU64::new(0),
                 digest: std::sync::Mutex::new(None),
             }),
         })
@@ -395,6 +398,24 @@ impl<S: ReplicatedState> ControlPlane<S> {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn write_timed_out(&self, t: Duration) -> ControlError {
+        self.shell
+            .write_timeouts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            node = self.shell.cfg.node_id,
+            "a control-plane write did not commit within {t:?}; its outcome is unknown"
+        );
+        ControlError::Timeout(t)
+    }
+
+    /// How many writes failed [`ControlError::Timeout`] (commit status unknown).
+    pub fn write_timeouts(&self) -> u64 {
+        self.shell
+            .write_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Proposes `cmd`. Returns the log index it was committed at and the response of applying it.
     ///
     /// Returns [`ControlError::NotLeader`] if this node is not the leader (the caller forwards),
@@ -410,11 +431,10 @@ impl<S: ReplicatedState> ControlPlane<S> {
                 limit,
             });
         }
-        let resp = self
-            .inner()
-            .raft
-            .client_write(CmdBytes(bytes))
+        let t = self.shell.cfg.write_timeout;
+        let resp = tokio::time::timeout(t, self.inner().raft.client_write(CmdBytes(bytes)))
             .await
+            .map_err(|_| self.write_timed_out(t))?
             .map_err(|e| match e {
                 RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
                     ControlError::NotLeader {

@@ -303,6 +303,42 @@ async fn leader_failover() {
     shutdown_all(&nodes, &router).await;
 }
 
+/// A write whose entry cannot commit (its leader is cut off from every follower) fails
+/// `Timeout` after `write_timeout` instead of waiting forever; the cluster goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_cannot_commit_fails_in_bounded_time() {
+    let (_guard, dir) = tempdir();
+    let router = Arc::new(Router::default());
+    let nodes = start_cluster_with(&dir, &router, |c| {
+        c.write_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let old = agreed_leader(&nodes, &[1, 2, 3]).await;
+    nodes[&old].write(KvCmd::Set("x".into(), 1)).await.unwrap();
+    router.cut.lock().unwrap().insert(old);
+    let t0 = tokio::time::Instant::now();
+    let r = tokio::time::timeout(WAIT, nodes[&old].write(KvCmd::Add("x".into(), 1))).await;
+    let took = t0.elapsed();
+    assert!(r.is_ok(), "the write was still open after {WAIT:?}");
+    assert!(
+        matches!(
+            r.unwrap(),
+            Err(ControlError::Timeout(_)) | Err(ControlError::NotLeader { .. })
+        ),
+        "a write without a quorum must fail"
+    );
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let timeouts = nodes[&old].write_timeouts();
+    assert!(timeouts <= 1, "one write, {timeouts} timeouts");
+
+    let rest: Vec<NodeId> = (1..=3).filter(|i| *i != old).collect();
+    let new = agreed_leader(&nodes, &rest).await;
+    nodes[&new].write(KvCmd::Set("y".into(), 7)).await.unwrap();
+    router.cut.lock().unwrap().clear();
+    wait_applied(&nodes[&old], "y", 7).await;
+    shutdown_all(&nodes, &router).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_restarted_in_place_keeps_its_state_and_its_watchers() {
     let (_guard, dir) = tempdir();

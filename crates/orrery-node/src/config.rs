@@ -353,6 +353,10 @@ pub struct RaftTiming {
     /// is refused (alarm budgets are kept on proposers' timestamps).
     /// Default 5000.
     pub max_clock_skew_ms: u64,
+    /// How long a voter's own write to the control plane (the coordinator's
+    /// decisions, a leader's proposals) waits to commit before it fails as
+    /// "commit unknown" and is decided again. Default 10000.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for RaftTiming {
@@ -365,6 +369,7 @@ impl Default for RaftTiming {
             snapshot_chunk_bytes: 1024 * 1024,
             max_snapshot_bytes: 1 << 30,
             max_clock_skew_ms: 5_000,
+            write_timeout_ms: 10_000,
         }
     }
 }
@@ -601,6 +606,9 @@ impl NodeConfig {
         let r = &self.raft;
         if !(100..=600_000).contains(&r.max_clock_skew_ms) {
             return bad("raft.max_clock_skew_ms must be in 100..=600000".into());
+        }
+        if !(100..=600_000).contains(&r.write_timeout_ms) {
+            return bad("raft.write_timeout_ms must be in 100..=600000".into());
         }
         if !(r.heartbeat_ms < r.election_min_ms && r.election_min_ms < r.election_max_ms) {
             return bad(
@@ -894,6 +902,13 @@ role = "voter"
         c.rpc.max_frame_bytes = 32 * 1024;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("max_frame_bytes"), "{e}");
+        // A control-plane write is bounded in time, but not so tightly that it never commits.
+        for ms in [0, 99, 600_001] {
+            let mut c: NodeConfig = toml::from_str(&sample()).unwrap();
+            c.raft.write_timeout_ms = ms;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("raft.write_timeout_ms"), "{e}");
+        }
         let policy = sample().replace(
             "[[nodes]]",
             "[startup]\nstuck_policy = \"maybe\"\n[[nodes]]",

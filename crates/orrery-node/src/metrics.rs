@@ -341,6 +341,12 @@ fn resource_metrics(reg: &mut Registry, inner: &Inner, st: &crate::NodeStatus) {
             "Restarts of this voter's Raft core in place",
             c.restarts(),
         );
+        counter(
+            reg,
+            "raft_write_timeouts",
+            "This voter's control-plane writes that did not commit within raft.write_timeout_ms",
+            c.write_timeouts(),
+        );
     }
 }
 

@@ -385,6 +385,7 @@ impl Node {
             cc.snapshot_chunk_bytes = cfg.raft.snapshot_chunk_bytes;
             cc.max_snapshot_bytes = cfg.raft.max_snapshot_bytes;
             cc.max_message_bytes = cfg.raft_message_bytes();
+            cc.write_timeout = Duration::from_millis(cfg.raft.write_timeout_ms);
             let raft_net = RaftOverWire(net.clone(), contacts.clone());
             let c = ControlPlane::start(cc, Arc::new(raft_net)).await?;
             let _ = server.control.set(c.clone());
