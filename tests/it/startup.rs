@@ -220,3 +220,59 @@ fn wrong_secret_is_refused_on_both_sides_and_garbage_closes_only_its_connection(
     assert_eq!(s.participants(), vec![1, 2, 3]);
     c.stop_all();
 }
+
+/// Issue 12: a node paused right after it joined is excluded at the stage
+/// deadline; resumed, it learns so from its heartbeats' answers (its log
+/// says so), abandons the start-up it was in, rejoins under a new epoch and
+/// is admitted late, back at stage 0 within 5 s. (It used to wait at the
+/// barrier under its revoked epoch for ever.)
+#[test]
+fn a_node_excluded_after_it_joined_comes_back_when_resumed() {
+    let slow = DemoConfig {
+        preload_items: 40,
+        preload_item_ms: 50,
+        ..Default::default()
+    };
+    let mut c = TestCluster::new(5, 3, |p| {
+        p.stage_deadline_ms = 3_000;
+        p.demo = (1..=4).map(|id| (id, slow.clone())).collect();
+    });
+    c.start_all();
+    let joined = |s: &orrery_core::ClusterState| {
+        s.members
+            .get(&5)
+            .filter(|m| m.status == MemberStatus::Active && m.epoch != 0)
+            .map(|m| m.epoch)
+    };
+    let s = c.wait_for("node 5 joined", T, |s| {
+        joined(s).is_some() && s.stage < Stage::READY
+    });
+    c.signal(5, "STOP");
+    let first = joined(&s).expect("joined");
+    c.wait_for("stage 0 with node 5 excluded", T, |s| {
+        ready(s) && matches!(s.members[&5].status, MemberStatus::Excluded { .. })
+    });
+    c.signal(5, "CONT");
+    let resumed = std::time::Instant::now();
+    let back = c.wait_for(
+        "node 5 admitted late, at stage 0",
+        Duration::from_secs(5),
+        |s| {
+            let m = &s.members[&5];
+            m.status == MemberStatus::Active && m.epoch > first && m.report.stage == Stage::READY
+        },
+    );
+    eprintln!(
+        "node 5 back at stage 0 {:?} after SIGCONT",
+        resumed.elapsed()
+    );
+    let log = c.log(5);
+    assert!(
+        log.contains("start-up abandoned: this node was fenced"),
+        "node 5 does not say it was excluded:\n{log}"
+    );
+    let own = c.node_status(5).expect("node 5 answers /status");
+    assert_eq!(own.epoch, back.members[&5].epoch, "its own status: {own:?}");
+    assert!(own.fenced.is_none(), "its own status: {own:?}");
+    c.stop_all();
+}

@@ -1985,21 +1985,21 @@ async fn supervise(node: Arc<Inner>) {
     loop {
         node.watchdog
             .set_doing("supervisor", "starting up (stages -4 .. 0)");
-        start_up(node.clone()).await;
+        // A node excluded while it starts (paused past a stage deadline)
+        // learns it from its heartbeats' answers: start-up is abandoned
+        // wherever it waits, or it would wait at a barrier it may no longer
+        // pass, under an epoch the cluster revoked, for ever.
+        tokio::select! {
+            _ = start_up(node.clone()) => {}
+            _ = until_fenced(&node) => {
+                let why = node.status_now().fenced.unwrap_or_default();
+                warn!(target: LOG, "start-up abandoned: this node was fenced ({why})");
+            }
+        }
         node.watchdog
             .set_doing("supervisor", "running; watching for a fence");
-        loop {
-            if node.shutdown.is_cancelled() {
-                return;
-            }
-            if node.status_now().fenced.is_some() {
-                break;
-            }
-            tokio::select! {
-                _ = node.shutdown.cancelled() => return,
-                _ = node.fenced_notify.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
+        if !until_fenced(&node).await {
+            return;
         }
         let reason = node.status_now().fenced.unwrap_or_default();
         if node.leaving() {
@@ -2029,6 +2029,23 @@ async fn supervise(node: Arc<Inner>) {
         }
         node.lease.set_fenced(false);
         node.update_status(|s| s.fenced = None);
+    }
+}
+
+/// Resolves `true` once this node is fenced, `false` at shutdown.
+async fn until_fenced(node: &Inner) -> bool {
+    loop {
+        if node.shutdown.is_cancelled() {
+            return false;
+        }
+        if node.status_now().fenced.is_some() {
+            return true;
+        }
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return false,
+            _ = node.fenced_notify.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
     }
 }
 
@@ -2135,6 +2152,11 @@ async fn start_up(node: Arc<Inner>) {
                     None,
                     &reason,
                 ),
+                Ok(Reply::Fenced { reason }) => {
+                    warn!(target: LOG, "the cluster refused this node's poll: {reason}");
+                    node.fence(reason);
+                    return;
+                }
                 Ok(other) => debug!(target: LOG, "poll: unexpected {other:?}"),
                 Err(e) => node.activity.wait(
                     "start-up",
