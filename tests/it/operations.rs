@@ -211,10 +211,14 @@ fn a_stalled_log_sink_drops_and_counts_lines_and_slows_no_node() {
     });
     let worst = probe.finish();
     eprintln!("slowest console answer per node (node, slowest, answers): {worst:?}");
+    // The sink stays stalled for the whole test: a node whose logging
+    // blocked on it would answer in seconds or never, as in the post-mortem.
+    // 500 ms leaves room for a loaded machine's scheduling (CI once saw one
+    // answer of 442 take 102 ms on a busy runner).
     for (id, slowest, answers) in &worst {
         assert!(*answers > 0, "node {id} was never asked");
         assert!(
-            *slowest < Duration::from_millis(100),
+            *slowest < Duration::from_millis(500),
             "node {id}: a console command took {slowest:?} while its sink was stalled"
         );
     }

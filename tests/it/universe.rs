@@ -215,7 +215,22 @@ fn a_paused_owner_s_late_write_is_refused_and_the_new_owner_s_data_stands() {
         },
     );
     let new_owner = owner_of(&s).expect("an owner");
-    // The new owner writes.
+    // The new owner writes, once its own shard map has the move (through a
+    // map that still names the paused owner the call would go there, and
+    // come back in doubt: it may or may not have run).
+    let client = local::AdminClient::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .node_shards(&c.admin_addr(new_owner))
+        .map_or(true, |h| h.map_version < s.shards.version)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node {new_owner} never adopted shard map version {}",
+            s.shards.version
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let rows = c.exec_json(
         &["--nodes", &new_owner.to_string(), "--timeout", "30s"],
         &["universe", "tick", &system, "-2"],
