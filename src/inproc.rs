@@ -2,6 +2,8 @@
 //! ([`MemNetwork`]): the same node code as `orrery node`, real openraft and
 //! redb on disk, with the network simulated (loss, delay, isolation,
 //! crashes). Used by `orrery bench startup --inproc` and by tests.
+//! [`InProcCluster::over_tls`] runs the same nodes on real TCP on 127.0.0.1
+//! inside mutual TLS instead (no simulated faults then; a crash is a stop).
 //!
 //! It owns the nodes' lifetimes and nothing else; what the cluster decided is
 //! read from the replicated state like everywhere else.
@@ -20,6 +22,8 @@ pub struct InProcCluster {
     pub net: Arc<MemNetwork>,
     pub nodes: BTreeMap<NodeId, Node>,
     pub configs: BTreeMap<NodeId, NodeConfig>,
+    /// Real TCP and TLS (as `orrery node`) instead of `net`.
+    over_tls: bool,
 }
 
 impl InProcCluster {
@@ -39,7 +43,20 @@ impl InProcCluster {
             net: MemNetwork::new(seed),
             nodes: BTreeMap::new(),
             configs,
+            over_tls: false,
         })
+    }
+
+    /// As [`Self::plan`], but the nodes talk over real TCP on 127.0.0.1,
+    /// every connection inside mutual TLS with the certificates `orrery up`
+    /// issues; `net` is unused.
+    pub fn over_tls(plan: &Plan) -> Result<InProcCluster> {
+        let mut c = Self::plan(plan, 0)?;
+        if let Some(cfg) = c.configs.values().find(|c| c.tls.disabled) {
+            anyhow::bail!("node {} has TLS disabled", cfg.node_id);
+        }
+        c.over_tls = true;
+        Ok(c)
     }
 
     /// Starts every node (voters first, so the control plane forms while
@@ -64,7 +81,11 @@ impl InProcCluster {
             shards: Some(Arc::new(DemoShards::new(cfg.demo.shards))),
             ..Default::default()
         };
-        let node = Node::start_in(cfg, services, self.net.clone()).await?;
+        let node = if self.over_tls {
+            Node::start(cfg, services).await?
+        } else {
+            Node::start_in(cfg, services, self.net.clone()).await?
+        };
         self.nodes.insert(id, node);
         Ok(())
     }

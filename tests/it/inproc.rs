@@ -102,7 +102,25 @@ async fn isolated_node_is_reported_with_its_last_words_and_excluded() {
 async fn crashed_coordinator_mid_start_up_is_replaced() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 3_000);
+    crashed_coordinator(cluster(dir.path(), 3_000)).await;
+}
+
+/// The same, every connection real TCP inside mutual TLS (issue 10: the
+/// in-process suite over TLS where its network is not simulated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_coordinator_mid_start_up_is_replaced_over_tls() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = Plan::new(20, 3, dir.path());
+    plan.stage_deadline_ms = 3_000;
+    let mut c = InProcCluster::over_tls(&plan).expect("plan");
+    for cfg in c.configs.values_mut() {
+        cfg.rpc.call_timeout_ms = 500;
+    }
+    crashed_coordinator(c).await;
+}
+
+async fn crashed_coordinator(mut c: InProcCluster) {
     for cfg in c.configs.values_mut() {
         cfg.demo.preload_items = 30;
         cfg.demo.preload_item_ms = 40;
@@ -133,7 +151,19 @@ async fn arbiters_vote_and_host_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut plan = Plan::new(5, 3, dir.path());
     plan.arbiters = 2;
-    let mut c = InProcCluster::plan(&plan, 5).expect("plan");
+    arbiters(InProcCluster::plan(&plan, 5).expect("plan")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arbiters_vote_and_host_nothing_over_tls() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = Plan::new(5, 3, dir.path());
+    plan.arbiters = 2;
+    arbiters(InProcCluster::over_tls(&plan).expect("plan")).await;
+}
+
+async fn arbiters(mut c: InProcCluster) {
     c.start_all().await.unwrap();
     let s = c
         .wait_for(T, ready)
