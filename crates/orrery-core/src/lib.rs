@@ -21,6 +21,7 @@ pub mod config;
 pub mod coordinator;
 mod detector;
 pub mod health;
+pub mod invariants;
 pub mod jobs;
 pub mod lease;
 pub mod shardmap;

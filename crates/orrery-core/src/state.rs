@@ -693,9 +693,62 @@ fn clip_wait(w: Option<Wait>) -> Option<Wait> {
     })
 }
 
+impl Command {
+    /// The command's name ("Join", "CommitJob"), for logs, alarms and
+    /// invariant reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Join { .. } => "Join",
+            Command::Report { .. } => "Report",
+            Command::Alarm { .. } => "Alarm",
+            Command::Leave { .. } => "Leave",
+            Command::CommitJob { .. } => "CommitJob",
+            Command::AdoptJobCommit { .. } => "AdoptJobCommit",
+            Command::Drain { .. } => "Drain",
+            Command::Deadlock { .. } => "Deadlock",
+            Command::RevokeCertificates { .. } => "RevokeCertificates",
+            Command::Operation { .. } => "Operation",
+            Command::SetConfig { .. } => "SetConfig",
+            Command::Configure { .. } => "Configure",
+            Command::Advance { .. } => "Advance",
+            Command::Stuck { .. } => "Stuck",
+            Command::Exclude { .. } => "Exclude",
+            Command::AdmitLate { .. } => "AdmitLate",
+            Command::BeginBoot { .. } => "BeginBoot",
+            Command::LeaderChanged { .. } => "LeaderChanged",
+            Command::Suspect { .. } => "Suspect",
+            Command::Refute { .. } => "Refute",
+            Command::Remove { .. } => "Remove",
+            Command::DeclareShards { .. } => "DeclareShards",
+            Command::MoveShards { .. } => "MoveShards",
+            Command::HealthChanged { .. } => "HealthChanged",
+            Command::DeclareJobs { .. } => "DeclareJobs",
+            Command::GrantJob { .. } => "GrantJob",
+            Command::JobUnassigned { .. } => "JobUnassigned",
+            Command::JobOverdue { .. } => "JobOverdue",
+        }
+    }
+}
+
 impl ClusterState {
-    /// Applies one committed command. Pure: same state and command, same result.
+    /// Applies one committed command. Pure: same state and command, same
+    /// result. Debug builds (every test and simulation) check the
+    /// [`crate::invariants`] after it and stop at the first violation, with
+    /// the index: every voter stops at the same one.
     pub fn apply(&mut self, index: u64, command: Command) -> Response {
+        if !cfg!(debug_assertions) {
+            return self.apply_unchecked(index, command);
+        }
+        let before = crate::invariants::Before::of(self);
+        let what = command.name();
+        let r = self.apply_unchecked(index, command);
+        if let Err(v) = crate::invariants::check(&before, self) {
+            panic!("invariant violated by {what} at log index {index}: {v}");
+        }
+        r
+    }
+
+    fn apply_unchecked(&mut self, index: u64, command: Command) -> Response {
         debug_assert!(index > self.applied_index || index == 0);
         self.applied_index = index;
         if !self.configured && !matches!(command, Command::Configure { .. }) {

@@ -521,11 +521,7 @@ fn check_replication(node: &Inner, alarmed: &mut BTreeSet<NodeId>) {
 
 /// A short name of a command for alarms ("Drain", "CommitJob").
 pub(crate) fn command_name(cmd: &orrery_core::Command) -> String {
-    let text = format!("{cmd:?}");
-    text.split([' ', '{', '('])
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    cmd.name().to_string()
 }
 
 #[cfg(test)]
