@@ -13,6 +13,7 @@ pub mod inproc;
 pub mod local;
 pub mod procs;
 pub mod roll;
+pub mod sweep;
 
 pub use orrery_core as core;
 pub use orrery_node as node;

@@ -174,6 +174,10 @@ enum Cmd {
     /// stage 0 with its shards and the cluster healthy for --stable-ms
     /// before the next; stops (or rolls back) at the first node that fails.
     Roll(orrery::roll::RollArgs),
+    /// Seeded fault schedules in the deterministic simulator on every core:
+    /// every violation with the command that replays it, then
+    /// `N seeds, K violations, S seeds/s`; exits 1 if K > 0.
+    Sim(orrery::sweep::SweepArgs),
     /// Failover drills: `leader` (hand leadership over and back), `node N`
     /// (drain, stop, restart, readmit, shards back), `history`.
     Drill {
@@ -708,6 +712,12 @@ fn run() -> Result<()> {
             which: Bench::Backup { systems, runs },
         } => orrery::backup::bench(systems, runs),
         Cmd::Roll(args) => orrery::roll::run(args),
+        Cmd::Sim(args) => {
+            if !orrery::sweep::main(args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Drill { which } => orrery::drill::run(which),
         Cmd::Timeline {
             since,

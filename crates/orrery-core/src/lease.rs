@@ -11,9 +11,24 @@
 //! epoch (a new process of the same node must not run its predecessor's
 //! periods).
 //!
+//! The node's side of the lease is [`lease_fresh`], the one rule for
+//! "may this process still serve", run by the node, the simulator and the
+//! model checker (`orrery-model`).
+//!
 //! It decides only; it never sends, reads a clock or touches the state.
 
 use crate::{ClusterState, Coordinator, Epoch, Health, JobLease, Millis, NodeId};
+
+/// Whether a node whose last acknowledged heartbeat was sent at `sent` may
+/// still serve at `now` (both on the node's own clock): strictly less than
+/// `self_fence_after` ago. Strictly, because a shard handed over is served
+/// by its new owner from `self_fence_after` after the new owner learned of
+/// the move, and the old owner's last renewal was sent before the move
+/// committed: with `<=` both may serve at the one shared instant
+/// `sent + self_fence_after` (the model checker found that trace).
+pub fn lease_fresh(now: Millis, sent: Millis, self_fence_after: Millis) -> bool {
+    now.saturating_sub(sent) < self_fence_after
+}
 
 /// What the leader answers.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,7 +23,8 @@
 //! the leader acknowledges a heartbeat only while it leads with a quorum (a
 //! linearisable read), and refuses it when `ClusterState::refusal` says so;
 //! a node serves only at stage 0 under an unrevoked epoch and while its
-//! last *acknowledged* heartbeat was sent at most `self_fence_after_ms` ago.
+//! last *acknowledged* heartbeat was sent less than `self_fence_after_ms` ago
+//! ([`crate::lease::lease_fresh`]).
 //!
 //! With [`SimConfig::shards`], one shard kind is declared after `Configure`;
 //! the coordinator places it, each node keeps a copy of the shard map (primed
@@ -674,7 +675,8 @@ fn node_serving(n: &SimNode, now: Millis, fence: Millis) -> bool {
         && n.epoch > 0
         && n.join_req.is_none()
         && n.stage == Stage::READY
-        && n.last_acked.is_some_and(|s| now.saturating_sub(s) <= fence)
+        && n.last_acked
+            .is_some_and(|s| crate::lease::lease_fresh(now, s, fence))
 }
 
 /// Whether a refusal fences the process (rather than refusing one request).
@@ -1127,7 +1129,14 @@ impl Sim {
             Command::GrantJob { .. } => Some(cmd.clone()),
             _ => None,
         };
+        // The state's own invariants, in every build (apply asserts them
+        // only in debug builds; `orrery sim` runs in release).
+        let before = crate::invariants::Before::of(&self.state);
+        let name = cmd.name();
         let resp = self.state.apply(idx, cmd);
+        if let Err(v) = crate::invariants::check(&before, &self.state) {
+            self.violate(format!("{name} at log index {idx}: {v}"));
+        }
         if let Some(a) = attempt {
             self.on_job_commit(a, &resp);
         }
@@ -1410,7 +1419,7 @@ impl Sim {
                 let at = if s {
                     now
                 } else {
-                    n.last_acked.map_or(now, |a| (a + fence + 1).min(now))
+                    n.last_acked.map_or(now, |a| (a + fence).min(now))
                 };
                 self.serving_log.push((at, id, s));
                 n.serving = s;
@@ -1472,8 +1481,7 @@ impl Sim {
             let stop_at = if n.serving {
                 self.now
             } else {
-                n.last_acked
-                    .map_or(self.now, |a| (a + fence + 1).min(self.now))
+                n.last_acked.map_or(self.now, |a| (a + fence).min(self.now))
             };
             for (shard, epoch) in &n.served {
                 if want.get(shard) == Some(epoch) {

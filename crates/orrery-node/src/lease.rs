@@ -51,7 +51,7 @@ impl Lease {
     /// Whether the lease is fresh enough to serve, at monotonic time `mono`.
     pub fn fresh(&self, mono: u64, self_fence_after: u64) -> bool {
         let at = self.last_acked_send.load(Ordering::Relaxed);
-        at > 0 && mono.saturating_sub(at) <= self_fence_after
+        at > 0 && orrery_core::lease::lease_fresh(mono, at, self_fence_after)
     }
 
     /// How long ago (monotonic ms) the last acknowledged heartbeat was
