@@ -418,7 +418,10 @@ fn a_roll_onto_a_failing_binary_stops_at_the_first_node_and_rolls_it_back() {
             "node {id}"
         );
     }
-    assert!(after.members[&4].epoch >= before.members[&4].epoch + 2);
+    // Back under a new epoch. (The failing binary fail-stops at its first
+    // self-check, which abandons its start-up: it may or may not have
+    // joined first, so one epoch or two.)
+    assert!(after.members[&4].epoch > before.members[&4].epoch);
     let st = c.node_status(4).expect("node 4 answers");
     assert!(st.serving, "{st:?}");
     let failed = after

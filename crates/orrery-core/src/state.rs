@@ -259,6 +259,12 @@ pub struct Member {
     /// The boot this process was admitted to run in after the cluster was
     /// already ready (a late joiner), if any.
     pub admitted_late_in_boot: Option<u64>,
+    /// The boot the coordinator excluded this node from, if any. A process
+    /// that rejoins while that boot is still starting sits it out
+    /// ([`ClusterState::sits_out`]): it waits for stage 0 and is admitted
+    /// late, instead of holding the barrier (and being excluded) again.
+    #[serde(default)]
+    pub excluded_in_boot: Option<u64>,
     pub health: MemberHealth,
     /// How many times the failure detector removed this node (for backoff).
     pub removals: u32,
@@ -1322,6 +1328,7 @@ impl ClusterState {
             reason: reason.clone(),
             at,
         };
+        m.excluded_in_boot = Some(boot);
         self.event(
             index,
             at,
@@ -1497,7 +1504,7 @@ impl ClusterState {
     pub fn participants(&self) -> Vec<NodeId> {
         self.members
             .iter()
-            .filter(|(_, m)| m.status == MemberStatus::Active)
+            .filter(|(_, m)| m.status == MemberStatus::Active && !self.sits_out(m))
             .map(|(id, _)| *id)
             .collect()
     }
@@ -1506,9 +1513,17 @@ impl ClusterState {
     pub fn laggards(&self, stage: Stage) -> Vec<NodeId> {
         self.members
             .iter()
-            .filter(|(_, m)| m.status == MemberStatus::Active && m.report.stage < stage)
+            .filter(|(_, m)| {
+                m.status == MemberStatus::Active && !self.sits_out(m) && m.report.stage < stage
+            })
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Does `m` sit out this boot: excluded from it, back under a new
+    /// epoch, and not admitted late yet? It takes no part in the barrier.
+    pub fn sits_out(&self, m: &Member) -> bool {
+        m.excluded_in_boot == Some(self.boot) && m.admitted_late_in_boot != Some(self.boot)
     }
 
     /// May `node`, running under `epoch`, start work towards `next`?
@@ -1526,6 +1541,14 @@ impl ClusterState {
             };
         }
         let needs = Stage::from_number(next.number() - 1).unwrap_or(Stage::NOT_STARTED);
+        if self.sits_out(m) && self.stage != Stage::READY {
+            return Gate::Closed {
+                reason: format!(
+                    "excluded from start-up {}: waiting for the others to reach stage 0, then to be admitted late",
+                    self.boot
+                ),
+            };
+        }
         if self.stage == Stage::READY {
             return if m.admitted_late_in_boot == Some(self.boot) || m.report.stage == Stage::READY {
                 Gate::Open
@@ -1643,6 +1666,7 @@ impl Member {
             status: MemberStatus::Active,
             report: StageReport::fresh(Stage::NOT_STARTED, 0),
             admitted_late_in_boot: None,
+            excluded_in_boot: None,
             health: MemberHealth {
                 healthy: true,
                 since: 0,
@@ -1861,6 +1885,51 @@ mod tests {
                 .find(|e| e.kind == EventKind::NodeExcluded)
                 .unwrap();
         assert!(ev.detail.contains("never reached the control plane"));
+    }
+
+    /// An excluded node that comes back while its boot is still starting
+    /// sits the boot out: it holds no barrier (it could only be excluded
+    /// again, each time at a deadline's cost) and is admitted late at 0.
+    #[test]
+    fn an_excluded_node_back_during_its_boot_sits_it_out_until_admitted_late() {
+        let mut l = Log::new(3);
+        let (e1, e2, e3) = (l.join(1), l.join(2), l.join(3));
+        let boot = l.s.boot;
+        let why = "missed the deadline".to_string();
+        let exclude = Command::Exclude {
+            boot,
+            node: 3,
+            epoch: e3,
+            reason: why,
+            at: 9,
+        };
+        assert_eq!(l.apply(exclude), Response::Ok);
+        let back = l.join(3);
+        assert!(back > e3);
+        assert_eq!(l.s.participants(), vec![1, 2]);
+        assert!(matches!(
+            l.s.gate(3, back, Stage::CONNECTED),
+            Gate::Closed { .. }
+        ));
+        for stage in Stage::ALL.iter().skip(1) {
+            assert_eq!(l.advance(), Response::Ok, "{:?}", l.s.laggards(*stage));
+            assert_eq!(l.report(1, e1, *stage), Response::Ok);
+            assert_eq!(l.report(2, e2, *stage), Response::Ok);
+        }
+        assert_eq!(l.advance(), Response::Ok);
+        assert_eq!(l.s.stage, Stage::READY);
+        assert!(matches!(
+            l.s.gate(3, back, Stage::CONNECTED),
+            Gate::Closed { .. }
+        ));
+        let admit = Command::AdmitLate {
+            node: 3,
+            epoch: back,
+            at: 10,
+        };
+        assert_eq!(l.apply(admit), Response::Ok);
+        assert_eq!(l.s.gate(3, back, Stage::CONNECTED), Gate::Open);
+        assert_eq!(l.s.participants(), vec![1, 2, 3]);
     }
 
     #[test]
