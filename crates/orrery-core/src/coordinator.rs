@@ -31,7 +31,6 @@ pub struct Coordinator {
     me: NodeId,
     term: u64,
     leader_since: Millis,
-    announced: bool,
     /// Last contact per node: (epoch it ran under, when).
     contacts: BTreeMap<NodeId, (Epoch, Millis)>,
     detector: Detector,
@@ -49,7 +48,6 @@ impl Coordinator {
             me,
             term,
             leader_since: now,
-            announced: false,
             contacts,
             detector: Detector::default(),
             settled: None,
@@ -136,14 +134,16 @@ impl Coordinator {
         if let Some(me) = state.members.get(&self.me) {
             self.contacts.insert(self.me, (me.epoch, now));
         }
-        if !self.announced && state.leader != Some(self.me) {
+        // Until the state names this node: an announcement whose write
+        // failed (a timeout, a lost leadership race) is proposed again on
+        // the next tick (CI saw a new leader coordinate for 30 s unnamed).
+        if state.leader != Some(self.me) {
             out.push(Command::LeaderChanged {
                 leader: self.me,
                 term: self.term,
                 at: now,
             });
         }
-        self.announced = true;
         // A member that rejoined under a new epoch: its lease starts now,
         // not at its old process's last heartbeat.
         for (id, m) in state.members.iter() {
@@ -556,6 +556,38 @@ mod tests {
             "{}",
             stuck.detail
         );
+    }
+
+    /// A new leader's announcement whose write failed is proposed again
+    /// until the state names it, and only then no more.
+    #[test]
+    fn a_lost_leader_announcement_is_proposed_again() {
+        let mut s = configured(2, StuckPolicy::Wait);
+        let mut c = Coordinator::new(1, 1, 0);
+        let announces = |out: &[Command]| {
+            out.iter()
+                .filter(|c| matches!(c, Command::LeaderChanged { leader: 1, .. }))
+                .count()
+        };
+        assert_eq!(announces(&c.tick(10, &s)), 1);
+        // The write failed: nothing was applied.
+        let out = c.tick(20, &s);
+        assert_eq!(announces(&out), 1, "{out:?}");
+        run(&mut s, out);
+        assert_eq!(s.leader, Some(1));
+        assert_eq!(announces(&c.tick(30, &s)), 0);
+        // Applied twice (a timed-out write that did commit): one event.
+        let again = Command::LeaderChanged {
+            leader: 1,
+            term: 1,
+            at: 40,
+        };
+        run(&mut s, vec![again]);
+        let events = s
+            .events
+            .iter()
+            .filter(|e| e.kind == crate::EventKind::LeaderChanged);
+        assert_eq!(events.count(), 1);
     }
 
     #[test]

@@ -1116,6 +1116,10 @@ impl ClusterState {
             } => self.job_unassigned(index, job, period, reason, at),
             Command::JobOverdue { job, period, at } => self.job_overdue(index, job, period, at),
             Command::LeaderChanged { leader, term, at } => {
+                if self.leader == Some(leader) {
+                    // Proposed again after a write that did commit: no news.
+                    return Response::Ok;
+                }
                 self.leader = Some(leader);
                 self.event(
                     index,
