@@ -441,14 +441,10 @@ fn exec_console_token_metrics_and_watchdog() {
     assert!(r.unwrap().ok);
     let (_, r) = console(&agent, &addr2, Some(&c.token()), &["tasks"]);
     let tasks = r.unwrap().data;
-    let alarm = tasks["last_alarm"]["what"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    assert!(
-        alarm.contains("FaultBlockLoop"),
-        "the culprit is named: {tasks:#}"
-    );
+    assert!(tasks["alarms"].as_u64() >= Some(1), "no alarm: {tasks:#}");
+    // The culprit is named in the timeline. (`tasks`' last_alarm may be a
+    // later one: while node 2 was blocked its Raft replication timed out,
+    // and it raises that alarm when it runs again; CI saw exactly that.)
     c.wait_for("the alarm in the timeline", T, |s| {
         s.events.iter().any(|e| {
             e.kind == EventKind::Alarm && e.node == Some(2) && e.detail.contains("FaultBlockLoop")
