@@ -1891,6 +1891,16 @@ mod tests {
         assert!(ev.detail.contains("never reached the control plane"));
     }
 
+    #[test]
+    fn command_names_are_short() {
+        let cmd = Command::Drain {
+            node: 3,
+            drain: true,
+            at: 1,
+        };
+        assert_eq!(cmd.name(), "Drain");
+    }
+
     /// An excluded node that comes back while its boot is still starting
     /// sits the boot out: it holds no barrier (it could only be excluded
     /// again, each time at a deadline's cost) and is admitted late at 0.

@@ -1724,7 +1724,7 @@ impl Inner {
             }
         }
         let proposal = match &req {
-            Request::Propose(cmd) => Some(crate::quorum::command_name(cmd)),
+            Request::Propose(cmd) => Some(cmd.name()),
             _ => None,
         };
         let slow = Duration::from_millis(self.cfg.quorum.slow_proposal_ms);

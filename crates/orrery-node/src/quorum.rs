@@ -519,11 +519,6 @@ fn check_replication(node: &Inner, alarmed: &mut BTreeSet<NodeId>) {
     });
 }
 
-/// A short name of a command for alarms ("Drain", "CommitJob").
-pub(crate) fn command_name(cmd: &orrery_core::Command) -> String {
-    cmd.name().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,16 +617,6 @@ mod tests {
             ..c
         };
         assert!(bad.validate(800, 200).is_err());
-    }
-
-    #[test]
-    fn command_names_are_short() {
-        let cmd = orrery_core::Command::Drain {
-            node: 3,
-            drain: true,
-            at: 1,
-        };
-        assert_eq!(command_name(&cmd), "Drain");
     }
 
     #[test]
