@@ -188,6 +188,15 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
 
 /// The single writer of a connection: drains the bounded outgoing queue into the
 /// sink, batching whatever is already queued before each flush.
+///
+/// Before it flushes it yields once to the scheduler, so that tasks already
+/// runnable (request handlers about to answer, callers about to send) queue
+/// their frames first and share this write: one syscall, one TCP segment and,
+/// under TLS, one record for many frames. On loopback the kernel's per-write
+/// cost dominates a small call (three quarters of the CPU in a profile of the
+/// 64-byte benchmark), so this is where small-frame throughput is won. The
+/// cost is one trip through the run queue per flush, microseconds when the
+/// runtime is idle.
 pub(crate) async fn writer_loop<S>(
     mut sink: futures::stream::SplitSink<tokio_util::codec::Framed<S, WireCodec>, Bytes>,
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
@@ -198,10 +207,27 @@ where
     use futures::SinkExt;
     while let Some(frame) = rx.recv().await {
         sink.feed(frame).await?;
-        while let Ok(frame) = rx.try_recv() {
-            sink.feed(frame).await?;
-        }
+        feed_queued(&mut sink, &mut rx).await?;
+        tokio::task::yield_now().await;
+        feed_queued(&mut sink, &mut rx).await?;
         sink.flush().await?;
+    }
+    Ok(())
+}
+
+/// Feed every frame already in the queue, without waiting for more. Bounded
+/// by the queue's capacity plus what arrives meanwhile; `feed` flushes by
+/// itself once the sink's buffer passes its high-water mark.
+async fn feed_queued<S>(
+    sink: &mut futures::stream::SplitSink<tokio_util::codec::Framed<S, WireCodec>, Bytes>,
+    rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+) -> Result<(), FrameError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::SinkExt;
+    while let Ok(frame) = rx.try_recv() {
+        sink.feed(frame).await?;
     }
     Ok(())
 }
