@@ -38,6 +38,10 @@ pub struct SweepArgs {
     /// Stop starting new seeds after this many seconds (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_secs: u64,
+    /// With `--seed`: how many of the trace's last lines to print when it
+    /// breaks an invariant (0: the whole trace).
+    #[arg(long, default_value_t = 30, requires = "seed")]
+    pub trace_lines: usize,
 }
 
 /// One broken seed: what broke and how to replay it.
@@ -155,6 +159,7 @@ pub fn main(args: SweepArgs) -> Result<bool> {
             seed,
             args.nodes.unwrap_or_else(|| nodes_for(seed)),
             args.shards,
+            args.trace_lines,
         ));
     }
     let threads = args
@@ -180,7 +185,7 @@ pub fn main(args: SweepArgs) -> Result<bool> {
 }
 
 /// One seed, with the tail of its trace if it broke an invariant.
-fn replay(seed: u64, nodes: u64, shards: u64) -> bool {
+fn replay(seed: u64, nodes: u64, shards: u64, lines: usize) -> bool {
     let cfg = schedule(seed, nodes, shards);
     println!(
         "seed {seed}: {nodes} nodes, {shards} shards, faults {:?}",
@@ -196,8 +201,14 @@ fn replay(seed: u64, nodes: u64, shards: u64) -> bool {
             true
         }
         Some(v) => {
-            println!("seed {seed}: {v}\nlast 30 committed commands (newest last):");
-            let from = out.trace.len().saturating_sub(30);
+            let from = match lines {
+                0 => 0,
+                n => out.trace.len().saturating_sub(n),
+            };
+            println!(
+                "seed {seed}: {v}\nlast {} lines of the trace (newest last):",
+                out.trace.len() - from
+            );
             for line in &out.trace[from..] {
                 println!("  {line}");
             }

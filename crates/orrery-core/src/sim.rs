@@ -565,6 +565,12 @@ enum Ev {
     Links(String),
     /// A crashed node's fresh process starts.
     Restart(NodeId),
+    /// A fenced process's supervisor rejoins, its backoff over (ignored if
+    /// the process rejoined or restarted meanwhile).
+    Rejoin {
+        node: NodeId,
+        incarnation: u32,
+    },
     /// The node's self-checks start (`true`) or stop failing.
     Impair(NodeId, bool),
     /// A job run of process `process` of `node` finishes.
@@ -594,7 +600,7 @@ impl Ev {
             | Ev::Work(n, _)
             | Ev::Heartbeat(n)
             | Ev::SelfCheckFails(n) => Some(*n),
-            Ev::JobDone { node, .. } => Some(*node),
+            Ev::JobDone { node, .. } | Ev::Rejoin { node, .. } => Some(*node),
             Ev::Deliver { to, .. } => Some(*to),
             Ev::Commit { via, .. } => Some(*via),
             Ev::ProbeTimeout { prober, .. } => Some(*prober),
@@ -619,6 +625,11 @@ struct SimNode {
     /// Replies to requests below this come from a previous incarnation.
     req_floor: u64,
     join_req: Option<u64>,
+    /// When `join_req` was sent: like the node's `propose`, a join is tried
+    /// again only once the last attempt timed out.
+    join_sent: Millis,
+    /// Rejoins after a fence by this process: the supervisor's backoff.
+    rejoins: u32,
     fenced: bool,
     hang_at: Option<u64>,
     polling: bool,
@@ -1668,6 +1679,7 @@ impl Sim {
                 ));
             }
             Ev::Links(what) => self.trace.push(format!("{} {what}", self.now)),
+            Ev::Rejoin { node, incarnation } => self.rejoin(node, incarnation),
             Ev::Restart(id) => self.restart(id),
             Ev::Impair(id, on) => {
                 self.nodes.get_mut(&id).expect("node").impaired = on;
@@ -1743,8 +1755,7 @@ impl Sim {
                 if !self.alive(id) {
                     return;
                 }
-                let n = &self.nodes[&id];
-                if n.epoch == 0 && !n.fenced {
+                if self.join_due(id) {
                     self.join(id);
                 } else {
                     self.report(id);
@@ -1898,7 +1909,20 @@ impl Sim {
     fn join(&mut self, id: NodeId) {
         let at = self.now;
         let req = self.propose(id, Command::Join { node: id, at });
-        self.nodes.get_mut(&id).expect("node").join_req = Some(req);
+        let n = self.nodes.get_mut(&id).expect("node");
+        n.join_req = Some(req);
+        n.join_sent = at;
+    }
+
+    /// Whether an unjoined process tries to join now: never while its last
+    /// attempt may still be answered (the node awaits its `propose`, bounded
+    /// by the request timeout, before it tries again). Two joins in flight
+    /// would commit two epochs, the second superseding the one it takes.
+    fn join_due(&self, id: NodeId) -> bool {
+        let n = &self.nodes[&id];
+        n.epoch == 0
+            && !n.fenced
+            && (n.join_req.is_none() || self.now >= n.join_sent + self.cfg.request_timeout)
     }
 
     /// Reports the node's stage — or, if a report was lost on the way, the
@@ -1952,18 +1976,47 @@ impl Sim {
         }
     }
 
-    /// The control plane refused `id`'s process under `epoch`: a revoked
-    /// process comes back under a new epoch (unless it stopped itself); an
-    /// excluded or superseded one stays fenced.
+    /// The control plane refused `id`'s process under `epoch`: it fences
+    /// and, as the node's supervisor does after any fence but a fail-stop,
+    /// rejoins under a new epoch once its backoff (100 ms doubling per
+    /// rejoin, at most 5 s) is over.
     fn refused(&mut self, id: NodeId, epoch: Epoch, fence: Option<crate::Fence>) {
         let n = self.nodes.get_mut(&id).expect("node");
         if epoch != n.epoch || epoch == 0 || n.fenced {
             return;
         }
-        if fence != Some(crate::Fence::Revoked) || n.failstop {
-            n.fenced = true;
+        n.fenced = true;
+        if n.failstop {
             return;
         }
+        let pause = (100u64 << n.rejoins.min(6)).min(5_000);
+        n.rejoins += 1;
+        let incarnation = n.incarnation;
+        self.trace.push(format!(
+            "{} node {id} fenced under epoch {epoch} ({fence:?}): rejoins in {pause} ms",
+            self.now
+        ));
+        self.schedule(
+            pause,
+            Ev::Rejoin {
+                node: id,
+                incarnation,
+            },
+        );
+    }
+
+    /// A fenced process's backoff is over: it starts again from stage -4
+    /// and joins under a new epoch.
+    fn rejoin(&mut self, id: NodeId, incarnation: u32) {
+        if !self.alive(id) {
+            return;
+        }
+        let n = self.nodes.get_mut(&id).expect("node");
+        if n.incarnation != incarnation || !n.fenced || n.failstop {
+            return;
+        }
+        let epoch = n.epoch;
+        n.fenced = false;
         n.incarnation += 1;
         n.epoch = 0;
         n.stage = Stage::NOT_STARTED;
@@ -1977,7 +2030,7 @@ impl Sim {
         n.report_reqs.clear();
         n.req_floor = n.next_req + 1;
         self.trace.push(format!(
-            "{} node {id} learns epoch {epoch} was revoked: fences, rejoins",
+            "{} node {id} rejoins after epoch {epoch} was fenced",
             self.now
         ));
         self.join(id);
