@@ -127,6 +127,21 @@ impl Coordinator {
     /// What the coordinator proposes now. Commands are idempotent under
     /// `apply`'s validation, so proposing one twice is harmless.
     pub fn tick(&mut self, now: Millis, state: &ClusterState) -> Vec<Command> {
+        self.decide(now, state, true)
+    }
+
+    /// What a coordinator whose own node is impaired proposes now: it
+    /// judges nobody (no suspicion, removal, stuck report or exclusion: its
+    /// own view may be what is wrong, the third post-mortem's lesson), but
+    /// it still announces itself, places shards, grants jobs and opens the
+    /// barrier once every participant has reported. On a machine so loaded
+    /// that every node lags (250 processes on 2 cores), a leader that
+    /// decided nothing at all held start-up closed for good.
+    pub fn tick_impaired(&mut self, now: Millis, state: &ClusterState) -> Vec<Command> {
+        self.decide(now, state, false)
+    }
+
+    fn decide(&mut self, now: Millis, state: &ClusterState, judge: bool) -> Vec<Command> {
         let mut out = vec![];
         if !state.configured {
             return out;
@@ -158,7 +173,9 @@ impl Coordinator {
             state,
             contacts: &self.contacts,
         };
-        out.extend(self.detector.tick(&view));
+        if judge {
+            out.extend(self.detector.tick(&view));
+        }
         self.place(now, state, &mut out);
         self.run_jobs(now, state, &mut out);
         if state.stage == Stage::READY {
@@ -181,7 +198,7 @@ impl Coordinator {
         let deadline_passed = now.saturating_sub(state.stage_since)
             > state.config.stage_deadline_ms
             && now.saturating_sub(self.leader_since) > state.config.liveness_window_ms;
-        if !deadline_passed {
+        if !deadline_passed || !judge {
             return out;
         }
         let waiters = Self::waiters(state, next);
@@ -472,6 +489,74 @@ mod tests {
         let mut c = config(n);
         c.stuck_policy = policy;
         crate::testkit::configured(c, [])
+    }
+
+    /// Node 1 coordinates while impaired; nodes 1 and 2 report stage -3,
+    /// node 3 never does.
+    fn impaired_leader_at_stage_minus_3(c: &mut Coordinator) -> ClusterState {
+        let mut s = configured(3, StuckPolicy::Exclude);
+        for n in 1..=3 {
+            let i = s.applied_index + 1;
+            s.apply(i, Command::Join { node: n, at: 0 });
+        }
+        let out = c.tick_impaired(10, &s);
+        run(&mut s, out);
+        assert_eq!(s.stage, Stage::RUNNING, "it opens the barrier impaired");
+        for n in 1..=2 {
+            report_connected(&mut s, n, 20);
+        }
+        s
+    }
+
+    /// `node` reports stage -3 done under its current epoch at `at`.
+    fn report_connected(s: &mut ClusterState, node: NodeId, at: Millis) {
+        let (epoch, i) = (s.members[&node].epoch, s.applied_index + 1);
+        let report = Command::Report {
+            node,
+            epoch,
+            stage: Stage::CONNECTED,
+            waiting: None,
+            progress: None,
+            unreachable: vec![],
+            at,
+        };
+        s.apply(i, report);
+    }
+
+    #[test]
+    fn an_impaired_coordinator_opens_the_barrier_but_judges_nobody() {
+        let mut c = Coordinator::new(1, 1, 0);
+        let mut s = impaired_leader_at_stage_minus_3(&mut c);
+        // Long past the deadline, with node 3 silent: a healthy coordinator
+        // would report it stuck and exclude it; an impaired one does neither.
+        let out = c.tick_impaired(100_000, &s);
+        let judged: Vec<&Command> = out
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Command::Stuck { .. }
+                        | Command::Exclude { .. }
+                        | Command::Suspect { .. }
+                        | Command::Remove { .. }
+                )
+            })
+            .collect();
+        assert!(judged.is_empty(), "impaired, it judged: {judged:?}");
+        let healthy = c.tick(100_001, &s);
+        assert!(
+            healthy
+                .iter()
+                .any(|c| matches!(c, Command::Exclude { node: 3, .. })),
+            "the same coordinator, healthy, excludes node 3: {healthy:?}"
+        );
+        // Once node 3 reports too, the impaired coordinator advances.
+        report_connected(&mut s, 3, 100_002);
+        let out = c.tick_impaired(100_003, &s);
+        assert!(
+            out.iter().any(|c| matches!(c, Command::Advance { .. })),
+            "{out:?}"
+        );
     }
 
     #[test]

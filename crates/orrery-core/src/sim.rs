@@ -1865,7 +1865,11 @@ impl Sim {
             return;
         }
         let now = self.now;
+        // As in the node: an impaired leader judges nobody but still opens
+        // the barrier and places shards.
+        let impaired = self.nodes[&leader].impaired;
         let (cmds, probes, term) = match self.coordinator.as_mut() {
+            Some(c) if impaired => (c.tick_impaired(now, &self.state), vec![], c.term()),
             Some(c) => {
                 let cmds = c.tick(now, &self.state);
                 (cmds, c.take_probes(), c.term())

@@ -228,6 +228,9 @@ pub(crate) fn authorize(caller: &Caller, req: &Request, view: &View) -> Result<(
         }
         Request::HealthProbe { .. } => epochs(caller, view, unjoined_voter, "a health probe"),
         Request::Ping => epochs(caller, view, Epochs::CurrentOrUnjoined, "a ping"),
+        Request::Participants => {
+            epochs(caller, view, Epochs::Current, "a read of the participants")
+        }
         Request::FetchState | Request::FetchShards => {
             epochs(caller, view, Epochs::Issued, "a read")
         }
@@ -673,6 +676,7 @@ mod tests {
                 },
             ),
             ("fetch_shards".into(), Request::FetchShards),
+            ("participants".into(), Request::Participants),
             ("logs".into(), logs(node)),
         ];
         for c in every_command(node, epoch) {

@@ -316,6 +316,11 @@ pub struct StartupConfig {
     pub report_interval_ms: u64,
     /// How often the coordinator (the Raft leader) decides. Default 100.
     pub coordinator_tick_ms: u64,
+    /// Connections a node opens at once at stage -3 (every peer is dialled,
+    /// at most this many in flight). With hundreds of nodes released by one
+    /// barrier an unbounded dial is a handshake storm: every server sheds
+    /// half-done handshakes and every client retries. Default 8.
+    pub dial_concurrency: usize,
 }
 
 impl Default for StartupConfig {
@@ -327,6 +332,7 @@ impl Default for StartupConfig {
             poll_interval_ms: 100,
             report_interval_ms: 1_000,
             coordinator_tick_ms: 100,
+            dial_concurrency: 8,
         }
     }
 }
@@ -557,6 +563,9 @@ impl NodeConfig {
         let s = &self.startup;
         if s.poll_interval_ms == 0 || s.report_interval_ms == 0 || s.coordinator_tick_ms == 0 {
             return bad("startup intervals must be positive".into());
+        }
+        if !(1..=1_024).contains(&s.dial_concurrency) {
+            return bad("startup.dial_concurrency must be in 1..=1024".into());
         }
         if s.liveness_window_ms <= s.report_interval_ms {
             return bad(format!(

@@ -1568,7 +1568,8 @@ impl Inner {
             leader: c.current_leader(),
         };
         match req {
-            Request::FetchShards if !c.is_leader() => not_leader(),
+            Request::FetchShards | Request::Participants if !c.is_leader() => not_leader(),
+            Request::Participants => Reply::Participants(c.state().state.0.participants()),
             Request::FetchShards => {
                 Reply::Shards(Box::new(ShardMap::clone(&c.state().state.0.shards)))
             }
@@ -1914,7 +1915,7 @@ async fn coordinate(node: Arc<Inner>) {
             }
         }
         // The coordinator's own health counts like anyone's: an impaired
-        // leader decides nothing (it must not accuse anyone).
+        // leader accuses, excludes and removes nobody (`tick_impaired`).
         let me = node.cfg.node_id;
         let my_health = lease::verdict(&node.health.report().state);
         let my_epoch = node.epoch.load(Ordering::Relaxed);
@@ -1931,7 +1932,7 @@ async fn coordinate(node: Arc<Inner>) {
             if my_health.is_healthy() {
                 (co.tick(now_ms(), &state.0), co.take_probes())
             } else {
-                (vec![], vec![])
+                (co.tick_impaired(now_ms(), &state.0), vec![])
             }
         };
         for p in probes {
@@ -2267,44 +2268,31 @@ async fn stage_work(node: &Arc<Inner>, stage: Stage) -> Result<(), String> {
 }
 
 /// Stage -3: a live, authenticated connection to every participating peer.
+///
+/// Hundreds of nodes leave the barrier together, so this must not turn
+/// into a storm: at most `startup.dial_concurrency` dials are in flight,
+/// the peers still missing are tried again after a jittered pause that
+/// doubles per round (two poll intervals up to the report interval), and
+/// the participants come from the leader's `Participants` answer, a list
+/// of ids, asked again each round so that peers excluded meanwhile are no
+/// longer waited for. (Each node asking for the whole state each round
+/// stalled a 100-node cluster's leader for seconds at a time.)
 async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
     let me = node.cfg.node_id;
-    let state = loop {
-        match node.ask(Request::FetchState).await {
-            Ok(Reply::State(s)) => break s,
-            Ok(_) => {}
+    let mut missing: BTreeSet<NodeId> = loop {
+        match participants(node).await {
+            Ok(ids) => break ids.into_iter().filter(|p| *p != me).collect(),
             Err(e) => node
                 .activity
-                .wait("peers", "learn the participants", None, &e.to_string()),
+                .wait("peers", "learn the participants", None, &e),
         }
         tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms)).await;
     };
-    let mut missing: BTreeSet<NodeId> = state
-        .participants()
-        .into_iter()
-        .filter(|p| *p != me)
-        .collect();
-    let timeout = Duration::from_millis(node.cfg.rpc.connect_timeout_ms);
+    let poll = node.cfg.startup.poll_interval_ms;
+    let (base, cap) = (2 * poll, node.cfg.startup.report_interval_ms.max(2 * poll));
+    let mut round = 0u32;
     loop {
-        let calls = missing.iter().map(|p| {
-            let net = node.net.clone();
-            let p = *p;
-            async move { (p, net.call(p, Request::Ping, timeout).await) }
-        });
-        let results = futures::future::join_all(calls).await;
-        let mut first_err = None;
-        for (p, r) in results {
-            match r {
-                Ok(Reply::Pong) => {
-                    missing.remove(&p);
-                }
-                Ok(other) => first_err = first_err.or(Some((p, format!("unexpected {other:?}")))),
-                Err(e) => first_err = first_err.or(Some((p, e.to_string()))),
-            }
-        }
-        let unreachable: Vec<NodeId> = missing.iter().copied().collect();
-        node.update_status(|s| s.unreachable = unreachable.clone());
-        let Some((p, err)) = first_err else {
+        let Some((p, err)) = dial_missing(node, &mut missing).await else {
             return Ok(());
         };
         node.activity.wait(
@@ -2313,17 +2301,63 @@ async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
             Some(p),
             &format!("{} peer(s) not connected; node {p}: {err}", missing.len()),
         );
-        tokio::time::sleep(Inner::interval(node.cfg.startup.poll_interval_ms * 2)).await;
-        // Stop waiting for peers the coordinator has excluded meanwhile.
-        if let Ok(Reply::State(s)) = node.ask(Request::FetchState).await {
-            let participants = s.participants();
-            missing.retain(|p| participants.contains(p));
+        let pause = base.saturating_mul(1 << round.min(8)).min(cap);
+        round = round.saturating_add(1);
+        // Jitter seeded by node and round: nodes that failed together do
+        // not come back together.
+        let seed = me.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(round);
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        let jittered = rand::Rng::gen_range(&mut rng, pause / 2..=pause);
+        tokio::time::sleep(Duration::from_millis(jittered)).await;
+        if let Ok(ids) = participants(node).await {
+            missing.retain(|p| ids.contains(p));
             if missing.is_empty() {
                 node.update_status(|s| s.unreachable.clear());
                 return Ok(());
             }
         }
     }
+}
+
+/// The current start-up's participants, from the leader.
+async fn participants(node: &Inner) -> Result<Vec<NodeId>, String> {
+    match node.ask(Request::Participants).await {
+        Ok(Reply::Participants(ids)) => Ok(ids),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Pings every peer in `missing`, at most `startup.dial_concurrency` at
+/// once, and drops those that answered; publishes the rest as this node's
+/// unreachable peers. Returns the first failure, `None` once all answered.
+async fn dial_missing(
+    node: &Arc<Inner>,
+    missing: &mut BTreeSet<NodeId>,
+) -> Option<(NodeId, String)> {
+    use futures::StreamExt;
+    let timeout = Duration::from_millis(node.cfg.rpc.connect_timeout_ms);
+    let results: Vec<(NodeId, Result<Reply, _>)> = futures::stream::iter(missing.clone())
+        .map(|p| {
+            let net = node.net.clone();
+            async move { (p, net.call(p, Request::Ping, timeout).await) }
+        })
+        .buffer_unordered(node.cfg.startup.dial_concurrency.max(1))
+        .collect()
+        .await;
+    let mut first_err = None;
+    for (p, r) in results {
+        match r {
+            Ok(Reply::Pong) => {
+                missing.remove(&p);
+            }
+            Ok(other) => first_err = first_err.or(Some((p, format!("unexpected {other:?}")))),
+            Err(e) => first_err = first_err.or(Some((p, e.to_string()))),
+        }
+    }
+    let unreachable: Vec<NodeId> = missing.iter().copied().collect();
+    node.update_status(|s| s.unreachable = unreachable);
+    first_err
 }
 
 /// Re-reports the node's stage and waits every `report_interval`: the
