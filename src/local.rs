@@ -46,6 +46,9 @@ pub struct Plan {
     pub fault_commands: bool,
     /// The event-loop watchdog of every node.
     pub watchdog: WatchdogConfig,
+    /// Every node's runtime threads (`Plan::new`: one worker per node once
+    /// the nodes outnumber the cores 16 to 1).
+    pub runtime: orrery_node::config::RuntimeConfig,
     /// Where every node forwards its warnings.
     pub log_forward: ForwardConfig,
     /// When every node calls its control plane stuck (`[quorum]`).
@@ -102,6 +105,7 @@ impl Plan {
             log: orrery_node::config::default_log(),
             fault_commands: false,
             watchdog: WatchdogConfig::default(),
+            runtime: local_runtime(nodes),
             log_forward: ForwardConfig {
                 collector: Some(1),
                 ..Default::default()
@@ -113,6 +117,22 @@ impl Plan {
             backup: Default::default(),
         }
     }
+}
+
+/// Runtime threads for each of `nodes` node processes sharing this machine:
+/// the defaults while they are few; one worker each (and fewer blocking
+/// threads) once they outnumber the cores 16 to 1, when more threads per
+/// process only add wake-ups between them, with the non-voters niced
+/// (`RuntimeConfig::nice`).
+fn local_runtime(nodes: u64) -> orrery_node::config::RuntimeConfig {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let mut rt = orrery_node::config::RuntimeConfig::default();
+    if nodes > 16 * cores {
+        rt.worker_threads = 1;
+        rt.max_blocking_threads = 8;
+        rt.nice = 10;
+    }
+    rt
 }
 
 /// The manifest of a local cluster (`DATA_DIR/cluster.toml`).
@@ -352,6 +372,15 @@ fn node_config(plan: &Plan, n: &NodeEntry, shared: &Shared, data_dir: PathBuf) -
         },
         log: plan.log.clone(),
         watchdog: plan.watchdog.clone(),
+        runtime: orrery_node::config::RuntimeConfig {
+            // The control plane outranks the workers on a shared machine.
+            nice: if n.role.is_voter() {
+                0
+            } else {
+                plan.runtime.nice
+            },
+            ..plan.runtime.clone()
+        },
         quorum: plan.quorum.clone(),
         log_forward: plan.log_forward.clone(),
         // One SQLite file shared by every node of the local cluster.

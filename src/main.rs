@@ -866,7 +866,14 @@ fn run_node(config: PathBuf, overrides: Vec<String>) -> Result<()> {
     // Logging channels: bounded queues, never waited for (see orrery-log).
     let log =
         orrery_log::install(&cfg.log, Some(&cfg.data_dir)).context("cannot set up logging")?;
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    if cfg.runtime.nice != 0 {
+        rustix::process::setpriority_process(None, cfg.runtime.nice)
+            .with_context(|| format!("cannot set runtime.nice = {}", cfg.runtime.nice))?;
+    }
+    let rt = cfg
+        .runtime
+        .build()
+        .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let admin_addr = cfg.admin_listen_addr();
         let admin = tokio::net::TcpListener::bind(&admin_addr)

@@ -90,6 +90,9 @@ pub struct NodeConfig {
     /// The event-loop watchdog.
     #[serde(default)]
     pub watchdog: WatchdogConfig,
+    /// The node process's async runtime: worker and blocking threads.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// When the node calls its control plane stuck (no quorum, slow proposals).
     #[serde(default)]
     pub quorum: crate::quorum::QuorumConfig,
@@ -384,6 +387,62 @@ impl Default for RaftTiming {
 /// deadline, variant tags), with a wide margin.
 const RAFT_FRAME_OVERHEAD: usize = 16 * 1024;
 
+/// `[runtime]`: the threads of the node process's async runtime. Every
+/// thread is a bound: hundreds of node processes on one machine (a local
+/// 250-node cluster) each with a worker per core and Tokio's default of up
+/// to 512 blocking threads spent the machine on waking threads.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0: one per core. Default 0.
+    pub worker_threads: usize,
+    /// Threads for blocking work (store calls, file I/O); calls beyond it
+    /// queue. Default 64.
+    pub max_blocking_threads: usize,
+    /// Scheduling niceness the process gives itself at start (0..=19;
+    /// higher yields the CPU to others). Default 0. A local cluster of
+    /// hundreds of processes on a few cores runs its workers at 10 so that
+    /// the voters, the control plane everyone waits on, are not starved:
+    /// what dedicated voter machines give a real deployment.
+    pub nice: i32,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            worker_threads: 0,
+            max_blocking_threads: 64,
+            nice: 0,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.worker_threads > 1_024 {
+            return Err("runtime.worker_threads must be in 0..=1024".into());
+        }
+        if !(1..=4_096).contains(&self.max_blocking_threads) {
+            return Err("runtime.max_blocking_threads must be in 1..=4096".into());
+        }
+        if !(0..=19).contains(&self.nice) {
+            return Err("runtime.nice must be in 0..=19".into());
+        }
+        Ok(())
+    }
+
+    /// The runtime these settings describe.
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if self.worker_threads > 0 {
+            b.worker_threads(self.worker_threads);
+        }
+        b.max_blocking_threads(self.max_blocking_threads)
+            .enable_all()
+            .build()
+    }
+}
+
 /// `[rpc]`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -577,6 +636,7 @@ impl NodeConfig {
         self.health.validate().map_err(ConfigError::Invalid)?;
         self.admin.validate().map_err(ConfigError::Invalid)?;
         self.rpc.validate().map_err(ConfigError::Invalid)?;
+        self.runtime.validate().map_err(ConfigError::Invalid)?;
         self.watchdog.validate().map_err(ConfigError::Invalid)?;
         self.quorum
             .validate(

@@ -152,8 +152,15 @@ async fn heartbeats(node: Arc<Inner>, net: Arc<dyn Transport>) {
         // accusation after it run beside the heartbeats, never before one:
         // a hung peer must not make this node miss its own lease. One at a
         // time: the next waits until the last one has finished.
+        // Only once this node is ready: before that its accusations do not
+        // count (eligibility needs stage 0), and during start-up each probe
+        // of a random peer is one more handshake in the storm.
         let idle = probing.as_ref().is_none_or(|p| p.is_finished());
-        if idle && node.mono_ms().saturating_sub(last_peer_probe) >= mc.peer_probe_interval_ms {
+        let ready = node.ready();
+        if idle
+            && ready
+            && node.mono_ms().saturating_sub(last_peer_probe) >= mc.peer_probe_interval_ms
+        {
             last_peer_probe = node.mono_ms();
             peer_i += 1;
             let (node, net) = (node.clone(), net.clone());

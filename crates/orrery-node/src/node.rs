@@ -1310,6 +1310,12 @@ impl Inner {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Whether this process has completed start-up (stage 0).
+    pub(crate) fn ready(&self) -> bool {
+        let st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.stage == Stage::READY.number()
+    }
+
     /// Serving: ready, not fenced, and the lease is fresh.
     pub(crate) fn serving(&self) -> bool {
         let st = self.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -2082,6 +2088,7 @@ async fn start_up(node: Arc<Inner>) {
     let poll = Inner::interval(node.cfg.startup.poll_interval_ms);
     // -4: reach the control plane.
     let mut last_err = String::new();
+    let mut attempt = 0u32;
     node.activity
         .wait("start-up", "join", None, "reaching the control plane");
     let epoch = loop {
@@ -2115,7 +2122,12 @@ async fn start_up(node: Arc<Inner>) {
                 node.activity.wait("start-up", "join", None, &e)
             }
         }
-        tokio::select! { _ = node.shutdown.cancelled() => return, _ = tokio::time::sleep(poll) => {} }
+        // Backed off and jittered: a cluster without a leader yet is
+        // asked by every node at once.
+        let cap = node.cfg.startup.report_interval_ms;
+        let pause = startup_backoff(id, attempt, node.cfg.startup.poll_interval_ms, cap);
+        attempt = attempt.saturating_add(1);
+        tokio::select! { _ = node.shutdown.cancelled() => return, _ = tokio::time::sleep(pause) => {} }
     };
     node.epoch.store(epoch, Ordering::Relaxed);
     // From now on every connection announces this process's epoch.
@@ -2301,14 +2313,8 @@ async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
             Some(p),
             &format!("{} peer(s) not connected; node {p}: {err}", missing.len()),
         );
-        let pause = base.saturating_mul(1 << round.min(8)).min(cap);
+        tokio::time::sleep(startup_backoff(me, round, base, cap)).await;
         round = round.saturating_add(1);
-        // Jitter seeded by node and round: nodes that failed together do
-        // not come back together.
-        let seed = me.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(round);
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-        let jittered = rand::Rng::gen_range(&mut rng, pause / 2..=pause);
-        tokio::time::sleep(Duration::from_millis(jittered)).await;
         if let Ok(ids) = participants(node).await {
             missing.retain(|p| ids.contains(p));
             if missing.is_empty() {
@@ -2317,6 +2323,17 @@ async fn connect_peers(node: &Arc<Inner>) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The pause before retry `attempt` (from 0) of a start-up step that
+/// hundreds of nodes may fail together: `base` doubling per attempt up to
+/// `cap` ms, then a jitter seeded by node and attempt down to half of it,
+/// so that nodes that failed together do not come back together.
+fn startup_backoff(node: NodeId, attempt: u32, base: u64, cap: u64) -> Duration {
+    let pause = base.saturating_mul(1 << attempt.min(16)).min(cap).max(1);
+    let seed = node.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(attempt);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    Duration::from_millis(rand::Rng::gen_range(&mut rng, pause / 2..=pause))
 }
 
 /// The current start-up's participants, from the leader.
@@ -2548,20 +2565,34 @@ async fn backoff(attempt: &mut u32, deadline: tokio::time::Instant) {
 
 /// Keeps the address cache current: the leader's heartbeat acknowledgements
 /// say which shard map version it holds; a node behind fetches the map.
+/// Woken by the announcement itself (a poll every 50 ms cost every node
+/// process 20 wake-ups a second for nothing), with a slow tick as a safety
+/// net and a quick retry after a failed fetch.
 async fn sync_shards(node: Arc<Inner>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = false;
     loop {
-        tokio::select! {
-            _ = node.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+        if retry {
+            tokio::select! {
+                _ = node.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(MOVE_CHECK) => {}
+            }
+        } else {
+            tokio::select! {
+                _ = node.shutdown.cancelled() => return,
+                _ = node.shards.announced_rises() => {}
+                _ = tick.tick() => {}
+            }
         }
+        retry = false;
         let latest = node.shards.announced();
         if node.epoch.load(Ordering::Relaxed) == 0 || latest <= node.shards.map().version {
             continue;
         }
         if let Err(e) = node.refresh_shards().await {
             debug!(target: LOG, "shard map refresh: {e}");
+            retry = true;
         }
     }
 }

@@ -345,6 +345,8 @@ pub struct ShardHost {
     assigned_at: Mutex<BTreeMap<ShardId, (u64, Instant)>>,
     /// The newest map version the leader announced (heartbeat acks).
     announced: std::sync::atomic::AtomicU64,
+    /// Notified when `announced` rises.
+    announced_rose: tokio::sync::Notify,
     service: Option<Arc<dyn ShardService>>,
     slots: Mutex<BTreeMap<ShardId, Slot>>,
     loading: Mutex<BTreeMap<ShardId, u64>>,
@@ -367,6 +369,7 @@ impl ShardHost {
             handover,
             assigned_at: Mutex::new(BTreeMap::new()),
             announced: std::sync::atomic::AtomicU64::new(0),
+            announced_rose: tokio::sync::Notify::new(),
             service,
             slots: Mutex::new(BTreeMap::new()),
             loading: Mutex::new(BTreeMap::new()),
@@ -412,8 +415,18 @@ impl ShardHost {
     /// The leader holds map version `v`: until this node has it too, it
     /// serves no shard (it may have lost some).
     pub fn announce(&self, v: u64) {
-        self.announced
+        let was = self
+            .announced
             .fetch_max(v, std::sync::atomic::Ordering::Relaxed);
+        if v > was {
+            self.announced_rose.notify_one();
+        }
+    }
+
+    /// Resolves once the announced version rose since the last call (a
+    /// rise with nobody waiting is kept for the next).
+    pub async fn announced_rises(&self) {
+        self.announced_rose.notified().await
     }
 
     /// The newest map version the leader announced.

@@ -32,7 +32,8 @@ const LOG: &str = "orrery::watchdog";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchdogConfig {
-    /// How often the ticker wakes to measure lag. Default 10.
+    /// How often the ticker wakes to measure lag. Default 50 (each wake-up
+    /// costs every node process, hundreds of them on one machine).
     pub tick_ms: u64,
     /// Event-loop lag (or a loop silent this long) that raises an alarm
     /// naming the culprit. Default 100.
@@ -52,7 +53,7 @@ pub struct WatchdogConfig {
 impl Default for WatchdogConfig {
     fn default() -> Self {
         WatchdogConfig {
-            tick_ms: 10,
+            tick_ms: 50,
             lag_alarm_ms: 100,
             blocked_handler_ms: 1_000,
             window: 2_048,
