@@ -338,14 +338,32 @@ fn lock_dir(dir: &Path) -> Result<File, TrustError> {
     #[cfg(unix)]
     {
         use rustix::fs::{flock, FlockOperation};
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Err(TrustError::Busy { path }),
-            Err(e) => return Err(io(e.into())),
+        // A lock "held" for a moment only: a thread of this very process
+        // forking a child between our last unlock and this lock leaves the
+        // child sharing the old open file (and its lock) until it execs
+        // (CI saw `orrery up`'s own preparation refused so). Retried for at
+        // most CA_LOCK_TRIES x 10 ms; a lock another process holds is still
+        // refused.
+        let mut tries = 0;
+        loop {
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                    tries += 1;
+                    if tries >= CA_LOCK_TRIES {
+                        return Err(TrustError::Busy { path });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(io(e.into())),
+            }
         }
     }
     Ok(file)
 }
+
+/// How often [`lock_dir`] tries a lock held by someone else, 10 ms apart.
+const CA_LOCK_TRIES: u32 = 200;
 
 impl NodeCredentials {
     /// Validates a node's PEM files: one CA certificate (an orrery cluster CA), one node
