@@ -276,3 +276,86 @@ fn a_node_excluded_after_it_joined_comes_back_when_resumed() {
     assert!(own.fenced.is_none(), "its own status: {own:?}");
     c.stop_all();
 }
+
+/// Fifty real processes (issue 16's CI figure): every one reaches stage 0
+/// within a minute of launch, in one start-up (no node stuck, excluded or
+/// admitted late: overload must slow the cluster down, not make it drop
+/// nodes), with every shard loaded exactly once.
+#[test]
+fn fifty_processes_reach_stage_zero_without_dropping_a_node() {
+    let mut c = TestCluster::new(50, 5, |_| {});
+    let launched = std::time::Instant::now();
+    c.start_all();
+    let s = c.wait_for("50 nodes at stage 0", Duration::from_secs(60), |s| {
+        ready(s) && s.participants().len() == 50
+    });
+    eprintln!(
+        "50 processes at stage 0 {:?} after launch",
+        launched.elapsed()
+    );
+    for kind in [
+        EventKind::NodeStuck,
+        EventKind::NodeExcluded,
+        EventKind::NodeAdmittedLate,
+        EventKind::NodeRemoved,
+    ] {
+        assert!(events(&s, kind).is_empty(), "{kind:?}: {:#?}", s.events);
+    }
+    assert!(
+        s.members.values().all(|m| m.status == MemberStatus::Active),
+        "{:?}",
+        s.members
+    );
+    let shards = c.status_command_with(&["--shards"]);
+    let hosted: u64 = shards
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() == 5 && cols[0].parse::<u64>().is_ok())
+                .then(|| cols[2].parse::<u64>().unwrap_or(0))
+        })
+        .sum();
+    assert_eq!(hosted, 64, "every shard loaded once: {shards}");
+    c.stop_all();
+}
+
+/// The adversarial half: one of fifty hangs (SIGSTOP) right after it joined,
+/// while the others must handshake with it at stage -3 (its sockets accept
+/// and never answer). It alone is excluded at the deadline; nobody else is
+/// stuck or excluded, the other 49 reach stage 0, and once resumed it comes
+/// back under a new epoch.
+#[test]
+fn one_hung_process_among_fifty_costs_only_itself() {
+    let mut c = TestCluster::new(50, 5, |p| p.stage_deadline_ms = 10_000);
+    c.start_all();
+    let joined = |s: &orrery_core::ClusterState| {
+        s.members
+            .get(&50)
+            .filter(|m| m.status == MemberStatus::Active && m.epoch != 0)
+            .map(|m| m.epoch)
+    };
+    let s = c.wait_for("node 50 joined", T, |s| {
+        joined(s).is_some() && s.stage < Stage::READY
+    });
+    c.signal(50, "STOP");
+    let first = joined(&s).expect("joined");
+    let s = c.wait_for(
+        "stage 0 with node 50 excluded",
+        Duration::from_secs(60),
+        |s| ready(s) && matches!(s.members[&50].status, MemberStatus::Excluded { .. }),
+    );
+    let excluded = events(&s, EventKind::NodeExcluded);
+    assert_eq!(excluded.len(), 1, "only node 50: {excluded:?}");
+    let others_active = s
+        .members
+        .iter()
+        .filter(|(id, m)| **id != 50 && m.status == MemberStatus::Active)
+        .count();
+    assert_eq!(others_active, 49, "{:?}", s.members);
+    c.signal(50, "CONT");
+    c.wait_for("node 50 back at stage 0", T, |s| {
+        let m = &s.members[&50];
+        m.status == MemberStatus::Active && m.epoch > first && m.report.stage == Stage::READY
+    });
+    c.stop_all();
+}
