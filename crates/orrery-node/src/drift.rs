@@ -37,6 +37,12 @@ pub struct Drift {
 /// from `cluster` (the replicated configuration), in key order, at most
 /// [`MAX_DRIFT_KEYS`].
 pub fn compare(here: &ClusterConfig, cluster: &ClusterConfig) -> Vec<Drift> {
+    // Every node runs this every second against a config that names every
+    // node: flattening both (thousands of keys) when they agree took most
+    // of the CPU of 1,000 nodes in one process.
+    if here == cluster {
+        return vec![];
+    }
     let (mine, theirs) = (flatten(here), flatten(cluster));
     let mut keys: Vec<&String> = mine.keys().chain(theirs.keys()).collect();
     keys.sort();

@@ -1147,10 +1147,10 @@ impl Inner {
             return;
         };
         let me = self.cfg.node_id;
-        let peers = self.contacts.snapshot().peers;
-        let to = control
-            .voters()
-            .into_keys()
+        let voters: Vec<NodeId> = control.voters().into_keys().collect();
+        let peers = self.contacts.snapshot(&voters).peers;
+        let to = voters
+            .into_iter()
             .filter(|v| *v != me)
             .max_by_key(|v| peers.get(v).map_or(0, |c| c.heard_mono));
         let Some(to) = to else { return };
@@ -1232,7 +1232,7 @@ impl Inner {
             leading_ack_age_ms,
             lost_after_ms: self.cfg.quorum.lost_after_ms,
         };
-        crate::quorum::assess(&inputs, &self.contacts.snapshot())
+        crate::quorum::assess(&inputs, &self.contacts.snapshot(&voters))
     }
 
     /// Monotonic milliseconds since this process started.
@@ -1275,20 +1275,18 @@ impl Inner {
     /// raises an alarm naming each difference when the set changes (again
     /// next second if the watchdog's alarm budget held it back).
     fn check_drift(&self, mine: &orrery_core::ClusterConfig) {
-        let configured = |s: &ClusterState| s.configured.then(|| s.config.clone());
-        let cluster = match &self.control {
-            Some(c) => configured(&c.state().state.0),
-            None => self
-                .cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_deref()
-                .and_then(configured),
+        let compare =
+            |s: &ClusterState| s.configured.then(|| crate::drift::compare(mine, &s.config));
+        let now = match &self.control {
+            Some(c) => compare(&c.state().state.0),
+            None => {
+                let cached = self.cache.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                cached.as_deref().and_then(compare)
+            }
         };
-        let Some(cluster) = cluster else {
+        let Some(now) = now else {
             return;
         };
-        let now = crate::drift::compare(mine, &cluster);
         let mut d = self.drift.lock().unwrap_or_else(|e| e.into_inner());
         if now == d.1 {
             d.0 = now;

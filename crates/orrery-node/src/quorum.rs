@@ -278,10 +278,18 @@ impl Contacts {
             .is_some_and(|c| c.heard_mono > 0 && now.saturating_sub(c.heard_mono) <= ms)
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    /// The contacts with `nodes` (the voters: every caller judges the
+    /// control plane) at one instant. Copying every peer instead cost a
+    /// 1,000-node process most of its CPU: `no_quorum` runs on every
+    /// request.
+    pub fn snapshot(&self, nodes: &[NodeId]) -> Snapshot {
+        let peers = lock(&self.peers);
         Snapshot {
             now_mono: self.mono_ms(),
-            peers: lock(&self.peers).clone(),
+            peers: nodes
+                .iter()
+                .filter_map(|n| peers.get(n).map(|c| (*n, c.clone())))
+                .collect(),
             quorum_mono: self.quorum_mono.load(Ordering::Relaxed),
             quorum_wall: self.quorum_wall.load(Ordering::Relaxed),
         }
@@ -420,7 +428,7 @@ pub(crate) fn raise(node: &Inner, key: AlarmKey, what: String) {
 /// (on the leader) or the last error reaching a voter.
 pub(crate) fn cause(node: &Inner) -> String {
     let voters: Vec<NodeId> = node.cfg.voters().keys().copied().collect();
-    let s = node.contacts.snapshot();
+    let s = node.contacts.snapshot(&voters);
     if node.is_leading() {
         let failing =
             failing_replication(node.cfg.node_id, &voters, &s, node.cfg.quorum.lost_after_ms);
@@ -494,7 +502,7 @@ fn check_replication(node: &Inner, alarmed: &mut BTreeSet<NodeId>) {
         failing_replication(
             node.cfg.node_id,
             &voters,
-            &node.contacts.snapshot(),
+            &node.contacts.snapshot(&voters),
             node.cfg.quorum.lost_after_ms,
         )
         .into_iter()
