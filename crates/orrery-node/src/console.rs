@@ -728,10 +728,10 @@ pub fn is_credential_key(key: &str) -> bool {
         "apikey",
         "passphrase",
     ];
-    WORDS
-        .iter()
-        .any(|w| k == *w || k.ends_with(&format!("_{w}")) || k.ends_with(&format!(".{w}")))
-        || k.ends_with("_secret_file")
+    WORDS.iter().any(|w| {
+        k.strip_suffix(w)
+            .is_some_and(|rest| rest.is_empty() || rest.ends_with('_') || rest.ends_with('.'))
+    }) || k.ends_with("_secret_file")
 }
 
 /// Replaces every credential inside `v`: values under credential keys, and

@@ -146,8 +146,9 @@ pub struct ConfigDigests {
 pub fn digests(cfg: &crate::NodeConfig) -> ConfigDigests {
     let cluster = serde_json::to_value(cfg.cluster_config()).unwrap_or_default();
     let mut all = serde_json::to_value(cfg).unwrap_or_default();
-    crate::console::redact_credentials(&mut all);
     let mut local = serde_json::Map::new();
+    // The cluster-wide sections go before redaction: the node list alone
+    // is most of a 1,000-node file, and every node digests its own.
     if let Some(map) = all.as_object_mut() {
         for key in ["nodes", "startup", "membership", "placement"] {
             map.remove(key);
@@ -158,10 +159,13 @@ pub fn digests(cfg: &crate::NodeConfig) -> ConfigDigests {
             }
         }
     }
+    crate::console::redact_credentials(&mut all);
+    let mut local = serde_json::Value::Object(local);
+    crate::console::redact_credentials(&mut local);
     ConfigDigests {
         cluster: digest(&cluster),
         node: digest(&all),
-        local: digest(&serde_json::Value::Object(local)),
+        local: digest(&local),
     }
 }
 
