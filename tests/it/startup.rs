@@ -86,7 +86,11 @@ fn killed_leader_during_preload_is_replaced_reported_and_excluded() {
         "{excluded:?}"
     );
     assert_eq!(s.laggards(Stage::READY), Vec::<u64>::new());
-    assert_eq!(s.participants().len(), 4);
+    assert_eq!(
+        s.participants().len(),
+        4,
+        "only node {old} excluded: {excluded:?}"
+    );
 }
 
 fn hung_preload_cluster(policy: StuckPolicy) -> TestCluster {

@@ -459,7 +459,11 @@ pub struct RpcConfig {
     /// Concurrent requests per connection. Default 256.
     pub max_inflight_per_connection: usize,
     /// Accepted connections open at once on the cluster port (handshaking
-    /// ones included); the excess is closed at once. Default 512.
+    /// ones included); the excess is closed at once. 0 (default): sized to
+    /// the cluster, [`RpcConfig::PER_PEER`] per other node in `[[nodes]]`
+    /// and at least 512. A fixed 512 refused the 250th node's connections
+    /// on every voter (each peer holds a data and a control-plane
+    /// connection) and held a 250-process start at stage -3 for 100 s.
     pub max_connections: usize,
     /// Handshakes in progress at once on the cluster port; beyond it the
     /// oldest is closed to make room. Default 64.
@@ -473,21 +477,48 @@ impl Default for RpcConfig {
             connect_timeout_ms: 1_000,
             max_frame_bytes: 4 * 1024 * 1024,
             max_inflight_per_connection: 256,
-            max_connections: orrery_wire::config::DEFAULT_MAX_CONNECTIONS,
+            max_connections: 0,
             max_handshakes: orrery_wire::config::DEFAULT_MAX_HANDSHAKES,
         }
     }
 }
 
 impl RpcConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if !(1..=65_536).contains(&self.max_connections) {
-            return Err("rpc.max_connections must be in 1..=65536".into());
+    /// Connections one peer may hold open to a node: its data and
+    /// control-plane connections, each possibly being replaced.
+    pub const PER_PEER: usize = 4;
+
+    /// The connection cap in force for a cluster of `nodes` nodes.
+    pub fn max_connections_for(&self, nodes: usize) -> usize {
+        match self.max_connections {
+            0 => (Self::PER_PEER * nodes.saturating_sub(1))
+                .max(orrery_wire::config::DEFAULT_MAX_CONNECTIONS)
+                .min(65_536),
+            n => n,
         }
-        if !(1..=self.max_connections).contains(&self.max_handshakes) {
+    }
+
+    /// `nodes`: how many nodes `[[nodes]]` names. A cap below two
+    /// connections per peer would refuse the cluster's own members.
+    pub fn validate(&self, nodes: usize) -> Result<(), String> {
+        if self.max_connections > 65_536 {
+            return Err(
+                "rpc.max_connections must be in 0..=65536 (0: sized to the cluster)".into(),
+            );
+        }
+        let peers = nodes.saturating_sub(1);
+        if self.max_connections != 0 && self.max_connections < 2 * peers {
             return Err(format!(
-                "rpc.max_handshakes must be in 1..=rpc.max_connections ({})",
-                self.max_connections
+                "rpc.max_connections ({}) cannot hold the cluster's own connections: each of the \
+                 {peers} other nodes opens up to 2; set at least {} or 0 (sized to the cluster)",
+                self.max_connections,
+                2 * peers
+            ));
+        }
+        let cap = self.max_connections_for(nodes);
+        if !(1..=cap).contains(&self.max_handshakes) {
+            return Err(format!(
+                "rpc.max_handshakes must be in 1..=rpc.max_connections ({cap})"
             ));
         }
         Ok(())
@@ -638,7 +669,9 @@ impl NodeConfig {
         self.membership.validate().map_err(ConfigError::Invalid)?;
         self.health.validate().map_err(ConfigError::Invalid)?;
         self.admin.validate().map_err(ConfigError::Invalid)?;
-        self.rpc.validate().map_err(ConfigError::Invalid)?;
+        self.rpc
+            .validate(self.nodes.len())
+            .map_err(ConfigError::Invalid)?;
         self.runtime.validate().map_err(ConfigError::Invalid)?;
         self.watchdog.validate().map_err(ConfigError::Invalid)?;
         self.quorum
@@ -926,7 +959,9 @@ role = "voter"
     #[test]
     fn connection_caps_have_defaults_and_are_validated() {
         let c: NodeConfig = toml::from_str(&sample()).unwrap();
-        assert_eq!((c.rpc.max_connections, c.rpc.max_handshakes), (512, 64));
+        assert_eq!((c.rpc.max_connections, c.rpc.max_handshakes), (0, 64));
+        assert_eq!(c.rpc.max_connections_for(3), 512);
+        assert_eq!(c.rpc.max_connections_for(250), 996);
         assert_eq!(c.admin.max_connections, 128);
         assert_eq!(
             (c.admin.header_timeout_ms, c.admin.idle_timeout_ms),
@@ -938,7 +973,19 @@ role = "voter"
             let e = bad.validate().unwrap_err().to_string();
             assert!(e.contains(key), "{e}");
         };
-        refused(&|c| c.rpc.max_connections = 0, "rpc.max_connections");
+        refused(&|c| c.rpc.max_connections = 70_000, "rpc.max_connections");
+        refused(
+            &|c| {
+                for id in 2..=3 {
+                    let mut peer = c.nodes[0].clone();
+                    peer.id = id;
+                    c.nodes.push(peer);
+                }
+                c.rpc.max_connections = 3;
+                c.rpc.max_handshakes = 1;
+            },
+            "cannot hold the cluster's own",
+        );
         refused(&|c| c.rpc.max_handshakes = 600, "rpc.max_handshakes");
         refused(&|c| c.admin.max_connections = 1, "admin.max_connections");
         refused(

@@ -746,7 +746,7 @@ fn wire_config(cfg: &NodeConfig, epoch: u64) -> WireConfig {
     );
     w.max_frame_bytes = cfg.rpc.max_frame_bytes;
     w.max_inflight_per_connection = cfg.rpc.max_inflight_per_connection;
-    w.max_connections = cfg.rpc.max_connections;
+    w.max_connections = cfg.rpc.max_connections_for(cfg.nodes.len());
     w.max_handshakes = cfg.rpc.max_handshakes;
     w
 }
@@ -2352,7 +2352,16 @@ async fn dial_missing(
 ) -> Option<(NodeId, String)> {
     use futures::StreamExt;
     let timeout = Duration::from_millis(node.cfg.rpc.connect_timeout_ms);
-    let results: Vec<(NodeId, Result<Reply, _>)> = futures::stream::iter(missing.clone())
+    // Each node starts with the peers just above its own id: in id order
+    // every node would dial node 1 first, and a few nodes would take the
+    // whole cluster's handshakes at once.
+    let me = node.cfg.node_id;
+    let order: Vec<NodeId> = missing
+        .range(me.saturating_add(1)..)
+        .chain(missing.range(..me))
+        .copied()
+        .collect();
+    let results: Vec<(NodeId, Result<Reply, _>)> = futures::stream::iter(order)
         .map(|p| {
             let net = node.net.clone();
             async move { (p, net.call(p, Request::Ping, timeout).await) }
