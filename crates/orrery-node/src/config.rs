@@ -492,8 +492,7 @@ impl RpcConfig {
     pub fn max_connections_for(&self, nodes: usize) -> usize {
         match self.max_connections {
             0 => (Self::PER_PEER * nodes.saturating_sub(1))
-                .max(orrery_wire::config::DEFAULT_MAX_CONNECTIONS)
-                .min(65_536),
+                .clamp(orrery_wire::config::DEFAULT_MAX_CONNECTIONS, 65_536),
             n => n,
         }
     }
