@@ -262,7 +262,8 @@ impl Coordinator {
     /// one fault into a cluster that starts with nobody. So, in order:
     /// 1. laggards the coordinator no longer hears from (dead, cut off);
     /// 2. else laggards not waiting on another node (their own work hangs);
-    /// 3. else the laggards most waited on by other laggards;
+    /// 3. else the laggards most waited on by other laggards, leaving out
+    ///    those that themselves wait on a node no longer lagging;
     /// 4. else (they wait on nodes that are done or excluded) nobody until a
     ///    second deadline has passed, then all of them.
     pub fn culprits(&self, now: Millis, state: &ClusterState, next: Stage) -> Vec<NodeId> {
@@ -290,7 +291,21 @@ impl Coordinator {
         if !own.is_empty() {
             return own;
         }
-        let waiters = Self::waiters(state, next);
+        // A laggard that waits on a node no longer holding the barrier (done,
+        // or excluded a tick ago) is about to notice and carry on: judged
+        // now, the neighbour of one hung node was excluded with it.
+        let lag: BTreeSet<NodeId> = laggards.iter().copied().collect();
+        let blocker_gone = |n: &NodeId| {
+            let r = &state.members[n].report;
+            r.waiting
+                .as_ref()
+                .and_then(|w| w.on_node)
+                .into_iter()
+                .chain(r.unreachable.iter().copied())
+                .any(|o| o != *n && !lag.contains(&o))
+        };
+        let mut waiters = Self::waiters(state, next);
+        waiters.retain(|n, _| !blocker_gone(n));
         if let Some(most) = waiters.values().map(Vec::len).max() {
             return waiters
                 .into_iter()

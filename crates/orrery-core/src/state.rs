@@ -1638,6 +1638,12 @@ impl ClusterState {
                 && m.epoch > 0
                 && m.health.healthy
                 && !m.draining
+                // A node sitting this boot out hosts nothing until it is
+                // admitted late: a shard placed on it counted as unplaced
+                // at the stage -3 barrier, which then never opened (50
+                // processes, one hung: its neighbour excluded with it came
+                // back, was given a shard, and start-up stood still).
+                && !self.sits_out(m)
                 && (self.stage != Stage::READY || m.report.stage == Stage::READY)
                 && self
                     .config
@@ -1921,6 +1927,7 @@ mod tests {
         let back = l.join(3);
         assert!(back > e3);
         assert_eq!(l.s.participants(), vec![1, 2]);
+        assert!(!l.s.may_host(3), "it sits out: it hosts nothing");
         assert!(matches!(
             l.s.gate(3, back, Stage::CONNECTED),
             Gate::Closed { .. }
@@ -1944,6 +1951,7 @@ mod tests {
         assert_eq!(l.apply(admit), Response::Ok);
         assert_eq!(l.s.gate(3, back, Stage::CONNECTED), Gate::Open);
         assert_eq!(l.s.participants(), vec![1, 2, 3]);
+        assert!(!l.s.may_host(3), "not before it reports stage 0");
     }
 
     #[test]

@@ -327,6 +327,11 @@ pub struct StartupConfig {
     /// longer than the connect timeout and 37 nodes got through stage -3
     /// in 300 s; with 2, 162 did (100 nodes: stage -3 in 16 s either way).
     pub dial_concurrency: usize,
+    /// Stage -3 opens one connection per pair of nodes (see
+    /// `connect_peers`); a peer that should dial this node but has not been
+    /// heard from within this many ms is dialled anyway. 0: dial every
+    /// peer. Default 10000.
+    pub inbound_grace_ms: u64,
 }
 
 impl Default for StartupConfig {
@@ -339,6 +344,7 @@ impl Default for StartupConfig {
             report_interval_ms: 1_000,
             coordinator_tick_ms: 100,
             dial_concurrency: 2,
+            inbound_grace_ms: 10_000,
         }
     }
 }
@@ -658,6 +664,9 @@ impl NodeConfig {
         }
         if !(1..=1_024).contains(&s.dial_concurrency) {
             return bad("startup.dial_concurrency must be in 1..=1024".into());
+        }
+        if s.inbound_grace_ms > 600_000 {
+            return bad("startup.inbound_grace_ms must be in 0..=600000".into());
         }
         if s.liveness_window_ms <= s.report_interval_ms {
             return bad(format!(

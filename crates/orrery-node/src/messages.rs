@@ -154,8 +154,13 @@ pub enum Reply {
         next: Stage,
     },
     State(Box<ClusterState>),
-    /// Answer to `Participants`, ascending.
-    Participants(Vec<NodeId>),
+    /// Answer to `Participants`: the current start-up's participants, and
+    /// those of them that have completed stage -3 (they dial nobody any
+    /// more), both ascending.
+    Participants {
+        ids: Vec<NodeId>,
+        connected: Vec<NodeId>,
+    },
     Pong,
     /// Ask the leader instead (if known).
     NotLeader {

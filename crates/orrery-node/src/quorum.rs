@@ -247,6 +247,14 @@ impl Contacts {
         c.heard_wall = wall;
     }
 
+    /// Whether `node` was heard from (a request from it, an answer by it)
+    /// at or after monotonic ms `since`.
+    pub fn heard_since(&self, node: NodeId, since: u64) -> bool {
+        lock(&self.peers)
+            .get(&node)
+            .is_some_and(|c| c.heard_mono > 0 && c.heard_mono >= since)
+    }
+
     /// A call to `node` got no answer.
     pub fn failed(&self, node: NodeId, error: &str) {
         lock(&self.peers).entry(node).or_default().error = Some(error.to_string());
