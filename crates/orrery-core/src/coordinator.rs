@@ -524,7 +524,7 @@ mod tests {
     }
 
     /// `node` reports stage -3 done under its current epoch at `at`.
-    fn report_connected(s: &mut ClusterState, node: NodeId, at: Millis) {
+    pub(super) fn report_connected(s: &mut ClusterState, node: NodeId, at: Millis) {
         let (epoch, i) = (s.members[&node].epoch, s.applied_index + 1);
         let report = Command::Report {
             node,
@@ -772,7 +772,9 @@ mod tests {
 mod culprit_tests {
     use super::*;
 
-    use crate::state::Wait;
+    use super::tests::report_connected;
+    use crate::state::{Response, Wait};
+    use crate::testkit::run;
 
     /// One silent node, four live nodes waiting on it: only it is blamed.
     #[test]
@@ -824,5 +826,65 @@ mod culprit_tests {
         // most waited on).
         co.on_contact(2600, 5, s.members[&5].epoch);
         assert_eq!(co.culprits(2600, &s, Stage::CONNECTED), vec![5]);
+    }
+
+    /// `node` reports it still works towards stage -3, waiting on `on`.
+    fn report_waiting(s: &mut ClusterState, node: NodeId, on: NodeId, at: Millis) {
+        let (epoch, i) = (s.members[&node].epoch, s.applied_index + 1);
+        let waiting = Some(Wait {
+            service: "peers".into(),
+            step: "connect".into(),
+            since: 10,
+            on_node: Some(on),
+            what: String::new(),
+        });
+        let report = Command::Report {
+            node,
+            epoch,
+            stage: Stage::RUNNING,
+            waiting,
+            progress: None,
+            unreachable: vec![on],
+            at,
+        };
+        s.apply(i, report);
+    }
+
+    /// Node 5 hung and was excluded; node 4 still waits on it (it has not
+    /// noticed yet) and node 3 waits on node 4. Node 4 is not judged for
+    /// its blocker's fault: nobody is, until the second deadline.
+    #[test]
+    fn a_laggard_whose_blocker_was_excluded_is_not_the_next_culprit() {
+        let mut s = crate::testkit::configured(crate::testkit::config(5), 1..=5);
+        let mut co = Coordinator::new(1, 1, 0);
+        let out = co.tick(1, &s);
+        run(&mut s, out);
+        assert_eq!(s.stage, Stage::RUNNING);
+        for n in 1..=2 {
+            report_connected(&mut s, n, 10);
+        }
+        report_waiting(&mut s, 4, 5, 10);
+        report_waiting(&mut s, 3, 4, 10);
+        let (boot, epoch) = (s.boot, s.members[&5].epoch);
+        let exclude = Command::Exclude {
+            boot,
+            node: 5,
+            epoch,
+            reason: "hung".into(),
+            at: 1_100,
+        };
+        assert_eq!(crate::testkit::apply(&mut s, exclude), Response::Ok);
+        for n in 1..=4 {
+            co.on_contact(1_200, n, s.members[&n].epoch);
+        }
+        assert_eq!(
+            co.culprits(1_200, &s, Stage::CONNECTED),
+            Vec::<NodeId>::new()
+        );
+        // Past the second deadline every laggard is judged.
+        for n in 1..=4 {
+            co.on_contact(2_500, n, s.members[&n].epoch);
+        }
+        assert_eq!(co.culprits(2_500, &s, Stage::CONNECTED), vec![3, 4]);
     }
 }

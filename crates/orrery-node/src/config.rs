@@ -329,8 +329,9 @@ pub struct StartupConfig {
     pub dial_concurrency: usize,
     /// Stage -3 opens one connection per pair of nodes (see
     /// `connect_peers`); a peer that should dial this node but has not been
-    /// heard from within this many ms is dialled anyway. 0: dial every
-    /// peer. Default 10000.
+    /// heard from within this many ms (at most a quarter of
+    /// `stage_deadline_ms`) is dialled anyway. 0: dial every peer.
+    /// Default 10000.
     pub inbound_grace_ms: u64,
 }
 

@@ -878,6 +878,9 @@ impl Server {
         drop(known);
         if let Some(n) = self.node.get() {
             n.contacts.heard(from);
+            if matches!(req, Request::Ping) {
+                n.contacts.pinged(from);
+            }
         }
         if let Request::Raft(bytes) = req {
             return match self.control.get() {
@@ -2304,8 +2307,8 @@ async fn stage_work(node: &Arc<Inner>, stage: Stage, began: u64) -> Result<(), S
 /// stalled a 100-node cluster's leader for seconds at a time.)
 ///
 /// One handshake per pair: of two nodes only `stage_minus_3_dialer` dials;
-/// the other counts any request heard from it since this start-up began as
-/// the pair connected. It dials the peer itself once that peer is past
+/// the other counts a ping from it since this start-up began as the pair
+/// connected. It dials the peer itself once that peer is past
 /// stage -3 (it dials nobody any more) or after `startup.inbound_grace_ms`
 /// (it may reach the peer that cannot reach it). Without this, 250
 /// processes did 62,000 handshakes on 2 cores and missed the deadline.
@@ -2315,7 +2318,14 @@ async fn connect_peers(node: &Arc<Inner>, began: u64) -> Result<(), String> {
     let began = began.min(started);
     let poll = node.cfg.startup.poll_interval_ms;
     let (base, cap) = (2 * poll, node.cfg.startup.report_interval_ms.max(2 * poll));
-    let grace = node.cfg.startup.inbound_grace_ms;
+    // Waiting for a peer's dial never outlasts a quarter of the stage
+    // deadline: by the deadline every node has tried every missing peer
+    // itself, and its report names all it cannot reach.
+    let grace = node
+        .cfg
+        .startup
+        .inbound_grace_ms
+        .min(node.cfg.startup.stage_deadline_ms / 4);
     let mut round = 0u32;
     loop {
         let (ids, connected) = match participants(node).await {
@@ -2327,11 +2337,11 @@ async fn connect_peers(node: &Arc<Inner>, began: u64) -> Result<(), String> {
                 continue;
             }
         };
-        // A peer heard from since this start-up began (its dial reached
-        // this node, or this node's reached it) is connected.
+        // A peer a ping crossed with since this start-up began (its dial
+        // reached this node, or this node's reached it) is connected.
         let missing: BTreeSet<NodeId> = ids
             .into_iter()
-            .filter(|p| *p != me && !node.contacts.heard_since(*p, began))
+            .filter(|p| *p != me && !node.contacts.pinged_since(*p, began))
             .collect();
         if missing.is_empty() {
             node.update_status(|s| s.unreachable.clear());
@@ -2349,7 +2359,16 @@ async fn connect_peers(node: &Arc<Inner>, began: u64) -> Result<(), String> {
             })
             .collect();
         let dialled = dial.clone();
-        let pause = match dial_missing(node, &mut dial).await {
+        let failure = dial_missing(node, &mut dial).await;
+        // Every peer still without a connection, dialled or awaited, is
+        // what this node waits on: the coordinator's diagnosis counts it.
+        let unconnected: Vec<NodeId> = missing
+            .iter()
+            .copied()
+            .filter(|p| !dialled.contains(p) || dial.contains(p))
+            .collect();
+        node.update_status(|s| s.unreachable = unconnected);
+        let pause = match failure {
             Some((p, err)) => {
                 node.activity.wait(
                     "peers",
@@ -2443,7 +2462,7 @@ async fn dial_missing(
     for (p, r) in results {
         match r {
             Ok(Reply::Pong) => {
-                node.contacts.heard(p);
+                node.contacts.pinged(p);
                 missing.remove(&p);
             }
             Ok(other) => first_err = first_err.or(Some((p, format!("unexpected {other:?}")))),

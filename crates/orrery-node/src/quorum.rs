@@ -173,6 +173,8 @@ pub(crate) struct Contact {
     pub heard_mono: u64,
     /// The same, as wall-clock ms.
     pub heard_wall: u64,
+    /// Monotonic ms of the last stage -3 ping either way (0: never).
+    pub pinged_mono: u64,
     /// The last error reaching it.
     pub error: Option<String>,
     /// Raft RPCs to it: the start of the current run of failures (no gap
@@ -247,12 +249,21 @@ impl Contacts {
         c.heard_wall = wall;
     }
 
-    /// Whether `node` was heard from (a request from it, an answer by it)
-    /// at or after monotonic ms `since`.
-    pub fn heard_since(&self, node: NodeId, since: u64) -> bool {
+    /// A stage -3 ping crossed between this node and `node` (it pinged
+    /// us, or answered ours).
+    pub fn pinged(&self, node: NodeId) {
+        let mono = self.mono_ms();
+        lock(&self.peers).entry(node).or_default().pinged_mono = mono;
+    }
+
+    /// Whether a ping crossed with `node` at or after monotonic ms `since`.
+    /// Other traffic does not count: a node that reached the control plane
+    /// and was then cut off has talked to the voters, but connects to
+    /// nobody at stage -3.
+    pub fn pinged_since(&self, node: NodeId, since: u64) -> bool {
         lock(&self.peers)
             .get(&node)
-            .is_some_and(|c| c.heard_mono > 0 && c.heard_mono >= since)
+            .is_some_and(|c| c.pinged_mono > 0 && c.pinged_mono >= since)
     }
 
     /// A call to `node` got no answer.
