@@ -11,6 +11,18 @@ fn ready(s: &orrery_core::ClusterState) -> bool {
     s.stage == Stage::READY && s.laggards(Stage::READY).is_empty()
 }
 
+/// The shards loaded on all nodes together, from `orrery status --shards`.
+fn hosted_shards(shards: &str) -> u64 {
+    shards
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() == 5 && cols[0].parse::<u64>().is_ok())
+                .then(|| cols[2].parse::<u64>().unwrap_or(0))
+        })
+        .sum()
+}
+
 #[test]
 fn five_processes_reach_stage_zero_and_status_shows_timings() {
     let mut c = TestCluster::new(5, 3, |_| {});
@@ -27,14 +39,7 @@ fn five_processes_reach_stage_zero_and_status_shows_timings() {
         shards.contains("shard map version") && shards.contains("64 shards"),
         "{shards}"
     );
-    let hosted: u64 = shards
-        .lines()
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() == 5 && cols[0].parse::<u64>().is_ok())
-                .then(|| cols[2].parse::<u64>().unwrap_or(0))
-        })
-        .sum();
+    let hosted = hosted_shards(&shards);
     assert_eq!(hosted, 64, "every shard loaded somewhere: {shards}");
     let rows: Vec<&str> = out.lines().filter(|l| l.contains("127.0.0.1")).collect();
     assert_eq!(rows.len(), 5, "{out}");
@@ -230,6 +235,22 @@ fn wrong_secret_is_refused_on_both_sides_and_garbage_closes_only_its_connection(
 /// says so), abandons the start-up it was in, rejoins under a new epoch and
 /// is admitted late, back at stage 0 within 5 s. (It used to wait at the
 /// barrier under its revoked epoch for ever.)
+/// Waits until `id` has joined (an epoch, start-up not done), SIGSTOPs it
+/// and returns the epoch it joined under.
+fn stop_once_joined(c: &TestCluster, id: u64) -> u64 {
+    let joined = |s: &orrery_core::ClusterState| {
+        s.members
+            .get(&id)
+            .filter(|m| m.status == MemberStatus::Active && m.epoch != 0)
+            .map(|m| m.epoch)
+    };
+    let s = c.wait_for(&format!("node {id} joined"), T, |s| {
+        joined(s).is_some() && s.stage < Stage::READY
+    });
+    c.signal(id, "STOP");
+    joined(&s).expect("joined")
+}
+
 #[test]
 fn a_node_excluded_after_it_joined_comes_back_when_resumed() {
     let slow = DemoConfig {
@@ -242,17 +263,7 @@ fn a_node_excluded_after_it_joined_comes_back_when_resumed() {
         p.demo = (1..=4).map(|id| (id, slow.clone())).collect();
     });
     c.start_all();
-    let joined = |s: &orrery_core::ClusterState| {
-        s.members
-            .get(&5)
-            .filter(|m| m.status == MemberStatus::Active && m.epoch != 0)
-            .map(|m| m.epoch)
-    };
-    let s = c.wait_for("node 5 joined", T, |s| {
-        joined(s).is_some() && s.stage < Stage::READY
-    });
-    c.signal(5, "STOP");
-    let first = joined(&s).expect("joined");
+    let first = stop_once_joined(&c, 5);
     c.wait_for("stage 0 with node 5 excluded", T, |s| {
         ready(s) && matches!(s.members[&5].status, MemberStatus::Excluded { .. })
     });
@@ -311,14 +322,7 @@ fn fifty_processes_reach_stage_zero_without_dropping_a_node() {
         s.members
     );
     let shards = c.status_command_with(&["--shards"]);
-    let hosted: u64 = shards
-        .lines()
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.len() == 5 && cols[0].parse::<u64>().is_ok())
-                .then(|| cols[2].parse::<u64>().unwrap_or(0))
-        })
-        .sum();
+    let hosted = hosted_shards(&shards);
     assert_eq!(hosted, 64, "every shard loaded once: {shards}");
     c.stop_all();
 }
@@ -332,17 +336,7 @@ fn fifty_processes_reach_stage_zero_without_dropping_a_node() {
 fn one_hung_process_among_fifty_costs_only_itself() {
     let mut c = TestCluster::new(50, 5, |p| p.stage_deadline_ms = 10_000);
     c.start_all();
-    let joined = |s: &orrery_core::ClusterState| {
-        s.members
-            .get(&50)
-            .filter(|m| m.status == MemberStatus::Active && m.epoch != 0)
-            .map(|m| m.epoch)
-    };
-    let s = c.wait_for("node 50 joined", T, |s| {
-        joined(s).is_some() && s.stage < Stage::READY
-    });
-    c.signal(50, "STOP");
-    let first = joined(&s).expect("joined");
+    let first = stop_once_joined(&c, 50);
     let s = c.wait_for(
         "stage 0 with node 50 excluded",
         Duration::from_secs(60),

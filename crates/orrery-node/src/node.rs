@@ -2433,8 +2433,8 @@ async fn participants(node: &Inner) -> Result<(Vec<NodeId>, Vec<NodeId>), String
 }
 
 /// Pings every peer in `missing`, at most `startup.dial_concurrency` at
-/// once, and drops those that answered; publishes the rest as this node's
-/// unreachable peers. Returns the first failure, `None` once all answered.
+/// once, and drops those that answered. Returns the first failure, `None`
+/// once all answered. (`connect_peers` publishes what is still missing.)
 async fn dial_missing(
     node: &Arc<Inner>,
     missing: &mut BTreeSet<NodeId>,
@@ -2469,8 +2469,6 @@ async fn dial_missing(
             Err(e) => first_err = first_err.or(Some((p, e.to_string()))),
         }
     }
-    let unreachable: Vec<NodeId> = missing.iter().copied().collect();
-    node.update_status(|s| s.unreachable = unreachable);
     first_err
 }
 
